@@ -1,0 +1,62 @@
+"""Asset checks on the vector index. Blocking: a failed check fails the run (and CI)."""
+
+
+import dagster as dg
+import numpy as np
+
+from resources import EmbedderResource, StreamSentinelResource
+
+from .ingest import vector_index
+
+
+def _embedded_count(sentinel: StreamSentinelResource, model_id: str) -> int:
+    with sentinel.store().connect(read_only=True) as con:
+        return int(con.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [model_id]).fetchone()[0])
+
+
+@dg.asset_check(asset=vector_index, blocking=True,
+                description="index ntotal equals the number of records embedded with the current model")
+def index_matches_embeddings(sentinel: StreamSentinelResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
+    expected = _embedded_count(sentinel, embedder.model_id)
+    meta = sentinel.index_store().read_meta()
+    ntotal = meta.ntotal if meta and meta.model_id == embedder.model_id else 0
+    return dg.AssetCheckResult(
+        passed=ntotal == expected,
+        metadata={"index_ntotal": ntotal, "embedded_records": expected,
+                  "index_version": meta.version if meta else ""},
+        description=None if ntotal == expected else
+        f"index holds {ntotal} vectors of {embedder.model_id} but {expected} records are embedded",
+    )
+
+
+@dg.asset_check(asset=vector_index, blocking=True,
+                description="no vector id or record id appears twice in the index")
+def index_ids_unique(sentinel: StreamSentinelResource) -> dg.AssetCheckResult:
+    loaded = sentinel.index_store().load()
+    if loaded is None:
+        return dg.AssetCheckResult(passed=True, description="no index yet")
+    dup_vec = int(len(loaded.vec_ids) - len(np.unique(loaded.vec_ids)))
+    dup_rec = int(len(loaded.record_ids) - len(set(loaded.record_ids)))
+    size_ok = loaded.index.ntotal == len(loaded.vec_ids)
+    return dg.AssetCheckResult(
+        passed=dup_vec == 0 and dup_rec == 0 and size_ok,
+        metadata={"duplicate_vec_ids": dup_vec, "duplicate_record_ids": dup_rec,
+                  "id_map_size": len(loaded.vec_ids), "ntotal": int(loaded.index.ntotal)},
+    )
+
+
+@dg.asset_check(asset=vector_index, blocking=True,
+                description="the index dimension matches the embedding model's output dimension")
+def index_dimension_matches_model(sentinel: StreamSentinelResource, embedder: EmbedderResource) -> dg.AssetCheckResult:
+    loaded = sentinel.index_store().load()
+    if loaded is None:
+        return dg.AssetCheckResult(passed=True, description="no index yet")
+    dim = embedder.dim
+    return dg.AssetCheckResult(
+        passed=int(loaded.index.d) == dim == loaded.meta.dim,
+        metadata={"index_dim": int(loaded.index.d), "meta_dim": loaded.meta.dim, "model_dim": dim,
+                  "model_id": embedder.model_id},
+    )
+
+
+index_checks = [index_matches_embeddings, index_ids_unique, index_dimension_matches_model]

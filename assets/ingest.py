@@ -1,0 +1,159 @@
+"""records -> embeddings -> vector_index: the ingest half of the asset graph."""
+
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from resources import EmbedderResource, StreamSentinelResource
+from stream_sentinel import ingest, pipeline
+
+from .partitions import daily_arrivals
+
+
+class RawRecordsConfig(dg.Config):
+    files: list[str] = Field(
+        default_factory=list,
+        description="sha256 of the files to ingest (the sensor fills this in); "
+        "empty = every file that arrived on the partition's day (what a backfill does)",
+    )
+
+
+@dg.asset(
+    partitions_def=daily_arrivals,
+    group_name="ingest",
+    kinds={"duckdb"},
+    description="Validated records from the JSON/JSONL files in raw/, by arrival day (UTC). "
+    "Bad files are quarantined in failed/ with an .error.json; invalid records go to `rejects`.",
+)
+def raw_records(
+    context: dg.AssetExecutionContext, config: RawRecordsConfig, sentinel: StreamSentinelResource
+) -> dg.MaterializeResult:
+    started = time.perf_counter()
+    part = context.partition_key
+    store = sentinel.store()
+    shas = list(config.files) or ingest.files_for_partition(store, part)
+    wrong = ingest.files_outside_partition(store, shas, part)
+    if wrong:
+        raise dg.Failure(f"files {wrong} did not arrive on {part}; run them in their own partition")
+    totals = {"processed": 0, "quarantined": 0, "missing": 0}
+    ingested = skipped = rejected = 0
+    problems = []
+    for n, sha in enumerate(shas, start=1):
+        out = ingest.process_file(sentinel.paths, store, sha)
+        totals[out.status] += 1
+        ingested, skipped, rejected = ingested + out.ingested, skipped + out.skipped, rejected + out.rejected
+        if out.status != "processed":
+            context.log.warning(f"{out.path}: {out.status}: {out.error}")
+            problems.append(f"| `{out.path}` | {out.status} | {out.error} |")
+        if n % 20 == 0 or n == len(shas):
+            context.log.info(f"files {n}/{len(shas)}: {ingested} records ingested, {rejected} rejected")
+    meta = {
+        "files": len(shas),
+        "files_processed": totals["processed"],
+        "files_quarantined": totals["quarantined"],
+        "files_missing": totals["missing"],
+        "records_ingested": ingested,
+        "records_skipped_identical": skipped,
+        "records_rejected": rejected,
+        "partition_records": ingest.partition_record_count(store, part),
+        "duration_s": round(time.perf_counter() - started, 3),
+    }
+    if problems:
+        meta["problem_files"] = dg.MetadataValue.md("| file | status | error |\n|---|---|---|\n" + "\n".join(problems))
+    return dg.MaterializeResult(
+        metadata=meta, data_version=dg.DataVersion(ingest.partition_data_version(store, part)))
+
+
+@dg.asset(
+    partitions_def=daily_arrivals,
+    deps=[raw_records],
+    group_name="ingest",
+    kinds={"duckdb", "pytorch"},
+    description="Sentence-transformers vectors (L2-normalized) of the partition's records that have "
+    "none for the current model id; a new model id re-embeds on backfill.",
+    check_specs=[dg.AssetCheckSpec("no_unembedded_records", asset="embeddings", blocking=True,
+                                   description="every record of the partition has a vector for the current model")],
+)
+def embeddings(
+    context: dg.AssetExecutionContext, sentinel: StreamSentinelResource, embedder: EmbedderResource
+):
+    part = context.partition_key
+    store = sentinel.store()
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 5 or done == total:
+            last[0] = time.monotonic()
+            context.log.info(f"embedded {done}/{total}")
+
+    result = pipeline.embed_partition(store, embedder.embedder, part, progress)
+    left = pipeline.unembedded_count(store, result.model_id, part)
+    yield dg.MaterializeResult(
+        metadata={
+            "model_id": result.model_id,
+            "model_path": str(embedder.embedder.path),
+            "device": embedder.embedder.device,
+            "records_embedded": result.embedded,
+            "records_already_embedded": result.already,
+            "duration_s": round(result.seconds, 3),
+            "texts_per_s": round(result.texts_per_s, 1),
+        },
+        data_version=dg.DataVersion(pipeline.embeddings_data_version(store, result.model_id, part)),
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_unembedded_records",
+        passed=left == 0,
+        metadata={"unembedded": left, "model_id": result.model_id},
+        description=None if left == 0 else f"{left} records of {part} have no vector for {result.model_id}",
+    )
+
+
+@dg.asset(
+    deps=[embeddings],
+    group_name="ingest",
+    kinds={"faiss"},
+    automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()),
+    description="FAISS index (cosine via inner product) over every embedding of the current model. "
+    "Grown in place while new vectors are under the rebuild ratio of the index, rebuilt past it; "
+    "each version is a complete folder switched atomically, the last 3 kept as backups.",
+)
+def vector_index(
+    context: dg.AssetExecutionContext, sentinel: StreamSentinelResource, embedder: EmbedderResource
+) -> dg.MaterializeResult:
+    store = sentinel.store()
+    upd = pipeline.update_index(store, sentinel.index_store(), embedder.model_id, embedder.dim,
+                                sentinel.settings.rebuild_ratio)
+    if upd.meta is None:
+        return dg.MaterializeResult(metadata={"mode": "empty", "ntotal": 0, "model_id": embedder.model_id},
+                                    data_version=dg.DataVersion("empty"))
+    m = upd.meta
+    context.log.info(f"index {m.version}: {upd.mode}, {upd.n_new} new vectors, ntotal {m.ntotal}")
+    return dg.MaterializeResult(
+        metadata={
+            "mode": upd.mode,
+            "version": m.version,
+            "parent_version": m.parent_version or "",
+            "ntotal": m.ntotal,
+            "n_new": upd.n_new,
+            "n_removed": upd.n_removed,
+            "model_id": m.model_id,
+            "dim": m.dim,
+            "index_type": m.index_type,
+            "built_at": m.built_at,
+            "source_data_version": m.data_version,
+            "rebuild_ratio": sentinel.settings.rebuild_ratio,
+            "duration_s": round(upd.seconds, 3),
+            "path": dg.MetadataValue.path(str(sentinel.paths.index / m.version)),
+        },
+        data_version=dg.DataVersion(m.data_version),
+    )
+
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=[raw_records, embeddings, vector_index],
+    partitions_def=daily_arrivals,
+    description="One micro-batch: new files -> records -> embeddings -> index (launched by raw_files_sensor).",
+)

@@ -1,0 +1,5 @@
+"""Dagster resources: typed, configurable handles on the Stream Sentinel library."""
+
+from .sentinel import EmbedderResource, StreamSentinelResource
+
+__all__ = ["EmbedderResource", "StreamSentinelResource"]

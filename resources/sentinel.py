@@ -1,0 +1,84 @@
+"""Resources wrap the library; every field left unset falls back to the environment.
+
+Values are resolved in ``setup_for_execution`` (at run or tick time), never at import,
+so one code location serves any data root and tests can point it at a temp folder.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from stream_sentinel.config import Paths, Settings
+from stream_sentinel.embedding import Embedder, model_dimension, model_id, resolve_model_path
+from stream_sentinel.index import IndexStore
+from stream_sentinel.store import Store
+
+
+class StreamSentinelResource(dg.ConfigurableResource):
+    """The data root (files, DuckDB, index) and the ingest knobs."""
+
+    home: Optional[str] = None  # default: $STREAM_SENTINEL_HOME or ./.stream_sentinel
+    debounce_seconds: Optional[float] = None
+    batch_max_files: Optional[int] = None
+    batch_max_records: Optional[int] = None
+    rebuild_ratio: Optional[float] = None
+    keep_backups: Optional[int] = None
+
+    _paths: Paths = PrivateAttr()
+    _settings: Settings = PrivateAttr()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        env = Settings.from_env()
+        self._settings = Settings(
+            sensor_interval_s=env.sensor_interval_s,
+            debounce_s=env.debounce_s if self.debounce_seconds is None else self.debounce_seconds,
+            batch_max_files=self.batch_max_files or env.batch_max_files,
+            batch_max_records=self.batch_max_records or env.batch_max_records,
+            rebuild_ratio=env.rebuild_ratio if self.rebuild_ratio is None else self.rebuild_ratio,
+            keep_backups=env.keep_backups if self.keep_backups is None else self.keep_backups,
+        )
+        self._paths = (Paths.at(self.home) if self.home else Paths.from_env()).ensure()
+
+    @property
+    def paths(self) -> Paths:
+        return self._paths
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def store(self, lock_timeout_s: float = 120.0) -> Store:
+        return Store(self._paths.db, lock_timeout_s=lock_timeout_s)
+
+    def index_store(self) -> IndexStore:
+        return IndexStore(self._paths.index, keep_backups=self._settings.keep_backups)
+
+
+class EmbedderResource(dg.ConfigurableResource):
+    """The sentence-transformers model: a local folder, loaded offline, once per process."""
+
+    model_path: Optional[str] = None  # default: $STREAM_SENTINEL_MODEL_PATH or the bundled MiniLM
+    device: Optional[str] = None  # cpu | cuda
+    batch_size: Optional[int] = None
+
+    _embedder: Embedder = PrivateAttr()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        env = Settings.from_env()
+        path = resolve_model_path(self.model_path or env.model_path)
+        self._embedder = Embedder(path, self.device or env.device, self.batch_size or env.embed_batch_size)
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._embedder
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self._embedder.path)
+
+    @property
+    def dim(self) -> int:
+        return model_dimension(self._embedder.path)

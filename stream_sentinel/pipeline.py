@@ -1,0 +1,185 @@
+"""The glue between DuckDB and the models: embed new records, grow or rebuild the index.
+
+Both steps are resumable: embeddings are committed chunk by chunk (a killed run keeps
+what it finished and the next run embeds only the rest), and the index moves from one
+complete version to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+
+from .index import IndexMeta, IndexStore, new_flat_index, plan_mode
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+EMBED_CHUNK = 512
+
+
+class TextEmbedder(Protocol):
+    model_id: str
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass
+class EmbedResult:
+    model_id: str
+    embedded: int
+    already: int
+    seconds: float
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def _partition_filter(partition_key: str | None) -> tuple[str, list]:
+    if partition_key is None:
+        return "TRUE", []
+    return "r.arrival_date = CAST(? AS DATE)", [partition_key]
+
+
+def unembedded_count(store: Store, model_id: str, partition_key: str | None = None) -> int:
+    where, params = _partition_filter(partition_key)
+    with store.connect(read_only=True) as con:
+        return int(con.execute(
+            f"""SELECT count(*) FROM records r
+                WHERE {where} AND NOT EXISTS (
+                    SELECT 1 FROM embeddings e WHERE e.record_id = r.id AND e.model_id = ?)""",
+            params + [model_id]).fetchone()[0])
+
+
+def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | None,
+                    progress: Callable[[int, int], None] | None = None) -> EmbedResult:
+    """Embed the records of a partition (None = all) that have no vector for this model."""
+    started = time.perf_counter()
+    model_id = embedder.model_id
+    dim = embedder.dim
+    where, params = _partition_filter(partition_key)
+    with store.connect(read_only=True) as con:
+        todo = con.execute(
+            f"""SELECT r.id, r.vec_id FROM records r
+                WHERE {where} AND NOT EXISTS (
+                    SELECT 1 FROM embeddings e WHERE e.record_id = r.id AND e.model_id = ?)
+                ORDER BY r.vec_id""", params + [model_id]).fetchall()
+        total = int(con.execute(f"SELECT count(*) FROM records r WHERE {where}", params).fetchone()[0])
+    done = 0
+    for start in range(0, len(todo), EMBED_CHUNK):
+        chunk = todo[start:start + EMBED_CHUNK]
+        ids = [r[0] for r in chunk]
+        with store.connect(read_only=True) as con:
+            con.register("want", pd.DataFrame({"id": ids}))
+            texts = dict(con.execute("SELECT r.id, r.text FROM records r JOIN want USING (id)").fetchall())
+        vecs = embedder.embed([texts[i] for i in ids])  # no database lock held while the model runs
+        if vecs.shape != (len(ids), dim):
+            raise ValueError(f"model returned vectors of shape {vecs.shape}, expected ({len(ids)}, {dim})")
+        df = pd.DataFrame({
+            "record_id": ids,
+            "model_id": model_id,
+            "vec_id": np.array([r[1] for r in chunk], dtype=np.int64),
+            "dim": dim,
+            "vector": list(vecs),
+            "created_at": pd.Timestamp.now(tz="UTC"),
+        })
+        with store.transaction() as con:
+            con.register("chunk_vecs", df)
+            con.execute("""INSERT INTO embeddings
+                           SELECT record_id, model_id, vec_id, dim, CAST(vector AS FLOAT[]), created_at
+                           FROM chunk_vecs ON CONFLICT DO NOTHING""")
+        done += len(chunk)
+        if progress:
+            progress(done, len(todo))
+    return EmbedResult(model_id, done, total - len(todo), time.perf_counter() - started)
+
+
+def embeddings_data_version(store: Store, model_id: str, partition_key: str | None) -> str:
+    where, params = _partition_filter(partition_key)
+    with store.connect(read_only=True) as con:
+        n, s = con.execute(
+            f"""SELECT count(*), coalesce(sum(hash(e.vec_id)), 0) FROM embeddings e
+                JOIN records r ON r.id = e.record_id WHERE e.model_id = ? AND {where}""",
+            [model_id] + params).fetchone()
+    return hashlib.sha256(f"{model_id}:{n}:{s}".encode()).hexdigest()[:16]
+
+
+def _fetch_vectors(store: Store, model_id: str, dim: int, only: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    with store.connect(read_only=True) as con:
+        if only is None:
+            rel = con.sql(
+                "SELECT vec_id, record_id, vector FROM embeddings WHERE model_id = ? ORDER BY vec_id",
+                params=[model_id])
+        else:
+            con.register("want", pd.DataFrame({"vec_id": only.astype(np.int64)}))
+            rel = con.sql(
+                """SELECT e.vec_id, e.record_id, e.vector FROM embeddings e JOIN want USING (vec_id)
+                   WHERE e.model_id = ? ORDER BY e.vec_id""", params=[model_id])
+        table = rel.to_arrow_table()
+    vec_ids = table.column("vec_id").to_numpy().astype(np.int64)
+    record_ids = table.column("record_id").to_pylist()
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(vec_ids), dim)
+    return vec_ids, record_ids, vectors
+
+
+def embedded_vec_ids(store: Store, model_id: str) -> np.ndarray:
+    with store.connect(read_only=True) as con:
+        table = con.sql("SELECT vec_id FROM embeddings WHERE model_id = ?", params=[model_id]).to_arrow_table()
+    return table.column("vec_id").to_numpy().astype(np.int64)
+
+
+@dataclass
+class IndexUpdate:
+    meta: IndexMeta | None
+    mode: str  # rebuild | incremental | unchanged
+    n_new: int
+    n_removed: int
+    seconds: float
+
+
+def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
+                 rebuild_ratio: float = 0.2) -> IndexUpdate:
+    """Bring the index up to date with every embedding of ``model_id``."""
+    started = time.perf_counter()
+    with index_store.writer_lock():
+        wanted = embedded_vec_ids(store, model_id)
+        current = index_store.read_meta()
+        loaded = index_store.load() if current is not None and current.model_id == model_id else None
+        indexed = loaded.vec_ids if loaded is not None else np.zeros(0, dtype=np.int64)
+        new = np.setdiff1d(wanted, indexed, assume_unique=True)
+        removed = np.setdiff1d(indexed, wanted, assume_unique=True)
+        if loaded is not None and new.size == 0 and removed.size == 0:
+            return IndexUpdate(current, "unchanged", 0, 0, time.perf_counter() - started)
+        if current is None and wanted.size == 0:
+            return IndexUpdate(None, "unchanged", 0, 0, time.perf_counter() - started)
+        mode = plan_mode(current, model_id, dim, int(new.size), int(removed.size), rebuild_ratio)
+        if mode == "incremental":
+            vec_ids, record_ids, vectors = _fetch_vectors(store, model_id, dim, new)
+            index = loaded.index
+            index.add_with_ids(vectors, vec_ids)
+            all_ids = np.concatenate([loaded.vec_ids, vec_ids])
+            all_records = loaded.record_ids + record_ids
+            n_added = len(vec_ids)
+        else:
+            all_ids, all_records, vectors = _fetch_vectors(store, model_id, dim)
+            index = new_flat_index(dim)
+            if len(all_ids):
+                index.add_with_ids(vectors, all_ids)
+            n_added = len(all_ids)
+        meta = index_store.publish(index, all_ids, all_records, model_id=model_id, mode=mode, n_added=n_added,
+                                   parent_version=current.version if current else None, started=started)
+    with store.transaction() as con:
+        con.execute("INSERT INTO index_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [meta.version, meta.parent_version, meta.model_id, meta.mode, meta.index_type, meta.dim,
+                     meta.ntotal, meta.n_added, meta.data_version, meta.duration_ms, meta.built_at])
+    return IndexUpdate(meta, mode, int(new.size), int(removed.size), time.perf_counter() - started)

@@ -1,0 +1,198 @@
+"""DuckDB storage: the file registry, records, rejects, embeddings and index history.
+
+DuckDB lets one process hold a read-write handle at a time. The sensor (in the
+daemon), the run workers and the CLI are separate processes, so every caller opens a
+short-lived connection through :meth:`Store.connect`, which waits (with backoff) while
+another process holds the lock instead of failing. Keep work that does not need the
+database (embedding, parsing) outside the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS vec_id_seq START 1;
+CREATE SEQUENCE IF NOT EXISTS batch_seq START 1;
+
+-- every distinct file content ever seen in raw/, keyed by sha256 (the durable registry)
+CREATE TABLE IF NOT EXISTS files (
+    sha256 VARCHAR PRIMARY KEY,
+    path VARCHAR NOT NULL,              -- relative to raw/, where it was first seen
+    size BIGINT NOT NULL,
+    arrived_at TIMESTAMPTZ NOT NULL,
+    arrival_date DATE NOT NULL,         -- the raw_records / embeddings partition
+    est_records BIGINT,
+    status VARCHAR NOT NULL,            -- pending | batched | processed | quarantined | missing
+    batch_seq BIGINT,
+    records_ingested BIGINT,
+    records_rejected BIGINT,
+    records_skipped BIGINT,
+    error VARCHAR,
+    quarantine_path VARCHAR,
+    processed_at TIMESTAMPTZ
+);
+
+-- every (path, size, mtime) the sensor has hashed, so it never re-hashes a known file;
+-- duplicate = true when the content was already registered under another path
+CREATE TABLE IF NOT EXISTS file_paths (
+    path VARCHAR NOT NULL,
+    size BIGINT NOT NULL,
+    mtime_ns BIGINT NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    duplicate BOOLEAN NOT NULL,
+    seen_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (path, size, mtime_ns)
+);
+
+-- micro-batches the sensor cut; run_key is deterministic so a replayed tick dedupes
+CREATE TABLE IF NOT EXISTS batches (
+    seq BIGINT PRIMARY KEY,
+    run_key VARCHAR UNIQUE NOT NULL,
+    partition_key VARCHAR NOT NULL,
+    n_files BIGINT NOT NULL,
+    est_records BIGINT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS records (
+    id VARCHAR PRIMARY KEY,
+    vec_id BIGINT NOT NULL UNIQUE,      -- stable int64 id used by the FAISS index
+    text VARCHAR NOT NULL,
+    event_time TIMESTAMPTZ NOT NULL,
+    features JSON,
+    label JSON,
+    extra JSON,
+    content_hash VARCHAR NOT NULL,
+    file_sha256 VARCHAR NOT NULL,
+    position VARCHAR,
+    arrival_date DATE NOT NULL,
+    ingested_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rejects (
+    file_sha256 VARCHAR NOT NULL,
+    position VARCHAR NOT NULL,
+    file_path VARCHAR,
+    record_id VARCHAR,
+    rule VARCHAR NOT NULL,
+    message VARCHAR NOT NULL,
+    raw VARCHAR,
+    arrival_date DATE,
+    rejected_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (file_sha256, position)
+);
+
+CREATE TABLE IF NOT EXISTS embeddings (
+    record_id VARCHAR NOT NULL,
+    model_id VARCHAR NOT NULL,
+    vec_id BIGINT NOT NULL,
+    dim INTEGER NOT NULL,
+    vector FLOAT[] NOT NULL,            -- L2-normalized
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (record_id, model_id)
+);
+
+CREATE TABLE IF NOT EXISTS index_versions (
+    version VARCHAR PRIMARY KEY,
+    parent_version VARCHAR,
+    model_id VARCHAR NOT NULL,
+    mode VARCHAR NOT NULL,              -- rebuild | incremental
+    index_type VARCHAR NOT NULL,
+    dim INTEGER NOT NULL,
+    ntotal BIGINT NOT NULL,
+    n_added BIGINT NOT NULL,
+    data_version VARCHAR NOT NULL,
+    duration_ms DOUBLE NOT NULL,
+    built_at TIMESTAMPTZ NOT NULL
+);
+"""
+
+
+class StoreBusy(RuntimeError):
+    """Another process held the DuckDB file for longer than we were willing to wait."""
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "lock" in msg and ("conflicting" in msg or "could not set" in msg)
+
+
+class Store:
+    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+        self._schema_ready = False
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits while another process holds the file."""
+        deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
+        delay = 0.02
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                if read_only and not self.path.exists():
+                    read_only = False  # nothing to read yet; create it
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if not _is_lock_error(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StoreBusy(f"{self.path} is locked by another process") from exc
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 0.5)
+        try:
+            if not read_only and not self._schema_ready:
+                con.execute(SCHEMA)
+                self._schema_ready = True
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect(timeout_s=timeout_s) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def init(self) -> "Store":
+        with self.connect():
+            pass
+        return self
+
+    # ---- read helpers shared by the CLI, asset checks and tests ---------------------
+
+    def status(self) -> dict[str, int]:
+        with self.connect(read_only=True) as con:
+            if not _has_table(con, "records"):
+                return {k: 0 for k in (
+                    "records", "embedded", "files", "duplicate_files", "pending_files",
+                    "quarantined_files", "rejected_records")}
+            one = lambda q: int(con.execute(q).fetchone()[0])  # noqa: E731
+            return {
+                "records": one("SELECT count(*) FROM records"),
+                "embedded": one("SELECT count(DISTINCT record_id) FROM embeddings"),
+                "files": one("SELECT count(*) FROM files"),
+                "duplicate_files": one("SELECT count(*) FROM file_paths WHERE duplicate"),
+                "pending_files": one("SELECT count(*) FROM files WHERE status IN ('pending','batched')"),
+                "quarantined_files": one("SELECT count(*) FROM files WHERE status = 'quarantined'"),
+                "rejected_records": one("SELECT count(*) FROM rejects"),
+            }
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
