@@ -60,3 +60,10 @@ def index_dimension_matches_model(sentinel: StreamSentinelResource, embedder: Em
 
 
 index_checks = [index_matches_embeddings, index_ids_unique, index_dimension_matches_model]
+
+# What CI and `stream-sentinel check` run: every standalone check, without materializing.
+checks_job = dg.define_asset_job(
+    "index_checks_job",
+    selection=dg.AssetSelection.checks(*index_checks),
+    description="Runs the vector_index asset checks against the current state (CI, `stream-sentinel check`).",
+)

@@ -154,6 +154,5 @@ def vector_index(
 ingest_job = dg.define_asset_job(
     "ingest_job",
     selection=[raw_records, embeddings, vector_index],
-    partitions_def=daily_arrivals,
     description="One micro-batch: new files -> records -> embeddings -> index (launched by raw_files_sensor).",
 )

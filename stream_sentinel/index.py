@@ -164,11 +164,16 @@ class IndexStore:
         return meta
 
     def clean_temp(self) -> None:
+        """Remove what a killed writer left: temp folders and versions never made current."""
         for p in self.root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+        current = self.current_version()
+        for v in self.versions():
+            if current is None or v > current:
+                shutil.rmtree(self.root / v, ignore_errors=True)
 
     def prune(self) -> None:
-        """Keep CURRENT plus the ``keep_backups`` versions before it; drop orphans after it."""
+        """Keep CURRENT plus the ``keep_backups`` versions before it."""
         current = self.current_version()
         versions = self.versions()
         if current not in versions:

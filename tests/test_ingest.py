@@ -1,0 +1,187 @@
+"""raw/ -> DuckDB on a real DuckDB file: registry, batching, idempotency, quarantine."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from datetime import datetime, timezone
+
+import duckdb
+
+from stream_sentinel import ingest
+from stream_sentinel.store import Store
+
+from .conftest import drop, record
+
+
+def _ingest_all(paths, store):
+    ingest.scan(paths, store, debounce_s=1)
+    outcomes = []
+    for batch in ingest.plan_batches(store):
+        outcomes += [ingest.process_file(paths, store, sha) for sha in batch.files]
+    return outcomes
+
+
+def _count(store, sql="SELECT count(*) FROM records"):
+    with store.connect(read_only=True) as con:
+        return con.execute(sql).fetchone()[0]
+
+
+def test_valid_and_invalid_records_land_in_their_tables(paths, store):
+    drop(paths.raw, "a.jsonl", [record(1), {"id": "x", "text": "t"}, record(2, label="spam", source="crm")])
+    (out,) = _ingest_all(paths, store)
+    assert (out.status, out.ingested, out.rejected) == ("processed", 2, 1)
+    with store.connect(read_only=True) as con:
+        rows = con.execute("SELECT id, vec_id, label, extra FROM records ORDER BY id").fetchall()
+        rej = con.execute("SELECT file_path, position, record_id, rule FROM rejects").fetchall()
+    assert [r[0] for r in rows] == ["r1", "r2"]
+    assert len({r[1] for r in rows}) == 2  # stable, distinct int64 ids
+    assert json.loads(rows[1][2]) == "spam" and json.loads(rows[1][3]) == {"source": "crm"}
+    assert rej == [("a.jsonl", "line 2", "x", "missing_event_time")]
+
+
+def test_same_content_under_another_name_is_a_duplicate_and_adds_nothing(paths, store):
+    drop(paths.raw, "a.jsonl", [record(1), record(2)])
+    drop(paths.raw, "sub/copy-of-a.jsonl", [record(1), record(2)])
+    scan = ingest.scan(paths, store, debounce_s=1)
+    assert len(scan.registered) == 1 and len(scan.duplicates) == 1
+    for b in ingest.plan_batches(store):
+        for sha in b.files:
+            ingest.process_file(paths, store, sha)
+    assert _count(store) == 2
+    assert store.status()["duplicate_files"] == 1
+    # a later scan neither re-registers nor re-batches anything
+    assert ingest.scan(paths, store, debounce_s=1).registered == []
+    assert ingest.plan_batches(store) == []
+
+
+def test_files_still_being_written_wait_for_the_debounce_window(paths, store):
+    drop(paths.raw, "fresh.jsonl", [record(1)], age=0)
+    scan = ingest.scan(paths, store, debounce_s=5)
+    assert scan.registered == [] and scan.unstable == ["fresh.jsonl"]
+    old = time.time() - 10
+    os.utime(paths.raw / "fresh.jsonl", (old, old))
+    assert len(ingest.scan(paths, store, debounce_s=5).registered) == 1
+
+
+def test_hidden_temp_files_and_symlinks_out_of_raw_are_ignored(paths, store, tmp_path):
+    outside = drop(tmp_path / "elsewhere", "secret.jsonl", [record(9)])
+    os.symlink(outside, paths.raw / "link.jsonl")
+    os.symlink(tmp_path / "elsewhere", paths.raw / "linkdir")
+    drop(paths.raw, ".upload.jsonl.tmp", [record(8)])
+    drop(paths.raw, "notes.txt", "hello")
+    inside = drop(paths.raw, "real.jsonl", [record(1)])
+    os.symlink(inside, paths.raw / "alias.jsonl")  # inside raw/: same content -> duplicate
+    scan = ingest.scan(paths, store, debounce_s=1)
+    assert sorted(scan.skipped_links) == ["link.jsonl", "linkdir"]
+    assert len(scan.registered) == 1
+    assert len(scan.duplicates) == 1 and scan.duplicates[0] in ("real.jsonl", "alias.jsonl")
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM file_paths WHERE path LIKE '%secret%' OR path LIKE '.%'"
+                           ).fetchone()[0] == 0
+
+
+def test_reprocessing_a_file_is_idempotent(paths, store):
+    drop(paths.raw, "a.jsonl", [record(1), record(2), {"id": "bad"}])
+    (out,) = _ingest_all(paths, store)
+    again = ingest.process_file(paths, store, out.sha256)
+    assert (again.ingested, again.skipped, again.rejected) == (0, 2, 1)
+    assert _count(store) == 2
+    assert _count(store, "SELECT count(*) FROM rejects") == 1
+
+
+def test_duplicate_id_with_other_content_is_rejected_and_identical_one_skipped(paths, store):
+    drop(paths.raw, "a.jsonl", [record(1), record(2)])
+    _ingest_all(paths, store)
+    drop(paths.raw, "b.jsonl", [record(1), record(2, text="changed"), record(3), record(3, text="changed too")])
+    (out,) = _ingest_all(paths, store)
+    assert (out.ingested, out.skipped, out.rejected) == (1, 1, 2)
+    with store.connect(read_only=True) as con:
+        rules = con.execute("SELECT record_id, rule FROM rejects ORDER BY position").fetchall()
+        text = con.execute("SELECT text FROM records WHERE id='r2'").fetchone()[0]
+    assert rules == [("r2", "duplicate_id"), ("r3", "duplicate_id")]
+    assert text == "record number 2"  # the first version stays
+
+
+def test_unparseable_file_is_quarantined_with_a_readable_error(paths, store):
+    drop(paths.raw, "good.jsonl", [record(1)])
+    drop(paths.raw, "sub/broken.json", '[{"id": "a", "text": "t", "event_time": "2024-01-01"},\n{"id": ')
+    outcomes = {o.path: o for o in _ingest_all(paths, store)}
+    assert outcomes["good.jsonl"].status == "processed"
+    bad = outcomes["sub/broken.json"]
+    assert bad.status == "quarantined"
+    assert not (paths.raw / "sub/broken.json").exists()
+    (moved,) = [p for p in paths.failed.rglob("broken.json")]
+    report = json.loads(moved.with_name("broken.json.error.json").read_text())
+    assert report["file"] == "sub/broken.json" and report["rule"] == "invalid_json" and report["line"] == 2
+    assert moved.read_text().startswith('[{"id": "a"')  # the input is kept byte for byte
+    assert moved.parent.name == datetime.now(timezone.utc).date().isoformat()
+    assert store.status()["quarantined_files"] == 1
+    assert _count(store) == 1  # nothing from the broken file, the good one is in
+
+
+def test_crash_between_quarantine_move_and_database_update_recovers(paths, store):
+    drop(paths.raw, "broken.json", "{nope")
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    sha = batch.files[0]
+    from stream_sentinel.records import FileUnparseable
+
+    # do the file moves of a quarantine, then "crash" before the database update
+    ingest._quarantine(paths, paths.raw / "broken.json", "broken.json", sha,
+                       FileUnparseable("invalid_json", "x", 1), ingest.utcnow())
+    assert _count(store, "SELECT count(*) FROM files WHERE status='quarantined'") == 0
+    out = ingest.process_file(paths, store, sha)
+    assert out.status == "quarantined"
+    assert store.status()["quarantined_files"] == 1
+
+
+def test_batches_respect_file_and_record_caps_and_have_stable_run_keys(paths, store):
+    for i in range(7):
+        drop(paths.raw, f"f{i}.jsonl", [record(f"{i}-{j}") for j in range(10)])
+    ingest.scan(paths, store, debounce_s=1)
+    batches = ingest.plan_batches(store, max_files=3, max_records=1000)
+    assert [len(b.files) for b in batches] == [3, 3, 1]
+    assert len({b.run_key for b in batches}) == 3
+    assert all(b.run_key.startswith(f"raw:{b.partition_key}:") for b in batches)
+    assert ingest.batches_after(store, batches[0].seq) == batches[1:]
+    # record cap: ~10 records per file, cap 25 -> 2 files per batch
+    drop(paths.raw, "g1.jsonl", [record(f"g1-{j}") for j in range(10)])
+    drop(paths.raw, "g2.jsonl", [record(f"g2-{j}") for j in range(10)])
+    drop(paths.raw, "g3.jsonl", [record(f"g3-{j}") for j in range(10)])
+    ingest.scan(paths, store, debounce_s=1)
+    assert [len(b.files) for b in ingest.plan_batches(store, max_files=100, max_records=25)] == [2, 1]
+
+
+def test_arrival_date_is_the_partition(paths, store):
+    drop(paths.raw, "old.jsonl", [record(1)])
+    ingest.scan(paths, store, debounce_s=1, now=datetime(2025, 3, 4, 23, 59, tzinfo=timezone.utc))
+    (batch,) = ingest.plan_batches(store)
+    assert batch.partition_key == "2025-03-04"
+    assert ingest.files_for_partition(store, "2025-03-04") == list(batch.files)
+    ingest.process_file(paths, store, batch.files[0])
+    assert ingest.partition_record_count(store, "2025-03-04") == 1
+
+
+def _hold_lock(db, ready, release):
+    con = duckdb.connect(db)
+    ready.set()
+    release.wait(30)
+    time.sleep(0.5)
+    con.close()
+
+
+def test_store_waits_for_another_process_holding_the_database(paths, store):
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(paths.db), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        release.set()  # the holder lets go ~0.5 s later; connect() must wait, not fail
+        with Store(paths.db, lock_timeout_s=30).connect() as con:
+            assert con.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        proc.join(30)

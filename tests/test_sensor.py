@@ -1,0 +1,72 @@
+"""raw_files_sensor driven through build_sensor_context: run keys, partitions, cursor."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from resources import StreamSentinelResource
+from sensors.raw_files import build_raw_files_sensor
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.config import Settings
+
+from .conftest import drop, record
+
+
+def _tick(paths, instance, cursor=None, **knobs):
+    defs = build_definitions(Settings(), home=str(paths.home))
+    sensor = build_raw_files_sensor(Settings())
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs,
+        resources={"sentinel": StreamSentinelResource(home=str(paths.home), **knobs)},
+    ) as ctx:
+        return sensor.evaluate_tick(ctx)
+
+
+def test_new_files_become_one_run_per_micro_batch(paths, instance):
+    for i in range(5):
+        drop(paths.raw, f"day/f{i}.jsonl", [record(f"{i}-{j}") for j in range(3)])
+    result = _tick(paths, instance, batch_max_files=2)
+    reqs = result.run_requests
+    assert [len(r.run_config["ops"]["raw_records"]["config"]["files"]) for r in reqs] == [2, 2, 1]
+    today = dg.DailyPartitionsDefinition(start_date="2024-01-01", end_offset=1).get_last_partition_key()
+    assert {r.partition_key for r in reqs} == {today}
+    assert all(r.run_key.startswith(f"raw:{today}:") for r in reqs)
+    assert len({r.run_key for r in reqs}) == 3
+    assert json.loads(result.cursor) == {"batch_seq": 3}
+    # run config carries file hashes only, never payloads
+    assert "record number" not in json.dumps([r.run_config for r in reqs])
+
+
+def test_next_tick_with_saved_cursor_launches_nothing_new(paths, instance):
+    drop(paths.raw, "a.jsonl", [record(1)])
+    first = _tick(paths, instance)
+    second = _tick(paths, instance, cursor=first.cursor)
+    assert second.run_requests == [] and "no new files" in second.skip_message
+    drop(paths.raw, "b.jsonl", [record(2)])
+    third = _tick(paths, instance, cursor=second.cursor or first.cursor)
+    assert len(third.run_requests) == 1
+    assert third.run_requests[0].run_key != first.run_requests[0].run_key
+    assert json.loads(third.cursor) == {"batch_seq": 2}
+
+
+def test_lost_cursor_replays_the_same_run_keys(paths, instance):
+    """A daemon that dies before saving its cursor asks again with identical run keys,
+    which Dagster deduplicates: no file is launched twice."""
+    drop(paths.raw, "a.jsonl", [record(1)])
+    drop(paths.raw, "b.jsonl", [record(2)])
+    first = _tick(paths, instance)
+    replay = _tick(paths, instance, cursor=None)
+    assert [r.run_key for r in replay.run_requests] == [r.run_key for r in first.run_requests]
+    assert [r.run_config for r in replay.run_requests] == [r.run_config for r in first.run_requests]
+
+
+def test_duplicates_and_unstable_files_are_reported_not_launched(paths, instance):
+    drop(paths.raw, "a.jsonl", [record(1)])
+    first = _tick(paths, instance)
+    drop(paths.raw, "copy.jsonl", [record(1)])
+    drop(paths.raw, "writing.jsonl", [record(2)], age=0)
+    tick = _tick(paths, instance, cursor=first.cursor, debounce_seconds=10)
+    assert tick.run_requests == []
+    assert "1 duplicate file(s)" in tick.skip_message and "1 file(s) still being written" in tick.skip_message
