@@ -122,8 +122,9 @@ def cmd_run(args) -> int:
 
     from sensors.raw_files import batch_run_request
 
-    from . import ingest
+    from . import ingest, pipeline
     from .definitions import build_definitions
+    from .embedding import model_id
     from .store import Store
 
     paths = Paths.from_env().ensure()
@@ -134,28 +135,42 @@ def cmd_run(args) -> int:
     batches = ingest.unfinished_batches(store)
     if scanned.unstable:
         _err(f"{len(scanned.unstable)} file(s) still being written; they wait for the next run")
-    if not batches:
+    batch_days = {b.partition_key for b in batches}
+    # days whose records miss vectors for the current model: a failed run, or a new model
+    catch_up = [d for d in pipeline.partitions_with_unembedded(store, model_id(settings.model_path))
+                if d not in batch_days]
+    if not batches and not catch_up:
         print("nothing to do: no new files")
         return 0
     defs = build_definitions(settings)
     job = defs.resolve_job_def("ingest_job")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     failed = 0
+
+    def report(result) -> None:
+        nonlocal failed
+        checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
+        if not result.success or checks:
+            failed += 1
+            reasons = [f"check {c.check_name} failed" for c in checks] or ["run failed"]
+            _err(f"    FAILED ({', '.join(reasons)}); run id {result.run_id}")
+        else:
+            _err(f"    ok (run id {result.run_id})")
+
+    total = len(batches) + len(catch_up)
     with instance:
         for n, batch in enumerate(batches, 1):
             req = batch_run_request(batch)
-            _err(f"[{n}/{len(batches)}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
+            _err(f"[{n}/{total}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
             # same tags as a sensor launch, so a daemon started later does not run the batch again
             tags = {**req.tags, RUN_KEY_TAG: batch.run_key, SENSOR_NAME_TAG: "raw_files_sensor"}
-            result = job.execute_in_process(run_config=req.run_config, partition_key=batch.partition_key,
-                                            instance=instance, tags=tags, raise_on_error=False)
-            checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
-            if not result.success or checks:
-                failed += 1
-                reasons = [f"check {c.check_name} failed" for c in checks] or ["run failed"]
-                _err(f"    FAILED ({', '.join(reasons)}); run id {result.run_id}")
-            else:
-                _err(f"    ok (run id {result.run_id})")
+            report(job.execute_in_process(run_config=req.run_config, partition_key=batch.partition_key,
+                                          instance=instance, tags=tags, raise_on_error=False))
+        for n, day in enumerate(catch_up, len(batches) + 1):
+            _err(f"[{n}/{total}] {day}: embedding records that have no vector for the current model")
+            report(job.execute_in_process(
+                partition_key=day, instance=instance, raise_on_error=False,
+                asset_selection=[dg.AssetKey("embeddings"), dg.AssetKey("vector_index")]))
     st = collect_status(paths)
     print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
                                          "rejected_records")}))

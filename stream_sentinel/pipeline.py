@@ -183,3 +183,12 @@ def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
                     [meta.version, meta.parent_version, meta.model_id, meta.mode, meta.index_type, meta.dim,
                      meta.ntotal, meta.n_added, meta.data_version, meta.duration_ms, meta.built_at])
     return IndexUpdate(meta, mode, int(new.size), int(removed.size), time.perf_counter() - started)
+
+
+def partitions_with_unembedded(store: Store, model_id: str) -> list[str]:
+    """Arrival days holding records without a vector for ``model_id`` (failed or pre-model-change runs)."""
+    with store.connect(read_only=True) as con:
+        return [r[0] for r in con.execute(
+            """SELECT DISTINCT CAST(r.arrival_date AS VARCHAR) AS d FROM records r
+               WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.record_id = r.id AND e.model_id = ?)
+               ORDER BY d""", [model_id]).fetchall()]

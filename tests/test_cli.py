@@ -1,0 +1,108 @@
+"""The `stream-sentinel` CLI as a user runs it (subprocesses, real files, real model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from stream_sentinel import demo
+from stream_sentinel.embedding import default_model_path
+from stream_sentinel.records import Record, validate
+from stream_sentinel.store import Store
+
+
+def cli(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_demo_records_follow_the_contract_and_keep_labels_aside(demo_records):
+    assert len(demo_records) > 6000
+    assert len({r["id"] for r in demo_records}) == len(demo_records)
+    assert [r["event_time"] for r in demo_records] == sorted(r["event_time"] for r in demo_records)
+    for r in demo_records[::97]:
+        assert isinstance(validate(r, "x"), Record), r["id"]
+        assert set(r["features"]) == {"length", "link_count", "uppercase_ratio", "has_html"}
+        assert "label" not in r and "<html" not in r["text"].lower()
+    by_id = {r["id"]: r for r in demo_records}
+    # mbox "From " line of spam-2/00001: "Tue Aug  6 11:51:02 2002"
+    assert by_id["spam-2/00001"]["event_time"] == "2002-08-06T11:51:02+00:00"
+    _, labels_path = demo.convert(quiet=True)
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines()]
+    assert {lab["record_id"] for lab in labels} == set(by_id)
+    assert {lab["label"] for lab in labels} == {"spam", "ham"}
+    assert all(lab["label"] == ("spam" if lab["group"].startswith("spam") else "ham") for lab in labels)
+    groups = {lab["group"] for lab in labels}
+    assert groups == set(demo.GROUPS)
+
+
+def test_replay_writes_whole_files_in_time_order(paths, demo_records):
+    out = cli("demo-data", "replay", "--limit", "120", "--per-file", "50", "--quiet")
+    assert "120 records" in out.stdout
+    files = sorted((paths.raw / "demo").iterdir())
+    assert [f.name for f in files] == ["demo-000000-000049.jsonl", "demo-000050-000099.jsonl",
+                                       "demo-000100-000119.jsonl"]
+    ids = [json.loads(line)["id"] for f in files for line in f.read_text().splitlines()]
+    assert ids == [r["id"] for r in demo_records[:120]]
+
+
+def test_run_once_status_search_check(paths, demo_records):
+    cli("demo-data", "replay", "--limit", "100", "--quiet")
+    (paths.raw / "broken.json").write_text('{"id": ')
+    os.utime(paths.raw / "broken.json", (0, 0))
+    for f in (paths.raw / "demo").iterdir():
+        os.utime(f, (0, 0))
+    run = cli("run", "--once")
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary == {"records": 100, "embedded": 100, "index_ntotal": 100, "quarantined_files": 1,
+                       "rejected_records": 0}
+
+    status = json.loads(cli("status", "--json").stdout)
+    for key in ("records", "embedded", "index_ntotal", "quarantined_files", "rejected_records"):
+        assert key in status
+    assert status["records"] == status["embedded"] == status["index_ntotal"] == 100
+
+    target = demo_records[42]
+    found = json.loads(cli("search", target["text"][:300], "-k", "3", "--json").stdout)
+    assert found["results"][0]["id"] == target["id"]
+    assert set(found["results"][0]) == {"id", "score", "snippet"}
+    assert found["results"][0]["snippet"] and len(found["results"]) == 3
+    human = cli("search", "mortgage", "-k", "2").stdout
+    assert human.count("\n") >= 2 and " 1. " in human
+
+    assert "nothing to do" in cli("run", "--once").stdout
+    checks = json.loads(cli("check", "--json").stdout)
+    assert {c["check"] for c in checks} == {"index_matches_embeddings", "index_ids_unique",
+                                            "index_dimension_matches_model"}
+    assert all(c["passed"] for c in checks)
+    with Store(paths.db).transaction() as con:
+        con.execute("DELETE FROM embeddings WHERE record_id = ?", [target["id"]])
+    failed = cli("check", check=False)
+    assert failed.returncode == 1 and "FAIL" in failed.stdout
+
+
+def test_run_once_exits_non_zero_when_a_run_fails(paths, demo_records, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(default_model_path(), broken)
+    (broken / "model.safetensors").write_bytes(b"not a model")
+    cli("demo-data", "replay", "--limit", "10", "--quiet")
+    for f in (paths.raw / "demo").iterdir():
+        os.utime(f, (0, 0))
+    out = cli("run", "--once", env={"STREAM_SENTINEL_MODEL_PATH": str(broken)}, check=False)
+    assert out.returncode == 1
+    assert "FAILED" in out.stderr
+    # the records are in; only embedding failed, so the next healthy run finishes the job
+    assert Store(paths.db).status()["records"] == 10
+    healthy = cli("run", "--once")
+    assert json.loads(healthy.stdout.strip().splitlines()[-1])["index_ntotal"] == 10
+
+
+def test_search_without_an_index_explains_what_to_do(paths):
+    out = cli("search", "anything", check=False)
+    assert out.returncode == 1 and "no index yet" in out.stderr

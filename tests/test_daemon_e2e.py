@@ -1,0 +1,94 @@
+"""End to end with the real dagster-daemon: drop files, wait until they are searchable.
+
+This is what a user's deployment does unattended: the sensor ticks in the daemon, the
+queued run coordinator launches ingest_job in its own process, and the CLI searches the
+index that run published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from stream_sentinel.index import IndexStore
+from stream_sentinel.store import Store
+
+from .conftest import REPO, drop
+
+pytestmark = pytest.mark.daemon
+WAIT_S = 420
+
+
+@pytest.fixture
+def daemon(paths, tmp_path):
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(paths.home),
+           "STREAM_SENTINEL_SENSOR_INTERVAL": "1", "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0.5"}
+    log = open(tmp_path / "daemon.log", "w")
+    dagster_daemon = Path(sys.executable).parent / "dagster-daemon"
+    proc = subprocess.Popen([str(dagster_daemon), "run", "-w", str(REPO / "workspace.yaml")], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield dagster_home, tmp_path / "daemon.log"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _wait_for(predicate, what: str, log: Path):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    tail = log.read_text()[-4000:]
+    raise AssertionError(f"timed out waiting for {what}; daemon log tail:\n{tail}")
+
+
+def _ntotal(paths):
+    meta = IndexStore(paths.index).read_meta()
+    return meta.ntotal if meta else 0
+
+
+def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_records):
+    dagster_home, log = daemon
+    first, second = demo_records[:60], demo_records[60:90]
+    drop(paths.raw, "drop-1.jsonl", first, age=0)
+    drop(paths.raw, "drop-2.json", [{"id": "x"}], age=0)  # one rejected record: pipeline carries on
+    _wait_for(lambda: _ntotal(paths) == 60, "the first 60 records in the index", log)
+
+    drop(paths.raw, "later/drop-3.jsonl", second, age=0)
+    drop(paths.raw, "copy-of-1.jsonl", first, age=0)  # same bytes: recorded as duplicate only
+    _wait_for(lambda: _ntotal(paths) == 90, "90 records in the index", log)
+
+    out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "search", second[5]["text"][:200],
+                          "-k", "1", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["results"][0]["id"] == second[5]["id"]
+
+    status = Store(paths.db).status()
+    assert (status["records"], status["rejected_records"], status["duplicate_files"]) == (90, 1, 1)
+    # Dagster's own record of it: sensor-launched runs with our run keys, all successful
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        runs = _wait_for(lambda: [r for r in instance.get_runs() if r.is_finished] or None, "finished runs", log)
+        assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert all(r.tags.get("dagster/run_key", "").startswith("raw:") for r in runs)
+        assert all(r.tags.get("dagster/sensor_name") == "raw_files_sensor" for r in runs)
