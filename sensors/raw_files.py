@@ -29,15 +29,29 @@ def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
     )
 
 
-def evaluate(sentinel: StreamSentinelResource, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
-    """One tick, separated from the decorator so `stream-sentinel run --once` can reuse it."""
+def ingest_run_waiting(instance: dg.DagsterInstance | None) -> bool:
+    """True while an ingest_job run is queued but not yet started."""
+    if instance is None:
+        return False
+    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    return bool(instance.get_run_records(
+        filters=dg.RunsFilter(job_name=ingest_job.name, statuses=waiting), limit=1))
+
+
+def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
+             instance: dg.DagsterInstance | None = None) -> dg.SensorResult | dg.SkipReason:
+    """One tick. Files are always registered (so their arrival day is exact), but while an
+    ingest run is still queued new files wait and join the next, larger batch instead of
+    queueing one small run per tick behind it."""
     state = json.loads(cursor) if cursor else {}
     last_seq = int(state.get("batch_seq", 0))
     s = sentinel.settings
     store = sentinel.store(lock_timeout_s=TICK_LOCK_TIMEOUT_S)
     try:
         scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-        ingest.plan_batches(store, s.batch_max_files, s.batch_max_records, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+        held = ingest_run_waiting(instance)
+        if not held:
+            ingest.plan_batches(store, s.batch_max_files, s.batch_max_records, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
         batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is held by a running ingest; will look again next tick")
@@ -48,8 +62,10 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None) -> dg.SensorR
         notes.append(f"{len(scanned.unstable)} file(s) still being written")
     if scanned.skipped_links:
         notes.append(f"{len(scanned.skipped_links)} symlink(s) out of raw/ ignored")
+    if held and scanned.registered:
+        notes.append(f"{len(scanned.registered)} new file(s) wait for the queued ingest run to start")
     if not batches:
-        return dg.SkipReason("no new files" + (f" ({'; '.join(notes)})" if notes else ""))
+        return dg.SkipReason("no new batch" + (f" ({'; '.join(notes)})" if notes else ""))
     return dg.SensorResult(
         run_requests=[batch_run_request(b) for b in batches],
         cursor=json.dumps({"batch_seq": max(b.seq for b in batches)}),
@@ -65,6 +81,6 @@ def build_raw_files_sensor(settings: Settings) -> dg.SensorDefinition:
         description="Registers stable files in raw/ by sha256 and launches one ingest_job run per micro-batch.",
     )
     def raw_files_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
-        return evaluate(sentinel, context.cursor)
+        return evaluate(sentinel, context.cursor, context.instance)
 
     return raw_files_sensor

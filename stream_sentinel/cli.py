@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,11 @@ from pathlib import Path
 from .config import HOME_ENV, Paths, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _console(level: str) -> dict:
+    """Run config that keeps Dagster's per-event DEBUG lines off the terminal."""
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
 def _err(msg: str) -> None:
@@ -164,12 +170,13 @@ def cmd_run(args) -> int:
             _err(f"[{n}/{total}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
             # same tags as a sensor launch, so a daemon started later does not run the batch again
             tags = {**req.tags, RUN_KEY_TAG: batch.run_key, SENSOR_NAME_TAG: "raw_files_sensor"}
-            report(job.execute_in_process(run_config=req.run_config, partition_key=batch.partition_key,
+            run_config = {**req.run_config, **_console("INFO")}
+            report(job.execute_in_process(run_config=run_config, partition_key=batch.partition_key,
                                           instance=instance, tags=tags, raise_on_error=False))
         for n, day in enumerate(catch_up, len(batches) + 1):
             _err(f"[{n}/{total}] {day}: embedding records that have no vector for the current model")
             report(job.execute_in_process(
-                partition_key=day, instance=instance, raise_on_error=False,
+                run_config=_console("INFO"), partition_key=day, instance=instance, raise_on_error=False,
                 asset_selection=[dg.AssetKey("embeddings"), dg.AssetKey("vector_index")]))
     st = collect_status(paths)
     print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
@@ -188,7 +195,7 @@ def cmd_check(args) -> int:
     job = build_definitions().resolve_job_def("index_checks_job")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     with instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        result = job.execute_in_process(run_config=_console("WARNING"), instance=instance, raise_on_error=False)
     evals = [{"check": e.check_name, "asset": e.asset_key.to_user_string(), "passed": e.passed,
               "metadata": {k: getattr(v, "value", v) for k, v in e.metadata.items()}}
              for e in result.get_asset_check_evaluations()]
@@ -259,13 +266,37 @@ def cmd_up(args) -> int:
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     cmd = [dagster or "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    # dagster dev shuts its webserver, daemon and code servers down on SIGINT; forward
+    # SIGTERM as SIGINT so `kill` and service managers stop the whole stack cleanly
+    server = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, start_new_session=True)
+    procs.append(server)
+
+    def forward(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
     try:
-        return subprocess.call(cmd, env=env, cwd=REPO_ROOT)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
     finally:
+        _stop_group(server)
         for p in procs:
-            p.terminate()
+            if p is not server and p.poll() is None:
+                p.terminate()
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 # ------------------------------------------------------------------------------ main

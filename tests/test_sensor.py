@@ -43,7 +43,7 @@ def test_next_tick_with_saved_cursor_launches_nothing_new(paths, instance):
     drop(paths.raw, "a.jsonl", [record(1)])
     first = _tick(paths, instance)
     second = _tick(paths, instance, cursor=first.cursor)
-    assert second.run_requests == [] and "no new files" in second.skip_message
+    assert second.run_requests == [] and "no new batch" in second.skip_message
     drop(paths.raw, "b.jsonl", [record(2)])
     third = _tick(paths, instance, cursor=second.cursor or first.cursor)
     assert len(third.run_requests) == 1
@@ -70,3 +70,21 @@ def test_duplicates_and_unstable_files_are_reported_not_launched(paths, instance
     tick = _tick(paths, instance, cursor=first.cursor, debounce_seconds=10)
     assert tick.run_requests == []
     assert "1 duplicate file(s)" in tick.skip_message and "1 file(s) still being written" in tick.skip_message
+
+
+def test_new_files_wait_while_an_ingest_run_is_queued(paths, instance):
+    """Under load, files accumulate into one larger batch instead of one queued run per tick."""
+    drop(paths.raw, "a.jsonl", [record(1)])
+    first = _tick(paths, instance)
+    (req,) = first.run_requests
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    queued = instance.create_run_for_job(job, run_config=req.run_config, tags={"dagster/partition": req.partition_key},
+                                         status=dg.DagsterRunStatus.NOT_STARTED)
+    drop(paths.raw, "b.jsonl", [record(2)])
+    drop(paths.raw, "c.jsonl", [record(3)])
+    held = _tick(paths, instance, cursor=first.cursor)
+    assert held.run_requests == [] and "wait for the queued ingest run" in held.skip_message
+    instance.report_run_canceled(queued)  # the queue moves on
+    released = _tick(paths, instance, cursor=first.cursor)
+    (batch,) = released.run_requests
+    assert len(batch.run_config["ops"]["raw_records"]["config"]["files"]) == 2
