@@ -6,6 +6,7 @@ so one code location serves any data root and tests can point it at a temp folde
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import dagster as dg
@@ -32,8 +33,8 @@ class StreamSentinelResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         env = Settings.from_env()
-        self._settings = Settings(
-            sensor_interval_s=env.sensor_interval_s,
+        self._settings = dataclasses.replace(
+            env,
             debounce_s=env.debounce_s if self.debounce_seconds is None else self.debounce_seconds,
             batch_max_files=self.batch_max_files or env.batch_max_files,
             batch_max_records=self.batch_max_records or env.batch_max_records,

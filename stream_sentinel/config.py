@@ -91,6 +91,14 @@ class Settings:
     model_path: str | None = None
     device: str = "cpu"
     embed_batch_size: int = 32
+    feedback_topic: str = "stream-sentinel.feedback"
+    labels: str = "ham,spam"  # allowed label values; empty = any string
+    feedback_min_batch: int = 10
+    feedback_max_wait_s: float = 30.0
+    feedback_max_range: int = 50_000
+    consensus_half_life_h: float = 168.0
+    consensus_conflict_margin: float = 0.2
+    reliability_prior: str = "2,1"  # Beta(agree, disagree) prior on each reviewer's reliability
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -105,4 +113,24 @@ class Settings:
             model_path=os.environ.get("STREAM_SENTINEL_MODEL_PATH") or None,
             device=os.environ.get("STREAM_SENTINEL_DEVICE") or d.device,
             embed_batch_size=_env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
+            feedback_topic=os.environ.get("STREAM_SENTINEL_FEEDBACK_TOPIC") or d.feedback_topic,
+            labels=os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
+            feedback_min_batch=_env_num("STREAM_SENTINEL_FEEDBACK_BATCH", d.feedback_min_batch, int),
+            feedback_max_wait_s=_env_num("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", d.feedback_max_wait_s),
+            feedback_max_range=_env_num("STREAM_SENTINEL_FEEDBACK_MAX_RANGE", d.feedback_max_range, int),
+            consensus_half_life_h=_env_num("STREAM_SENTINEL_CONSENSUS_HALF_LIFE_HOURS", d.consensus_half_life_h),
+            consensus_conflict_margin=_env_num("STREAM_SENTINEL_CONFLICT_MARGIN", d.consensus_conflict_margin),
+            reliability_prior=os.environ.get("STREAM_SENTINEL_RELIABILITY_PRIOR") or d.reliability_prior,
         )
+
+    @property
+    def allowed_labels(self) -> frozenset[str] | None:
+        values = frozenset(v.strip() for v in self.labels.split(",") if v.strip())
+        return values or None
+
+    def consensus_config(self):
+        from .feedback import ConsensusConfig
+
+        agree, disagree = (float(x) for x in self.reliability_prior.split(","))
+        return ConsensusConfig(half_life_hours=self.consensus_half_life_h, prior_agree=agree,
+                               prior_disagree=disagree, conflict_margin=self.consensus_conflict_margin)

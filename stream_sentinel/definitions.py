@@ -7,12 +7,24 @@ imported here, so the code location loads fast.
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from assets import all_assets, all_checks, all_jobs
-from resources import EmbedderResource, StreamSentinelResource
-from sensors import build_raw_files_sensor
+from resources import EmbedderResource, KafkaResource, StreamSentinelResource
+from sensors import build_feedback_sensors, build_raw_files_sensor
 from stream_sentinel.config import Settings
+
+
+def kafka_resource() -> KafkaResource:
+    """Kafka settings by reference: the UI shows the variable names, values stay in the environment."""
+    refs = {field: dg.EnvVar(var) for field, var in (
+        ("bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS"), ("security_protocol", "KAFKA_SECURITY_PROTOCOL"),
+        ("sasl_mechanism", "KAFKA_SASL_MECHANISM"), ("sasl_username", "KAFKA_SASL_USERNAME"),
+        ("sasl_password", "KAFKA_SASL_PASSWORD"), ("ssl_ca_location", "KAFKA_SSL_CA_LOCATION"))
+        if os.environ.get(var)}
+    return KafkaResource(**refs)
 
 
 def build_definitions(settings: Settings | None = None, home: str | None = None) -> dg.Definitions:
@@ -21,10 +33,11 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
         assets=all_assets,
         asset_checks=all_checks,
         jobs=all_jobs,
-        sensors=[build_raw_files_sensor(settings)],
+        sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings)],
         resources={
             "sentinel": StreamSentinelResource(home=home),
             "embedder": EmbedderResource(),
+            "kafka": kafka_resource(),
         },
         # micro-batches are small: one process per run, not one per step
         executor=dg.in_process_executor,

@@ -112,6 +112,82 @@ CREATE TABLE IF NOT EXISTS index_versions (
     duration_ms DOUBLE NOT NULL,
     built_at TIMESTAMPTZ NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS feedback_events (
+    topic VARCHAR NOT NULL,
+    "partition" INTEGER NOT NULL,
+    "offset" BIGINT NOT NULL,
+    record_id VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    source VARCHAR NOT NULL,
+    confidence DOUBLE NOT NULL,
+    ts TIMESTAMPTZ NOT NULL,
+    source_kind VARCHAR NOT NULL,       -- kafka | file
+    ingested_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (topic, "partition", "offset")
+);
+CREATE TABLE IF NOT EXISTS feedback_rejects (
+    topic VARCHAR NOT NULL,
+    "partition" INTEGER NOT NULL,
+    "offset" BIGINT NOT NULL,
+    msg_key VARCHAR,
+    raw VARCHAR,
+    rule VARCHAR NOT NULL,
+    error VARCHAR NOT NULL,
+    source_kind VARCHAR NOT NULL,
+    dlq_topic VARCHAR,
+    rejected_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (topic, "partition", "offset")
+);
+-- offset ranges the Kafka sensor has cut; run keys derive from them
+CREATE TABLE IF NOT EXISTS feedback_ranges (
+    topic VARCHAR NOT NULL,
+    "partition" INTEGER NOT NULL,
+    start_offset BIGINT NOT NULL,
+    end_offset BIGINT NOT NULL,          -- inclusive
+    run_key VARCHAR NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (topic, "partition", start_offset)
+);
+CREATE TABLE IF NOT EXISTS kafka_lag (
+    topic VARCHAR NOT NULL,
+    "partition" INTEGER NOT NULL,
+    end_offset BIGINT NOT NULL,          -- high watermark
+    next_offset BIGINT NOT NULL,         -- next offset not yet processed
+    lag BIGINT NOT NULL,
+    observed_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (topic, "partition")
+);
+CREATE TABLE IF NOT EXISTS feedback_files (
+    sha256 VARCHAR PRIMARY KEY,
+    path VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,             -- pending | processed | quarantined
+    events BIGINT,
+    rejects BIGINT,
+    error VARCHAR,
+    arrived_at TIMESTAMPTZ NOT NULL,
+    processed_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS labels (
+    record_id VARCHAR PRIMARY KEY,
+    label VARCHAR,
+    weight DOUBLE NOT NULL,              -- winning label's share of the vote weight
+    margin DOUBLE NOT NULL,              -- (top - runner-up) / total weight
+    n_votes INTEGER NOT NULL,
+    n_reviewers INTEGER NOT NULL,
+    conflict BOOLEAN NOT NULL,           -- margin under the threshold: held out of training
+    status VARCHAR NOT NULL,             -- resolved | conflict | pending (record not ingested yet)
+    resolved_at TIMESTAMPTZ,
+    last_vote_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reviewer_reliability (
+    source VARCHAR PRIMARY KEY,
+    reliability DOUBLE NOT NULL,
+    n_votes BIGINT NOT NULL,
+    n_scored BIGINT NOT NULL,            -- votes on records with a non-conflicting consensus
+    n_agree BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
 """
 
 
@@ -136,10 +212,10 @@ class Store:
         deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
         delay = 0.02
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self._schema_ready:
+            read_only = False  # first use in this process: make sure every table exists
         while True:
             try:
-                if read_only and not self.path.exists():
-                    read_only = False  # nothing to read yet; create it
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except (duckdb.IOException, duckdb.ConnectionException) as exc:

@@ -70,3 +70,35 @@ def drop(folder: Path, name: str, content: str | bytes | list | dict, *, age: fl
     past = time.time() - age
     os.utime(path, (past, past))
     return path
+
+
+# ------------------------------------------------------------------ real Kafka broker
+
+from stream_sentinel.kafka_broker import BrokerError, KafkaBroker  # noqa: E402
+
+
+def start_broker(folder: Path) -> KafkaBroker:
+    broker = KafkaBroker(folder)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        # never a skip: CI must not pass without the Kafka tests having run
+        pytest.fail(f"cannot start the Kafka test broker: {exc}", pytrace=False)
+    return broker
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory) -> KafkaBroker:
+    """One real single-node KRaft broker for the whole session (topics are per test)."""
+    broker = start_broker(tmp_path_factory.mktemp("kafka"))
+    yield broker
+    broker.stop()
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        fut.result(30)
+    return name

@@ -1,0 +1,250 @@
+"""Label feedback: the public contract, exactly-once storage, and consensus labels.
+
+A feedback message (Kafka value, or one line of a ``feedback/*.jsonl`` file) is a JSON
+object ``{record_id, label, source, confidence (0..1, default 1), ts (ISO-8601)}``; the
+Kafka key, when present, must equal ``record_id``.
+
+Every message has a position ``(topic, partition, offset)`` — for a drop-folder file
+that is ``("file:<sha256>", 0, <line>)`` — and ``feedback_events`` is keyed by it, so a
+replayed range or a retried run adds nothing twice. Invalid messages go to
+``feedback_rejects`` (and, for Kafka, to the dead-letter topic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .records import parse_event_time
+from .store import Store
+
+
+
+@dataclass(frozen=True)
+class Position:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Event:
+    pos: Position
+    record_id: str
+    label: str
+    source: str
+    confidence: float
+    ts: datetime
+
+
+@dataclass(frozen=True)
+class Rejected:
+    pos: Position
+    key: str | None
+    raw: str
+    rule: str
+    error: str
+
+
+def validate(pos: Position, value: bytes | str | None, key: bytes | str | None,
+             allowed_labels: frozenset[str] | None) -> Event | Rejected:
+    """One message against the feedback contract."""
+    key_s = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    if isinstance(value, bytes):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejected(pos, key_s, value.decode("utf-8", "replace"), "not_utf8", "value is not UTF-8")
+    else:
+        text = value or ""
+
+    def bad(rule: str, error: str) -> Rejected:
+        return Rejected(pos, key_s, text, rule, error)
+
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        return bad("invalid_json", f"value is not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return bad("not_an_object", "value must be a JSON object")
+    rid = obj.get("record_id")
+    if not isinstance(rid, str) or not rid.strip():
+        return bad("bad_record_id", "record_id must be a non-empty string")
+    if key_s is not None and key_s != "" and key_s != rid:
+        return bad("key_mismatch", f"message key {key_s!r} differs from record_id {rid!r}")
+    label = obj.get("label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        return bad("bad_label", "label must be a string (or integer)")
+    label = str(label)
+    if allowed_labels is not None and label not in allowed_labels:
+        return bad("unknown_label", f"label {label!r} is not one of {sorted(allowed_labels)}")
+    source = obj.get("source", "unknown")
+    if not isinstance(source, str) or not source.strip():
+        return bad("bad_source", "source must be a non-empty string")
+    conf = obj.get("confidence", 1.0)
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not math.isfinite(conf):
+        return bad("bad_confidence", "confidence must be a number")
+    if not 0.0 <= conf <= 1.0:
+        return bad("confidence_out_of_range", f"confidence {conf} is outside 0..1")
+    try:
+        ts = parse_event_time(obj.get("ts"))
+    except ValueError as exc:
+        return bad("bad_ts", str(exc).replace("event_time", "ts"))
+    return Event(pos, rid, label, source, float(conf), ts)
+
+
+def write(store: Store, events: list[Event], rejects: list[Rejected], source_kind: str,
+          dlq_topic: str | None = None) -> tuple[int, int]:
+    """Insert idempotently; returns (new events, new rejects)."""
+    now = pd.Timestamp.now(tz="UTC")
+    with store.transaction() as con:
+        before_e = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]
+        before_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchall()[0][0]
+        if events:
+            df = pd.DataFrame({
+                "topic": [e.pos.topic for e in events],
+                "partition": np.array([e.pos.partition for e in events], dtype=np.int32),
+                "offset": np.array([e.pos.offset for e in events], dtype=np.int64),
+                "record_id": [e.record_id for e in events],
+                "label": [e.label for e in events],
+                "source": [e.source for e in events],
+                "confidence": np.array([e.confidence for e in events], dtype=np.float64),
+                "ts": pd.to_datetime([e.ts for e in events], utc=True),
+                "source_kind": source_kind,
+                "ingested_at": now,
+            })
+            con.register("fb_chunk", df)
+            con.execute("INSERT INTO feedback_events SELECT * FROM fb_chunk ON CONFLICT DO NOTHING")
+            con.unregister("fb_chunk")
+        if rejects:
+            con.executemany(
+                "INSERT INTO feedback_rejects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [[r.pos.topic, r.pos.partition, r.pos.offset, r.key, r.raw, r.rule, r.error, source_kind,
+                  dlq_topic, now] for r in rejects])
+        after_e = con.execute("SELECT count(*) FROM feedback_events").fetchone()[0]
+        after_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchone()[0]
+    return after_e - before_e, after_r - before_r
+
+
+def known_rejects(store: Store, topic: str, partition: int, start: int, end: int) -> set[int]:
+    with store.connect(read_only=True) as con:
+        return {r[0] for r in con.execute(
+            """SELECT "offset" FROM feedback_rejects WHERE topic = ? AND "partition" = ?
+               AND "offset" BETWEEN ? AND ?""", [topic, partition, start, end]).fetchall()}
+
+
+# ------------------------------------------------------------------------------ consensus
+
+
+@dataclass(frozen=True)
+class ConsensusConfig:
+    half_life_hours: float = 168.0  # a vote a week older than the record's newest vote counts half
+    prior_agree: float = 2.0  # Beta prior on a reviewer's reliability: 2/(2+1) = 0.67 before evidence
+    prior_disagree: float = 1.0
+    conflict_margin: float = 0.2  # (top - runner-up) / total below this -> conflict, held out
+    iterations: int = 5
+
+
+@dataclass
+class ConsensusResult:
+    labels: pd.DataFrame
+    reliability: pd.DataFrame
+
+
+def consensus(votes: pd.DataFrame, existing_records: Iterable[str], cfg: ConsensusConfig,
+              now: datetime | None = None) -> ConsensusResult:
+    """Weighted vote per record: reliability x confidence x temporal decay.
+
+    ``votes`` has record_id, label, source, confidence, ts, offset. A reviewer who changes
+    their mind is counted once, with their latest vote. Reliability is re-estimated from
+    agreement with the (non-conflicting) consensus, a few fixed-point iterations from the
+    prior, so a reviewer who keeps disagreeing with everyone else loses weight.
+    """
+    now = now or datetime.now(timezone.utc)
+    cols = ["record_id", "label", "weight", "margin", "n_votes", "n_reviewers", "conflict", "status",
+            "resolved_at", "last_vote_at"]
+    if votes.empty:
+        return ConsensusResult(pd.DataFrame(columns=cols),
+                               pd.DataFrame(columns=["source", "reliability", "n_votes", "n_scored", "n_agree"]))
+    v = votes.sort_values(["ts", "topic", "partition", "offset"]) if "topic" in votes else votes.sort_values("ts")
+    n_votes = v.groupby("record_id").size()
+    v = v.drop_duplicates(["record_id", "source"], keep="last").copy()
+    newest = v.groupby("record_id")["ts"].transform("max")
+    age_h = (newest - v["ts"]).dt.total_seconds() / 3600.0
+    v["base"] = v["confidence"] * np.power(0.5, age_h / cfg.half_life_hours)
+    prior = cfg.prior_agree / (cfg.prior_agree + cfg.prior_disagree)
+    rel = pd.Series(prior, index=v["source"].unique())
+    for _ in range(cfg.iterations):
+        v["w"] = v["base"] * v["source"].map(rel)
+        scores = v.groupby(["record_id", "label"])["w"].sum().unstack(fill_value=0.0)
+        top = scores.max(axis=1)
+        total = scores.sum(axis=1)
+        second = scores.apply(lambda r: np.sort(r.values)[-2] if len(r) > 1 else 0.0, axis=1)
+        margin = ((top - second) / total.where(total > 0, 1.0)).fillna(0.0)
+        winner = scores.idxmax(axis=1)
+        conflict = margin < cfg.conflict_margin
+        scored = v[~v["record_id"].map(conflict)]
+        agree = (scored["label"] == scored["record_id"].map(winner)).groupby(scored["source"]).sum()
+        n_scored = scored.groupby("source").size()
+        rel = ((agree.reindex(rel.index, fill_value=0) + cfg.prior_agree)
+               / (n_scored.reindex(rel.index, fill_value=0) + cfg.prior_agree + cfg.prior_disagree))
+    exists = set(existing_records)
+    out = pd.DataFrame({
+        "record_id": scores.index,
+        "label": winner.values,
+        "weight": (top / total.where(total > 0, 1.0)).values,
+        "margin": margin.values,
+        "n_votes": n_votes.reindex(scores.index).values.astype(int),
+        "n_reviewers": v.groupby("record_id")["source"].nunique().reindex(scores.index).values.astype(int),
+        "conflict": conflict.values,
+    })
+    out["last_vote_at"] = v.groupby("record_id")["ts"].max().reindex(scores.index).values
+    present = out["record_id"].isin(exists)
+    out["status"] = np.where(~present, "pending", np.where(out["conflict"], "conflict", "resolved"))
+    out["resolved_at"] = pd.Series(pd.Timestamp(now), index=out.index).where(present, pd.NaT)
+    reliability = pd.DataFrame({
+        "source": rel.index,
+        "reliability": rel.values,
+        "n_votes": v.groupby("source").size().reindex(rel.index, fill_value=0).values,
+        "n_scored": n_scored.reindex(rel.index, fill_value=0).values,
+        "n_agree": agree.reindex(rel.index, fill_value=0).values,
+    })
+    return ConsensusResult(out[cols], reliability)
+
+
+def resolve_labels(store: Store, cfg: ConsensusConfig) -> dict[str, int]:
+    """Recompute ``labels`` and ``reviewer_reliability`` from all feedback (idempotent)."""
+    with store.connect(read_only=True) as con:
+        votes = con.execute("""SELECT topic, "partition", "offset", record_id, label, source, confidence, ts
+                               FROM feedback_events""").df()
+        existing = [r[0] for r in con.execute(
+            "SELECT DISTINCT f.record_id FROM feedback_events f JOIN records r ON r.id = f.record_id").fetchall()]
+    result = consensus(votes, existing, cfg)
+    now = pd.Timestamp.now(tz="UTC")
+    with store.transaction() as con:
+        con.execute("DELETE FROM labels")
+        con.execute("DELETE FROM reviewer_reliability")
+        if len(result.labels):
+            con.register("lab", result.labels)
+            con.execute("INSERT INTO labels SELECT * FROM lab")
+            rel = result.reliability.assign(updated_at=now)
+            con.register("rel", rel)
+            con.execute("INSERT INTO reviewer_reliability SELECT * FROM rel")
+    lab = result.labels
+    digest = hashlib.sha256(lab.sort_values("record_id")[["record_id", "label", "status"]]
+                            .to_csv(index=False).encode()).hexdigest()[:16] if len(lab) else "empty"
+    return {
+        "data_version": digest,
+        "labels": int(len(lab)),
+        "resolved": int((lab["status"] == "resolved").sum()) if len(lab) else 0,
+        "conflict": int((lab["status"] == "conflict").sum()) if len(lab) else 0,
+        "pending": int((lab["status"] == "pending").sum()) if len(lab) else 0,
+        "reviewers": int(len(result.reliability)),
+    }

@@ -1,0 +1,244 @@
+"""Label feedback from a real Kafka broker: exactly once, whatever fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from types import SimpleNamespace
+
+import dagster as dg
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from resources import KafkaResource, StreamSentinelResource
+from sensors.feedback import build_feedback_sensors, evaluate_kafka
+from stream_sentinel import feedback as fb
+from stream_sentinel.config import Settings
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.store import Store
+
+from .conftest import create_topic, start_broker
+
+
+def vote(rid, label="spam", source="alice", confidence=1.0, ts="2024-05-01T12:00:00Z"):
+    return {"record_id": rid, "label": label, "source": source, "confidence": confidence, "ts": ts}
+
+
+def produce(bootstrap, topic, messages, keyed=True):
+    prod = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True})
+    for m in messages:
+        value = m if isinstance(m, (bytes, str)) else json.dumps(m)
+        key = m["record_id"] if keyed and isinstance(m, dict) and "record_id" in m else None
+        prod.produce(topic, value=value, key=key)
+        prod.poll(0)
+    assert prod.flush(60) == 0
+
+
+@pytest.fixture
+def topic(kafka_broker, monkeypatch):
+    bootstrap = kafka_broker.state().bootstrap
+    name = create_topic(bootstrap, f"fb-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TOPIC", name)
+    return name
+
+
+def tick(paths, instance, cursor=None, flush=False):
+    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home)),
+                             "kafka": KafkaResource()}) as res:
+        out = evaluate_kafka(res.sentinel, res.kafka, cursor, flush=flush)
+    if isinstance(out, dg.SkipReason):
+        return SimpleNamespace(run_requests=[], skip_message=out.skip_message, cursor=None)
+    return SimpleNamespace(run_requests=out.run_requests, skip_message=None, cursor=out.cursor)
+
+
+def execute(paths, instance, request):
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
+    result = job.execute_in_process(run_config=request.run_config, instance=instance, raise_on_error=False,
+                                    tags={"dagster/run_key": request.run_key})
+    assert result.success
+    return result
+
+
+def count(paths, table="feedback_events"):
+    with Store(paths.db).connect(read_only=True) as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+@pytest.mark.parametrize("value,key,rule", [
+    (b"{not json", None, "invalid_json"),
+    (b"\xff\xfe", None, "not_utf8"),
+    (json.dumps([1]), None, "not_an_object"),
+    (json.dumps(vote("")), None, "bad_record_id"),
+    (json.dumps(vote("r1")), "r2", "key_mismatch"),
+    (json.dumps(vote("r1", label="maybe")), None, "unknown_label"),
+    (json.dumps(vote("r1", label=True)), None, "bad_label"),
+    (json.dumps(vote("r1", confidence=1.5)), None, "confidence_out_of_range"),
+    (json.dumps(vote("r1", confidence="high")), None, "bad_confidence"),
+    (json.dumps(vote("r1", ts="soon")), None, "bad_ts"),
+])
+def test_feedback_contract_rejects_with_the_rule(value, key, rule):
+    item = fb.validate(fb.Position("t", 0, 5), value, key, frozenset({"spam", "ham"}))
+    assert isinstance(item, fb.Rejected) and item.rule == rule and item.pos.offset == 5
+
+
+def test_defaults_confidence_one():
+    item = fb.validate(fb.Position("t", 0, 0), json.dumps({"record_id": "a", "label": "ham", "source": "s",
+                                                          "ts": "2024-01-01T00:00:00Z"}), "a", None)
+    assert isinstance(item, fb.Event) and item.confidence == 1.0
+
+
+def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, instance, topic, kafka_broker):
+    bootstrap = kafka_broker.state().bootstrap
+    produce(bootstrap, topic, [vote(f"r{i}", "spam" if i % 2 else "ham", f"rev{i % 7}") for i in range(10_000)])
+    first = tick(paths, instance)
+    reqs = first.run_requests
+    assert sorted(r.run_key.split(":")[1] for r in reqs) == ["0", "1", "2"]
+    assert all(r.run_key.startswith(f"{topic}:") for r in reqs)
+    assert sum(int(r.tags["stream_sentinel/messages"]) for r in reqs) == 10_000
+    cursor = json.loads(first.cursor)
+    assert set(cursor) == {"0", "1", "2"} and sum(cursor.values()) == 10_000
+    # the run config carries the range, never payloads
+    assert all("record_id" not in json.dumps(r.run_config) for r in reqs)
+
+    # the daemon died before saving the cursor: the next tick asks for the very same runs
+    replay = tick(paths, instance, cursor=None)
+    assert [r.run_key for r in replay.run_requests] == [r.run_key for r in reqs]
+
+    for r in reqs:
+        execute(paths, instance, r)
+    assert count(paths) == 10_000
+    with Store(paths.db).connect(read_only=True) as con:
+        assert con.execute('SELECT count(DISTINCT (topic, "partition", "offset")) FROM feedback_events'
+                           ).fetchone()[0] == 10_000
+        lag = con.execute("SELECT sum(lag) FROM kafka_lag WHERE topic = ?", [topic]).fetchone()[0]
+    assert lag == 0
+
+    # re-executing every range (a retried run, a replayed range) adds nothing
+    for r in reqs:
+        result = execute(paths, instance, r)
+        mat = result.asset_materializations_for_node("feedback")[0]
+        assert mat.metadata["events_new"].value == 0
+    assert count(paths) == 10_000
+    # with everything done, even a lost cursor requests nothing
+    assert tick(paths, instance, cursor=None).run_requests == []
+    assert tick(paths, instance, cursor=first.cursor).run_requests == []
+
+
+def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance, topic, kafka_broker, monkeypatch):
+    bootstrap = kafka_broker.state().bootstrap
+    monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_BATCH", "50")
+    monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", "3600")
+    produce(bootstrap, topic, [vote(f"r{i}") for i in range(5)])
+    held = tick(paths, instance)
+    assert held.run_requests == [] and "waiting for the batch policy" in held.skip_message
+    flushed = tick(paths, instance, flush=True)
+    assert sum(int(r.tags["stream_sentinel/messages"]) for r in flushed.run_requests) == 5
+    monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", "0")
+    produce(bootstrap, topic, [vote("late")])
+    aged = tick(paths, instance, cursor=flushed.cursor)
+    assert [r.tags["stream_sentinel/messages"] for r in aged.run_requests] == ["1"]
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    from stream_sentinel import feedback_sources as fs
+    from stream_sentinel.kafka import KafkaSettings
+    from stream_sentinel.store import Store
+    fs.ingest_range(Store(sys.argv[1]), KafkaSettings(sys.argv[2]),
+                    fs.OffsetRange(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])),
+                    frozenset({"spam", "ham"}))
+""")
+
+
+@pytest.mark.parametrize("pause_at", ["feedback_before_write", "feedback_after_write"])
+def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, topic, kafka_broker, tmp_path,
+                                                              pause_at):
+    bootstrap = kafka_broker.state().bootstrap
+    produce(bootstrap, topic, [vote(f"r{i}") for i in range(300)] + [b"garbage"], keyed=False)
+    plan = tick(paths, instance)
+    (first, *rest) = plan.run_requests
+    cfg = first.run_config["ops"]["feedback"]["config"]
+    marker = tmp_path / "paused"
+    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": pause_at, "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(paths.db), bootstrap, cfg["topic"],
+                             str(cfg["partition"]), str(cfg["start_offset"]), str(cfg["end_offset"])], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for r in plan.run_requests:  # the retry, then the other partitions
+        execute(paths, instance, r)
+    assert count(paths) == 300
+    assert count(paths, "feedback_rejects") == 1
+
+
+def test_malformed_messages_reach_the_dlq_and_the_rejects_table(paths, instance, topic, kafka_broker):
+    bootstrap = kafka_broker.state().bootstrap
+    bad = [b"{oops", json.dumps(vote("r1", label="maybe")), json.dumps(vote("r2", confidence=7))]
+    produce(bootstrap, topic, [vote("ok1"), *bad, vote("ok2", label="ham")], keyed=False)
+    for r in tick(paths, instance, flush=True).run_requests:
+        execute(paths, instance, r)
+    assert count(paths) == 2
+    with Store(paths.db).connect(read_only=True) as con:
+        rules = sorted(r[0] for r in con.execute("SELECT rule FROM feedback_rejects").fetchall())
+    assert rules == ["confidence_out_of_range", "invalid_json", "unknown_label"]
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "dlq-reader", "auto.offset.reset": "earliest"})
+    cons.subscribe([f"{topic}.dlq"])
+    got = []
+    deadline = time.monotonic() + 60
+    while len(got) < 3 and time.monotonic() < deadline:
+        msg = cons.poll(1.0)
+        if msg is not None and msg.error() is None:
+            got.append(msg)
+    cons.close()
+    assert len(got) == 3
+    headers = [dict(m.headers()) for m in got]
+    assert sorted(h["rule"].decode() for h in headers) == rules
+    assert all(h["source_topic"].decode() == topic and h["error"] for h in headers)
+    assert sorted(m.value() for m in got) == sorted(b if isinstance(b, bytes) else b.encode() for b in bad)
+
+
+def test_broker_restart_mid_stream_loses_and_duplicates_nothing(paths, instance, tmp_path, monkeypatch):
+    broker = start_broker(tmp_path / "kafka-restart")
+    try:
+        bootstrap = broker.state().bootstrap
+        name = create_topic(bootstrap, "restart-topic")
+        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TOPIC", name)
+        produce(bootstrap, name, [vote(f"a{i}") for i in range(1500)])
+        first = tick(paths, instance)
+        execute(paths, instance, first.run_requests[0])  # one partition done before the outage
+        broker.kill()  # a crash, not a clean shutdown
+        down = tick(paths, instance, cursor=first.cursor)
+        assert down.run_requests == [] and "unreachable" in down.skip_message
+        broker.start()
+        for r in first.run_requests[1:]:
+            execute(paths, instance, r)
+        produce(bootstrap, name, [vote(f"b{i}") for i in range(1500)])
+        after = tick(paths, instance, cursor=first.cursor)
+        for r in after.run_requests:
+            execute(paths, instance, r)
+        assert count(paths) == 3000
+        with Store(paths.db).connect(read_only=True) as con:
+            assert con.execute("SELECT count(DISTINCT record_id) FROM feedback_events").fetchone()[0] == 3000
+    finally:
+        broker.stop()
+
+
+def test_sensor_definitions_skip_cleanly_without_kafka(paths, instance, monkeypatch):
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    result = tick(paths, instance)
+    assert "not configured" in result.skip_message
+    names = {s.name for s in build_feedback_sensors(Settings())}
+    assert names == {"feedback_kafka_sensor", "feedback_files_sensor"}
