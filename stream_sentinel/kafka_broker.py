@@ -174,8 +174,12 @@ class KafkaBroker:
                f"-Dlog4j2.configurationFile={self.root / 'log4j2.xml'}", "-cp", cp]
         if not (self.root / "data" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-                                 capture_output=True, text=True)
+            for attempt in range(2):  # a half-formatted folder from a killed attempt is wiped and redone
+                shutil.rmtree(self.root / "data", ignore_errors=True)
+                fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                                     capture_output=True, text=True)
+                if fmt.returncode == 0:
+                    break
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting the KRaft log dir failed (exit {fmt.returncode}):\n{fmt.stdout}{fmt.stderr}")
         log = open(self.root / "broker.log", "ab")
