@@ -298,6 +298,7 @@ def cmd_demo(args) -> int:
         return 0
     paths = Paths.from_env().ensure()
     if args.action == "feedback":
+        time.sleep(max(0.0, args.after))
         messages = demo.feedback_messages(labels_path, start=args.start, limit=args.limit,
                                           reviewers=args.reviewers, noise=args.noise, seed=args.seed)
         settings = Settings.from_env()
@@ -354,6 +355,11 @@ def cmd_up(args) -> int:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "replay", "--quiet",
              "--limit", str(args.demo_limit), "--rate", str(args.demo_rate), "--per-file", "50"], env=env))
+        # labels arrive after the records they describe: two simulated reviewers, a little noise
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "feedback", "--quiet", "--after", "20",
+             "--limit", str(args.demo_limit), "--rate", str(args.demo_rate * 2), "--per-file", "100",
+             "--reviewers", "2", "--noise", "0.05"], env=env))
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
@@ -442,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--reviewers", type=int, default=1, help="feedback: simulated reviewers per record")
     dd.add_argument("--noise", type=float, default=0.0, help="feedback: chance a reviewer flips the label")
     dd.add_argument("--seed", type=int, default=0, help="feedback: random seed for the reviewers")
+    dd.add_argument("--after", type=float, default=0.0, help="feedback: wait this many seconds first")
     dd.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
     dd.add_argument("--limit", type=int, default=None, help="how many records")
     dd.add_argument("--start", type=int, default=0, help="skip this many records first")

@@ -149,7 +149,10 @@ def ingest_range(store: Store, settings: kf.KafkaSettings, rng: OffsetRange,
         new_e, new_r = fb.write(store, events, rejects, "kafka", dlq)
         pause_point("feedback_after_write")
         kf.commit_for_lag(cons, rng.topic, rng.partition, rng.end + 1)
-        _, high = cons.get_watermark_offsets(_tp(rng.topic, rng.partition), timeout=10, cached=False)
+        # the high watermark the last fetch reported; ask the broker only if there was none
+        _, high = cons.get_watermark_offsets(_tp(rng.topic, rng.partition), cached=True)
+        if high < 0:
+            _, high = cons.get_watermark_offsets(_tp(rng.topic, rng.partition), timeout=10, cached=False)
     finally:
         cons.close()
     record_lag(store, rng.topic, rng.partition, high, rng.end + 1)

@@ -67,7 +67,8 @@ def consumer(settings: KafkaSettings, **extra):
 
     cfg = {**settings.client_config(), "group.id": GROUP_ID, "enable.auto.commit": False,
            "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
-           "enable.partition.eof": True, "fetch.min.bytes": 1, **extra}
+           "enable.partition.eof": True, "fetch.min.bytes": 1, "fetch.wait.max.ms": 50,
+           "queued.min.messages": 200_000, "max.partition.fetch.bytes": 8 << 20, **extra}
     return Consumer(cfg, logger=_quiet_logger())
 
 
