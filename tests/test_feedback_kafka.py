@@ -242,3 +242,31 @@ def test_sensor_definitions_skip_cleanly_without_kafka(paths, instance, monkeypa
     assert "not configured" in result.skip_message
     names = {s.name for s in build_feedback_sensors(Settings())}
     assert names == {"feedback_kafka_sensor", "feedback_files_sensor"}
+
+
+def test_cli_sends_to_kafka_and_run_once_flushes_it_into_status(paths, topic, kafka_broker, demo_records):
+    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)}
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", *args], capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert topic in cli("feedback", "send", "--record-id", demo_records[0]["id"], "--label", "spam",
+                        "--source", "alice", "--confidence", "0.7")
+    assert "40 feedback messages sent" in cli("demo-data", "feedback", "--limit", "20", "--reviewers", "2",
+                                              "--quiet")
+    summary = json.loads(cli("run", "--once").strip().splitlines()[-1])
+    assert summary["feedback_events"] == 41 and summary["feedback_rejects"] == 0
+    status = json.loads(cli("status", "--json"))
+    assert status["feedback_events"] == 41
+    assert status["labels"]["total"] == 20 and status["labels"]["pending"] == 20  # no records ingested yet
+    assert set(status["kafka_lag"]) <= {f"{topic}:{p}" for p in range(3)} and sum(status["kafka_lag"].values()) == 0
+    # offsets were committed to the consumer group, for lag dashboards
+    from confluent_kafka import TopicPartition
+
+    cons = Consumer({"bootstrap.servers": kafka_broker.state().bootstrap, "group.id": "stream-sentinel-feedback"})
+    committed = cons.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+    cons.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == 41
