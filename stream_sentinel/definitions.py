@@ -33,7 +33,12 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
         assets=all_assets,
         asset_checks=all_checks,
         jobs=all_jobs,
-        sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings)],
+        sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings),
+                 # declarative automation for the middle of the graph (vector_index after an
+                 # embeddings backfill, labels when late records land), on out of the box
+                 dg.AutomationConditionSensorDefinition(
+                     "automation_sensor", target=dg.AssetSelection.all(), minimum_interval_seconds=15,
+                     default_status=dg.DefaultSensorStatus.RUNNING)],
         resources={
             "sentinel": StreamSentinelResource(home=home),
             "embedder": EmbedderResource(),

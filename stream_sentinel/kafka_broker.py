@@ -264,17 +264,37 @@ def _answers(bootstrap: str) -> bool:
         return False
 
 
-def default_dir() -> Path:
-    return cache_root() / "kafka-run"
+POINTER = "kafka-broker.json"  # in the cache: where the script's default broker lives
+
+
+def default_dir(create: bool) -> Path | None:
+    """The script's broker lives in a temp folder; a pointer in the cache finds it again."""
+    pointer = cache_root() / POINTER
+    try:
+        folder = Path(json.loads(pointer.read_text())["dir"])
+        if folder.exists():
+            return folder
+    except (FileNotFoundError, KeyError, ValueError):
+        pass
+    if not create:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="stream-sentinel-kafka-"))
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"dir": str(folder)}))
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kafka-broker", description="a local single-node Kafka (KRaft) on 127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    p.add_argument("--dir", default=None, help=f"broker folder (default {default_dir()})")
+    p.add_argument("--dir", default=None, help="broker folder, kept on stop (default: a temp folder, removed on stop)")
     p.add_argument("--port", type=int, default=None, help="listener port (default: a free one, kept across restarts)")
     args = p.parse_args(argv)
-    broker = KafkaBroker(args.dir or default_dir(), args.port)
+    folder = Path(args.dir) if args.dir else default_dir(create=args.action in ("start", "fetch"))
+    if folder is None:
+        print("not running" if args.action == "stop" else json.dumps({"running": False}))
+        return 0 if args.action == "stop" else 1
+    broker = KafkaBroker(folder, args.port)
     try:
         if args.action == "fetch":
             print(resolve_jars(quiet=False))
@@ -283,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             print(broker.start())
         elif args.action == "stop":
             print("stopped" if broker.stop() else "not running")
+            if not args.dir:  # the default broker's data is disposable
+                shutil.rmtree(folder, ignore_errors=True)
+                (cache_root() / POINTER).unlink(missing_ok=True)
         else:
             st = broker.state()
             up = bool(st and _alive(st.pid) and _answers(st.bootstrap))

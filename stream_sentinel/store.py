@@ -212,8 +212,10 @@ class Store:
         deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
         delay = 0.02
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if read_only and not self._schema_ready:
-            read_only = False  # first use in this process: make sure every table exists
+        # Always open read-write: DuckDB refuses a read-only and a read-write handle on the same
+        # file inside one process (sensor threads, in-process runs), and across processes the
+        # lock wait below serializes access anyway. `read_only` documents intent for callers.
+        read_only = False
         while True:
             try:
                 con = duckdb.connect(str(self.path), read_only=read_only)

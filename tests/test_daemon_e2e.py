@@ -86,9 +86,30 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
 
     status = Store(paths.db).status()
     assert (status["records"], status["rejected_records"], status["duplicate_files"]) == (90, 1, 1)
+
+    # feedback through the drop folder: one vote for a record that has not arrived yet
+    votes = [{"record_id": r["id"], "label": "spam", "source": "alice", "ts": "2024-01-01T00:00:00Z"}
+             for r in first[:3]] + [{"record_id": "late-1", "label": "ham", "source": "alice",
+                                     "ts": "2024-01-01T00:00:00Z"}]
+    drop(paths.feedback, "votes.jsonl", "".join(json.dumps(v) + "\n" for v in votes), age=0)
+
+    def label_status():
+        with Store(paths.db).connect(read_only=True) as con:
+            return dict(con.execute("SELECT record_id, status FROM labels").fetchall())
+
+    _wait_for(lambda: label_status().get("late-1") == "pending", "labels with late-1 pending", log)
+    assert sum(v == "resolved" for v in label_status().values()) == 3
+    # the record lands later; declarative automation re-resolves labels after raw_records
+    drop(paths.raw, "late.jsonl", [{"id": "late-1", "text": "arrived after its label",
+                                    "event_time": "2024-01-01T00:00:00Z"}], age=0)
+    _wait_for(lambda: label_status().get("late-1") == "resolved", "late-1 resolved by automation", log)
     # Dagster's own record of it: sensor-launched runs with our run keys, all successful
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         runs = _wait_for(lambda: [r for r in instance.get_runs() if r.is_finished] or None, "finished runs", log)
         assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
-        assert all(r.tags.get("dagster/run_key", "").startswith("raw:") for r in runs)
-        assert all(r.tags.get("dagster/sensor_name") == "raw_files_sensor" for r in runs)
+        ingest_runs = [r for r in runs if r.job_name == "ingest_job"]
+        assert len(ingest_runs) >= 3
+        assert all(r.tags.get("dagster/run_key", "").startswith("raw:") for r in ingest_runs)
+        assert all(r.tags.get("dagster/sensor_name") == "raw_files_sensor" for r in ingest_runs)
+        feedback_runs = [r for r in runs if r.job_name == "feedback_job"]
+        assert [r.tags.get("dagster/sensor_name") for r in feedback_runs] == ["feedback_files_sensor"]

@@ -270,3 +270,17 @@ def test_cli_sends_to_kafka_and_run_once_flushes_it_into_status(paths, topic, ka
     committed = cons.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
     cons.close()
     assert sum(max(tp.offset, 0) for tp in committed) == 41
+
+
+def test_kafka_secrets_are_env_var_references_and_never_printed(monkeypatch):
+    from stream_sentinel.definitions import kafka_resource
+    from stream_sentinel.kafka import KafkaSettings, redacted
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2-secret")
+    res = kafka_resource()
+    assert isinstance(res.sasl_password, dg.EnvVar) and res.sasl_password.env_var_name == "KAFKA_SASL_PASSWORD"
+    assert "hunter2" not in repr(res)
+    settings = KafkaSettings.from_env()
+    assert "hunter2" not in repr(settings)
+    assert redacted(settings.client_config())["sasl.password"] == "***"
