@@ -154,7 +154,8 @@ def vector_index(
 ingest_job = dg.define_asset_job(
     "ingest_job",
     # labels rides along so that feedback waiting for these records resolves in the same run
-    selection=dg.AssetSelection.assets(raw_records, embeddings, vector_index) | dg.AssetSelection.assets("labels"),
-    description="One micro-batch: new files -> records -> embeddings -> index, and pending labels resolved "
-    "(launched by raw_files_sensor).",
+    selection=dg.AssetSelection.assets(raw_records, embeddings, vector_index)
+    | dg.AssetSelection.assets("labels", "predictions"),
+    description="One micro-batch: new files -> records -> embeddings -> index; pending labels resolved and "
+    "the new records scored by the champion (launched by raw_files_sensor).",
 )

@@ -15,6 +15,7 @@ from pydantic import PrivateAttr
 from stream_sentinel.config import Paths, Settings
 from stream_sentinel.embedding import Embedder, model_dimension, model_id, resolve_model_path
 from stream_sentinel.index import IndexStore
+from stream_sentinel.registry import ModelRegistry
 from stream_sentinel.store import Store
 
 
@@ -56,6 +57,9 @@ class StreamSentinelResource(dg.ConfigurableResource):
 
     def index_store(self) -> IndexStore:
         return IndexStore(self._paths.index, keep_backups=self._settings.keep_backups)
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self._paths.models, self.store())
 
 
 class EmbedderResource(dg.ConfigurableResource):

@@ -1,6 +1,7 @@
-"""Sensors: only where outside events arrive (files in raw/, Kafka feedback, feedback files)."""
+"""Sensors: only where outside events arrive (files in raw/, Kafka feedback, feedback files) and the retrain policy."""
 
 from .feedback import build_feedback_sensors
 from .raw_files import build_raw_files_sensor
+from .training import build_retrain_sensor
 
-__all__ = ["build_feedback_sensors", "build_raw_files_sensor"]
+__all__ = ["build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor"]

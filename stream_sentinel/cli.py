@@ -68,6 +68,10 @@ def collect_status(paths: Paths) -> dict:
         out["labels"]["total"] = sum(out["labels"].values())
         out["kafka_lag"] = {f"{t}:{p}": lag for t, p, lag in con.execute(
             'SELECT topic, "partition", lag FROM kafka_lag ORDER BY 1, 2').fetchall()}
+    from .learning import learning_metrics
+    from .registry import ModelRegistry
+
+    out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())
     return out
 
 
@@ -165,8 +169,8 @@ def cmd_run(args) -> int:
                 feedback_requests += [(sensor_name, r) for r in outcome.run_requests]
             elif "not configured" not in outcome.skip_message and "no new" not in outcome.skip_message:
                 _err(f"{sensor_name}: {outcome.skip_message}")
-    if not batches and not catch_up and not feedback_requests:
-        print("nothing to do: no new files or feedback")
+    if not batches and not catch_up and not feedback_requests and not _training_due(settings):
+        print("nothing to do: no new files, feedback or labels")
         return 0
     defs = build_definitions(settings)
     ingest_job = defs.resolve_job_def("ingest_job")
@@ -208,10 +212,28 @@ def cmd_run(args) -> int:
             tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: sensor_name}
             report(feedback_job.execute_in_process(run_config={**req.run_config, **_console("INFO")},
                                                    instance=instance, tags=tags, raise_on_error=False))
+        # new labels (from the feedback just ingested) -> one training run, flushed like the feedback
+        if _training_due(settings):
+            n += 1
+            _err(f"[{n}/{total + 1}] training on new labels")
+            training_job = defs.resolve_job_def("training_job")
+            report(training_job.execute_in_process(run_config=_console("INFO"), instance=instance,
+                                                   raise_on_error=False))
     st = collect_status(paths)
     print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
-                                         "rejected_records", "feedback_events", "feedback_rejects", "labels")}))
+                                         "rejected_records", "feedback_events", "feedback_rejects", "labels")}
+                     | {"champion": st["learning"]["current_model"]}))
     return 1 if failed else 0
+
+
+def _training_due(settings: Settings) -> bool:
+    import dagster as dg
+
+    from resources import StreamSentinelResource
+    from sensors.training import evaluate_retrain
+
+    with dg.build_resources({"sentinel": StreamSentinelResource()}) as res:
+        return isinstance(evaluate_retrain(res.sentinel, flush=True), dg.RunRequest)
 
 
 # ------------------------------------------------------------------------------ feedback
@@ -256,6 +278,74 @@ def cmd_feedback(args) -> int:
         return 2
     print(f"sent to {send_feedback([msg], settings, paths)}")
     return 0
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def cmd_model(args) -> int:
+    from .registry import ModelRegistry
+    from .store import Store
+
+    paths = Paths.from_env().ensure()
+    store = Store(paths.db)
+    registry = ModelRegistry(paths.models, store)
+    champion = registry.reconcile()
+    action = args.model_command
+    if action == "list":
+        rows = [v.as_json() for v in registry.list()]
+
+        def human(rs):
+            if not rs:
+                print("no model versions yet")
+            for r in rs:
+                score = r["metrics"].get("valid", {}).get("roc_auc")
+                print(f"{r['version']}  {r['semver']:<8} {r['status']:<10} {r['strategy']:<11} "
+                      f"parent={r['parent'] or '-':<8} valid_auc={score if score is None else round(score, 4)}")
+
+        _emit(rows, args.json, human)
+        return 0
+    if action == "show":
+        v = registry.get(args.version or champion or "")
+        if v is None:
+            _err("no such model version (and no champion yet)")
+            return 1
+        _emit(v.as_json(), args.json, lambda d: print(json.dumps(d, indent=2, default=str)))
+        return 0
+    if action == "promote":
+        if registry.get(args.version) is None:
+            _err(f"no model version {args.version}")
+            return 1
+        registry.promote(args.version, None, "manual promotion")
+        _emit({"champion": args.version, "previous": champion}, args.json,
+              lambda d: print(f"champion is now {d['champion']} (was {d['previous']})"))
+        return 0
+    if action == "rollback":
+        try:
+            to = registry.rollback(args.to)
+        except (RuntimeError, KeyError) as exc:
+            _err(str(exc))
+            return 1
+        _emit({"champion": to, "previous": champion}, args.json,
+              lambda d: print(f"rolled back to {d['champion']} (was {d['previous']})"))
+        return 0
+    if action == "retrain":
+        import dagster as dg
+
+        from .definitions import build_definitions
+
+        job = build_definitions().resolve_job_def("training_job")
+        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+        with instance:
+            result = job.execute_in_process(
+                run_config={"ops": {"model": {"config": {"full": bool(args.full)}}}, **_console("INFO")},
+                instance=instance, raise_on_error=False)
+        after = registry.reconcile()
+        _emit({"success": result.success, "champion": after, "previous": champion}, args.json,
+              lambda d: print(f"{'ok' if d['success'] else 'candidate rejected or run failed'}; "
+                              f"champion {d['champion']}"))
+        return 0 if result.success else 1
+    return 2
 
 
 # ------------------------------------------------------------------------------ check
@@ -435,6 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--source", default="cli")
     send.add_argument("--confidence", type=float, default=1.0)
     send.set_defaults(func=cmd_feedback)
+
+    mp = sub.add_parser("model", help="model versions: list, show, promote, rollback, retrain")
+    msub = mp.add_subparsers(dest="model_command", required=True)
+    for name, helptext in (("list", "every version with parent, status, strategy, metrics"),
+                           ("show", "one version (default: the champion)"), ("promote", "make a version champion"),
+                           ("rollback", "back to the previous champion, or --to VERSION"),
+                           ("retrain", "train a candidate now (continued, or --full)")):
+        sp = msub.add_parser(name, help=helptext)
+        sp.add_argument("--json", action="store_true")
+        if name in ("show", "promote"):
+            sp.add_argument("version", nargs="?" if name == "show" else None)
+        if name == "rollback":
+            sp.add_argument("--to", default=None)
+        if name == "retrain":
+            sp.add_argument("--full", action="store_true")
+        sp.set_defaults(func=cmd_model)
 
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
     ck.add_argument("--json", action="store_true")

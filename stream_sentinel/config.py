@@ -99,6 +99,14 @@ class Settings:
     consensus_half_life_h: float = 168.0
     consensus_conflict_margin: float = 0.2
     reliability_prior: str = "2,1"  # Beta(agree, disagree) prior on each reviewer's reliability
+    positive_label: str = "spam"
+    valid_share: float = 0.2
+    golden_share: float = 0.1
+    promotion_metric: str = "roc_auc"  # roc_auc | f1 | log_loss
+    promotion_margin: float = 0.01
+    retrain_min_labels: int = 50
+    retrain_max_wait_s: float = 600.0
+    replay_size: int = 500
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -121,6 +129,14 @@ class Settings:
             consensus_half_life_h=_env_num("STREAM_SENTINEL_CONSENSUS_HALF_LIFE_HOURS", d.consensus_half_life_h),
             consensus_conflict_margin=_env_num("STREAM_SENTINEL_CONFLICT_MARGIN", d.consensus_conflict_margin),
             reliability_prior=os.environ.get("STREAM_SENTINEL_RELIABILITY_PRIOR") or d.reliability_prior,
+            positive_label=os.environ.get("STREAM_SENTINEL_POSITIVE_LABEL") or d.positive_label,
+            valid_share=_env_num("STREAM_SENTINEL_VALID_SHARE", d.valid_share),
+            golden_share=_env_num("STREAM_SENTINEL_GOLDEN_SHARE", d.golden_share),
+            promotion_metric=os.environ.get("STREAM_SENTINEL_PROMOTION_METRIC") or d.promotion_metric,
+            promotion_margin=_env_num("STREAM_SENTINEL_PROMOTION_MARGIN", d.promotion_margin),
+            retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
+            retrain_max_wait_s=_env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
+            replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
         )
 
     @property

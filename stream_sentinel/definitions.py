@@ -13,7 +13,7 @@ import dagster as dg
 
 from assets import all_assets, all_checks, all_jobs
 from resources import EmbedderResource, KafkaResource, StreamSentinelResource
-from sensors import build_feedback_sensors, build_raw_files_sensor
+from sensors import build_feedback_sensors, build_raw_files_sensor, build_retrain_sensor
 from stream_sentinel.config import Settings
 
 
@@ -33,7 +33,7 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
         assets=all_assets,
         asset_checks=all_checks,
         jobs=all_jobs,
-        sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings),
+        sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings), build_retrain_sensor(settings),
                  # declarative automation for the middle of the graph (vector_index after an
                  # embeddings backfill, labels when late records land), on out of the box
                  dg.AutomationConditionSensorDefinition(

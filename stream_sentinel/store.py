@@ -188,6 +188,70 @@ CREATE TABLE IF NOT EXISTS reviewer_reliability (
     n_agree BIGINT NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL
 );
+
+-- model lineage: a training set is identified by the hash of its label set
+CREATE TABLE IF NOT EXISTS training_sets (
+    data_version VARCHAR PRIMARY KEY,
+    embedding_model_id VARCHAR NOT NULL,
+    positive_label VARCHAR NOT NULL,
+    n_train BIGINT NOT NULL,
+    n_valid BIGINT NOT NULL,
+    n_golden BIGINT NOT NULL,
+    label_counts JSON,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS training_set_rows (
+    data_version VARCHAR NOT NULL,
+    record_id VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    split VARCHAR NOT NULL,              -- train | valid | golden
+    PRIMARY KEY (data_version, record_id)
+);
+CREATE TABLE IF NOT EXISTS model_versions (
+    version VARCHAR PRIMARY KEY,
+    semver VARCHAR NOT NULL,
+    parent_version VARCHAR,
+    status VARCHAR NOT NULL,             -- candidate | champion | challenger | rejected | archived
+    strategy VARCHAR NOT NULL,           -- full | incremental
+    params JSON,
+    metrics JSON,
+    training_samples BIGINT NOT NULL,
+    training_set_version VARCHAR NOT NULL,
+    embedding_model_id VARCHAR NOT NULL,
+    path VARCHAR NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    promoted_at TIMESTAMPTZ,
+    promoted_score DOUBLE,
+    reason VARCHAR
+);
+CREATE SEQUENCE IF NOT EXISTS learning_event_seq START 1;
+CREATE TABLE IF NOT EXISTS learning_events (
+    event_id BIGINT PRIMARY KEY DEFAULT nextval('learning_event_seq'),
+    event_type VARCHAR NOT NULL,         -- update | update_failed | promotion | rejection | rollback | ab_decision
+    model_version VARCHAR,
+    batch_size BIGINT,
+    samples_processed BIGINT,
+    metrics_before JSON,
+    metrics_after JSON,
+    improvement DOUBLE,
+    duration_ms DOUBLE,
+    detail JSON,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    record_id VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    role VARCHAR NOT NULL,               -- champion | challenger (shadow)
+    probability DOUBLE NOT NULL,
+    label VARCHAR NOT NULL,
+    scored_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (record_id, model_version)
+);
+-- what the serving model says about each record (follows promotions and rollbacks)
+CREATE OR REPLACE VIEW current_predictions AS
+    SELECT p.* FROM predictions p JOIN model_versions m ON m.version = p.model_version
+    WHERE m.status = 'champion';
 """
 
 

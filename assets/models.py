@@ -1,0 +1,120 @@
+"""labels -> training_set -> model (candidate) -> [candidate_beats_champion] -> champion -> predictions."""
+
+import dagster as dg
+from pydantic import Field
+
+from resources import EmbedderResource, StreamSentinelResource
+from stream_sentinel import learning
+from stream_sentinel.models import TrainParams, load_training_set
+
+from .feedback import labels
+from .ingest import embeddings
+
+
+class ModelConfig(dg.Config):
+    full: bool = Field(False, description="retrain from scratch instead of continuing the champion")
+
+
+def _latest_meta(context, key: str) -> dict:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+
+
+@dg.asset(deps=[labels, embeddings], group_name="learning", kinds={"duckdb"},
+          description="Resolved labels joined with records and current embeddings, split into train, a "
+          "time-based validation slice (latest share) and a fixed golden slice; named by the hash of its "
+          "label set, which every model version references.")
+def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource,
+                 embedder: EmbedderResource) -> dg.MaterializeResult:
+    s = sentinel.settings
+    store = sentinel.store()
+    ts = load_training_set(store, embedder.model_id, s.positive_label, s.valid_share, s.golden_share)
+    learning.persist_training_set(store, ts, embedder.model_id)
+    counts = ts.frame["split"].value_counts().to_dict()
+    return dg.MaterializeResult(
+        metadata={"data_version": ts.data_version, "rows": len(ts.frame), "train": counts.get("train", 0),
+                  "valid": counts.get("valid", 0), "golden": counts.get("golden", 0),
+                  "positive_label": s.positive_label, "positives": int(ts.frame["y"].sum()),
+                  "embedding_model_id": embedder.model_id},
+        data_version=dg.DataVersion(ts.data_version))
+
+
+@dg.asset(deps=[training_set], group_name="learning", kinds={"lightgbm"},
+          check_specs=[dg.AssetCheckSpec(
+              "candidate_beats_champion", asset="model", blocking=True,
+              description="non-inferiority of the candidate against the champion on the validation slice "
+              "(paired bootstrap); a failing candidate is rejected and the champion stays")],
+          description="A candidate model version: continued from the champion (init_model) on the new labels "
+          "plus a replay sample, or a full retrain (first version, `full: true`, or when continuing fails).")
+def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: StreamSentinelResource,
+          embedder: EmbedderResource):
+    s = sentinel.settings
+    store = sentinel.store()
+    registry = sentinel.registry()
+    version = _latest_meta(context, "training_set")["data_version"]
+    ts = learning.training_set_for_version(store, version, embedder.model_id)
+    res = learning.train_candidate(registry, store, ts, embedder.model_id,
+                                   TrainParams(replay=s.replay_size), full=config.full)
+    cand = res.version
+    meta = {"candidate": cand.version if cand else "", "strategy": res.strategy, "reason": res.reason,
+            "training_set_version": version, "batch_size": res.batch_size, "duration_s": round(res.seconds, 3)}
+    if cand:
+        meta.update({"semver": cand.semver, "parent": cand.parent_version or "", "sha256": cand.sha256,
+                     "path": dg.MetadataValue.path(cand.path)})
+        meta.update({f"valid_{k}": v for k, v in cand.metrics.get("valid", {}).items()})
+    context.log.info(f"candidate: {meta['candidate'] or 'none'} ({res.strategy}: {res.reason})")
+    yield dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(cand.sha256[:16] if cand else "none"))
+    if cand is None:
+        yield dg.AssetCheckResult(check_name="candidate_beats_champion", passed=True,
+                                  description=f"no candidate: {res.reason}")
+        return
+    verdict = learning.judge(registry, store, cand.version, s.promotion_metric, s.promotion_margin)
+    if not verdict.passed:
+        registry.reject(cand.version, verdict.reason)
+        registry.event("rejection", cand.version, reason=verdict.reason, champion=registry.champion_version())
+    yield dg.AssetCheckResult(
+        check_name="candidate_beats_champion", passed=verdict.passed, description=verdict.reason,
+        metadata={"candidate": cand.version, "metric": verdict.metric, "candidate_score": verdict.candidate_score,
+                  "champion_score": verdict.champion_score if verdict.champion_score is not None else float("nan"),
+                  "diff": verdict.diff if verdict.diff is not None else float("nan"),
+                  "ci_low": verdict.ci_low if verdict.ci_low is not None else float("nan"),
+                  "margin": verdict.margin})
+
+
+@dg.asset(deps=[model], group_name="learning", kinds={"lightgbm"},
+          description="The serving model: the candidate of this run, promoted atomically once "
+          "candidate_beats_champion passed (the check blocks this step otherwise).")
+def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) -> dg.MaterializeResult:
+    registry = sentinel.registry()
+    cand = _latest_meta(context, "model").get("candidate", "")
+    current = registry.reconcile()
+    v = registry.get(cand) if cand else None
+    if v is not None and v.status == "candidate":
+        registry.promote(cand, v.metrics.get("valid", {}).get(sentinel.settings.promotion_metric),
+                         "passed candidate_beats_champion")
+        context.log.info(f"promoted {cand} (was {current})")
+        current = cand
+    champ = registry.get(current) if current else None
+    return dg.MaterializeResult(
+        metadata={"champion": current or "", "semver": champ.semver if champ else "",
+                  "parent": (champ.parent_version or "") if champ else "",
+                  "training_set_version": champ.training_set_version if champ else "",
+                  "promoted": bool(v is not None and current == cand)},
+        data_version=dg.DataVersion(current or "none"))
+
+
+@dg.asset(deps=[champion, embeddings], group_name="learning", kinds={"duckdb"},
+          description="The champion's probability and label for every record it has not scored yet "
+          "(table `predictions`, keyed by record and model version).")
+def predictions(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource,
+                embedder: EmbedderResource) -> dg.MaterializeResult:
+    registry = sentinel.registry()
+    n = learning.score_new_records(registry, sentinel.store(), embedder.model_id)
+    return dg.MaterializeResult(metadata={"scored": n, "model_version": registry.champion_version() or ""})
+
+
+training_job = dg.define_asset_job(
+    "training_job", selection=[training_set, model, champion, predictions],
+    description="labels -> training_set -> candidate -> gated promotion -> predictions.")

@@ -1,0 +1,39 @@
+"""retrain_sensor: the micro-batch policy that turns new labels into a training run.
+
+A run starts when at least N resolved labels are not yet in the newest training set, or
+some are and that set is older than T. The run key names the label set, so the same
+labels never train twice however often the sensor ticks.
+"""
+
+import dagster as dg
+
+from assets.models import training_job
+from resources import StreamSentinelResource
+from stream_sentinel import learning
+from stream_sentinel.config import Settings
+from stream_sentinel.store import StoreBusy
+
+
+def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False) -> dg.RunRequest | dg.SkipReason:
+    s = sentinel.settings
+    try:
+        store = sentinel.store(lock_timeout_s=20)
+        new, age = learning.new_labels_since_last_training(store)
+        digest = learning.resolved_labels_digest(store)
+    except StoreBusy:
+        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    due = new >= s.retrain_min_labels or (new > 0 and (flush or (age is not None and age >= s.retrain_max_wait_s)))
+    if not due:
+        return dg.SkipReason(f"{new} new label(s); waiting for {s.retrain_min_labels} or "
+                             f"{s.retrain_max_wait_s:.0f}s since the last training set")
+    return dg.RunRequest(run_key=f"train:{digest}", tags={"stream_sentinel/new_labels": str(new)})
+
+
+def build_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
+    @dg.sensor(name="retrain_sensor", job=training_job, minimum_interval_seconds=max(15, settings.sensor_interval_s),
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="New resolved labels (>= N, or any after T seconds) -> training_job.")
+    def retrain_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
+        return evaluate_retrain(sentinel)
+
+    return retrain_sensor

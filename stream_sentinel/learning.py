@@ -1,0 +1,260 @@
+"""One learning step: persist a training set, train a candidate, judge it, score records.
+
+Each function is what one Dagster asset or check does, kept here so that the CLI, the
+benchmarks and the tests run exactly the product's code path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .models import (HIGHER_IS_BETTER, FeatureSpec, Reference, TrainingSet, TrainParams, fit_feature_spec,
+                     frame_features, load_training_set, metrics, paired_bootstrap, params_dict, train_continued,
+                     train_full)
+from .registry import ModelRegistry, Version
+from .store import Store
+
+
+def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str) -> None:
+    f = ts.frame
+    counts = f["label"].value_counts().to_dict()
+    with store.transaction() as con:
+        if con.execute("SELECT count(*) FROM training_sets WHERE data_version = ?", [ts.data_version]).fetchall()[0][0]:
+            return
+        con.execute("INSERT INTO training_sets VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+                    [ts.data_version, embedding_model_id, ts.positive_label, int((f["split"] == "train").sum()),
+                     int((f["split"] == "valid").sum()), int((f["split"] == "golden").sum()), json.dumps(counts)])
+        con.register("tsrows", pd.DataFrame({"data_version": ts.data_version, "record_id": f["record_id"],
+                                             "label": f["label"], "split": f["split"]}))
+        con.execute("INSERT INTO training_set_rows SELECT * FROM tsrows")
+
+
+def training_set_for_version(store: Store, data_version: str, embedding_model_id: str) -> TrainingSet:
+    """Exactly the rows a training set version named, joined with their features and vectors."""
+    with store.connect(read_only=True) as con:
+        pos = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
+                          [data_version]).fetchall()
+        if not pos:
+            raise KeyError(f"no training set {data_version}")
+        table = con.sql(
+            """SELECT t.record_id, t.label, t.split, r.event_time, r.features, e.vector
+               FROM training_set_rows t JOIN records r ON r.id = t.record_id
+               JOIN embeddings e ON e.record_id = t.record_id AND e.model_id = ?
+               WHERE t.data_version = ? ORDER BY r.event_time, t.record_id""",
+            params=[embedding_model_id, data_version]).to_arrow_table()
+    positive = pos[0][0]
+    df = pd.DataFrame({"record_id": table.column("record_id").to_pylist(), "label": table.column("label").to_pylist(),
+                       "split": table.column("split").to_pylist(),
+                       "event_time": table.column("event_time").to_pandas(),
+                       "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
+    if len(df):
+        dim = len(table.column("vector")[0])
+        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        df["vector"] = list(np.asarray(flat, dtype=np.float32).reshape(len(df), dim))
+    else:
+        df["vector"] = []
+    df["y"] = (df["label"] == positive).astype(int)
+    return TrainingSet(data_version, df, positive)
+
+
+@dataclass
+class CandidateResult:
+    version: Version | None
+    strategy: str
+    reason: str
+    batch_size: int = 0
+    seconds: float = 0.0
+
+
+def _prior_ids(store: Store, data_version: str) -> set[str]:
+    with store.connect(read_only=True) as con:
+        return {r[0] for r in con.execute("SELECT record_id FROM training_set_rows WHERE data_version = ?",
+                                          [data_version]).fetchall()}
+
+
+def predict(booster, spec: FeatureSpec, frame: pd.DataFrame, ref: Reference) -> np.ndarray:
+    if not len(frame):
+        return np.zeros(0)
+    return booster.predict(frame_features(spec, frame, ref, leave_one_out=False))
+
+
+def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embedding_model_id: str,
+                    params: TrainParams, full: bool = False) -> CandidateResult:
+    """Continue the champion on the new labels plus a replay sample, or train from scratch."""
+    started = time.perf_counter()
+    train = ts.split("train")
+    if train["y"].nunique() < 2:
+        return CandidateResult(None, "none", "the training split needs both classes")
+    champion = registry.reconcile()
+    parent = registry.get(champion) if champion else None
+    ref = Reference.from_frame(train)
+    booster = spec = None
+    strategy, batch = "full", train
+    if parent is not None and not full and parent.embedding_model_id == embedding_model_id:
+        seen = _prior_ids(store, parent.training_set_version)
+        new = train[~train["record_id"].isin(seen)]
+        if new.empty:
+            return CandidateResult(None, "none", f"no new labels since {parent.version}")
+        old = train[train["record_id"].isin(seen)]
+        replay = old.sample(n=min(params.replay, len(old)), random_state=params.seed) if len(old) else old
+        batch = pd.concat([new, replay])
+        try:
+            parent_booster, spec = registry.load(parent.version)
+            X = frame_features(spec, batch, ref, leave_one_out=True)
+            booster = train_continued(parent_booster, X, batch["y"].to_numpy(), spec.names, params)
+            strategy = "incremental"
+        except Exception as exc:  # continued training failed: fall back to a full retrain
+            registry.event("update_failed", parent.version, batch_size=len(batch), error=repr(exc)[:500])
+            booster, batch = None, train
+    if booster is None:
+        spec = fit_feature_spec(train, seed=params.seed)
+        X = frame_features(spec, train, ref, leave_one_out=True)
+        booster = train_full(X, train["y"].to_numpy(), spec.names, params)
+    valid, golden = ts.split("valid"), ts.split("golden")
+    m = {"valid": metrics(valid["y"].to_numpy(), predict(booster, spec, valid, ref)),
+         "golden": metrics(golden["y"].to_numpy(), predict(booster, spec, golden, ref))}
+    version = registry.save(booster, spec, parent=parent.version if parent else None, strategy=strategy,
+                            params=params_dict(params), metrics=m, training_samples=len(batch),
+                            training_set_version=ts.data_version, embedding_model_id=embedding_model_id)
+    seconds = time.perf_counter() - started
+    before = parent.metrics.get("valid") if parent else None
+    after = m["valid"]
+    improvement = (after.get("roc_auc", np.nan) - before.get("roc_auc", np.nan)) if before else None
+    registry.event("update", version.version, batch_size=len(batch), samples=len(batch), before=before, after=after,
+                   improvement=None if improvement is None or np.isnan(improvement) else float(improvement),
+                   duration_ms=round(seconds * 1000, 1), strategy=strategy, parent=parent.version if parent else None)
+    return CandidateResult(version, strategy, "trained", len(batch), seconds)
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    metric: str
+    candidate_score: float
+    champion_score: float | None
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    margin: float
+    reason: str
+
+
+def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "roc_auc", margin: float = 0.01,
+          n_boot: int = 200, seed: int = 0) -> Verdict:
+    """Non-inferiority on the validation slice of the candidate's own training set:
+    pass when the 5 % bootstrap bound of (candidate - champion) is above -margin."""
+    cand = registry.get(candidate)
+    if cand is None:
+        raise KeyError(candidate)
+    ts = training_set_for_version(store, cand.training_set_version, cand.embedding_model_id)
+    valid, train = ts.split("valid"), ts.split("train")
+    ref = Reference.from_frame(train)
+    y = valid["y"].to_numpy()
+    booster, spec = registry.load(candidate)
+    p_new = predict(booster, spec, valid, ref)
+    new_score = metrics(y, p_new).get(metric, float("nan"))
+    champion = registry.reconcile()
+    if champion is None or champion == candidate:
+        ok = len(y) > 0 and not np.isnan(new_score)
+        return Verdict(ok, metric, new_score, None, None, None, None, margin,
+                       "first model" if ok else "no validation data to judge the first model on")
+    old_booster, old_spec = registry.load(champion)
+    p_old = predict(old_booster, old_spec, valid, ref)
+    old_score = metrics(y, p_old).get(metric, float("nan"))
+    point, lo, hi = paired_bootstrap(y, p_new, p_old, metric, n_boot, seed)
+    passed = bool(lo >= -margin)
+    better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+    reason = (f"{metric} {new_score:.4f} vs champion {old_score:.4f} ({better} is better); "
+              f"90% CI of the difference [{lo:+.4f}, {hi:+.4f}] {'within' if passed else 'below'} "
+              f"the non-inferiority margin -{margin}")
+    return Verdict(passed, metric, new_score, old_score, point, lo, hi, margin, reason)
+
+
+def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id: str, role: str = "champion",
+                      version: str | None = None) -> int:
+    """The champion (or a shadow challenger) scores every record it has not scored yet."""
+    version = version or registry.reconcile()
+    if version is None:
+        return 0
+    v = registry.get(version)
+    booster, spec = registry.load(version)
+    ts = training_set_for_version(store, v.training_set_version, embedding_model_id)
+    ref = Reference.from_frame(ts.frame)  # every labelled row the version's training set named
+    with store.connect(read_only=True) as con:
+        table = con.sql(
+            """SELECT r.id AS record_id, r.features, e.vector FROM records r
+               JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
+               WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.model_version = ?)""",
+            params=[embedding_model_id, version]).to_arrow_table()
+    if table.num_rows == 0:
+        return 0
+    dim = len(table.column("vector")[0])
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    frame = pd.DataFrame({"record_id": table.column("record_id").to_pylist(),
+                          "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
+    frame["vector"] = list(np.asarray(flat, dtype=np.float32).reshape(len(frame), dim))
+    probs = predict(booster, spec, frame, ref)
+    negative = "ham" if ts.positive_label == "spam" else f"not_{ts.positive_label}"
+    out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,
+                        "probability": probs, "label": np.where(probs >= 0.5, ts.positive_label, negative),
+                        "scored_at": pd.Timestamp.now(tz="UTC")})
+    with store.transaction() as con:
+        con.register("preds", out)
+        con.execute("INSERT INTO predictions SELECT * FROM preds ON CONFLICT DO NOTHING")
+    return len(out)
+
+
+def new_labels_since_last_training(store: Store) -> tuple[int, float | None]:
+    """(resolved labels not in the newest training set, seconds since that set was made)."""
+    with store.connect(read_only=True) as con:
+        last = con.execute("SELECT data_version, epoch(now() - created_at) FROM training_sets "
+                           "ORDER BY created_at DESC LIMIT 1").fetchall()
+        if not last:
+            n = con.execute("SELECT count(*) FROM labels WHERE status = 'resolved'").fetchall()[0][0]
+            return int(n), None
+        n = con.execute("""SELECT count(*) FROM labels l WHERE l.status = 'resolved' AND NOT EXISTS (
+                             SELECT 1 FROM training_set_rows t WHERE t.data_version = ? AND t.record_id = l.record_id
+                             AND t.label = l.label)""", [last[0][0]]).fetchall()[0][0]
+    return int(n), float(last[0][1])
+
+
+__all__ = ["load_training_set", "persist_training_set", "train_candidate", "judge", "score_new_records"]
+
+
+def resolved_labels_digest(store: Store) -> str:
+    import hashlib
+
+    with store.connect(read_only=True) as con:
+        n, h = con.execute("SELECT count(*), coalesce(sum(hash(record_id, label)), 0) FROM labels "
+                           "WHERE status = 'resolved'").fetchall()[0]
+    return hashlib.sha256(f"{n}:{h}".encode()).hexdigest()[:16]
+
+
+def learning_metrics(store: Store, champion: str | None) -> dict:
+    with store.connect(read_only=True) as con:
+        row = con.execute("""SELECT
+              count(*) FILTER (WHERE event_type IN ('update', 'update_failed')),
+              count(*) FILTER (WHERE event_type = 'update'),
+              count(*) FILTER (WHERE event_type = 'update_failed'),
+              avg(duration_ms) FILTER (WHERE event_type = 'update'),
+              coalesce(sum(samples_processed) FILTER (WHERE event_type = 'update'), 0),
+              avg(CASE WHEN improvement > 0 THEN 1.0 ELSE 0.0 END) FILTER (WHERE event_type = 'update'
+                                                                           AND improvement IS NOT NULL),
+              count(*) FILTER (WHERE event_type = 'promotion'),
+              count(*) FILTER (WHERE event_type = 'rejection'),
+              count(*) FILTER (WHERE event_type = 'rollback')
+            FROM learning_events""").fetchall()[0]
+        score = con.execute("SELECT promoted_score FROM model_versions WHERE version = ?",
+                            [champion or ""]).fetchall()
+    total, ok, failed, avg_ms, samples, improving, promotions, rejections, rollbacks = row
+    return {"total_updates": int(total), "successful_updates": int(ok), "failed_updates": int(failed),
+            "avg_update_time_ms": round(float(avg_ms), 1) if avg_ms is not None else None,
+            "samples_processed": int(samples), "current_model": champion,
+            "current_model_score": score[0][0] if score else None,
+            "improvement_rate": round(float(improving), 4) if improving is not None else None,
+            "promotions": int(promotions), "rejections": int(rejections), "rollbacks": int(rollbacks)}

@@ -1,0 +1,253 @@
+"""LightGBM models that keep learning: features, training set, training, evaluation.
+
+Features (computed the same way at training and scoring time, stored with each version):
+
+* nearest-labelled-neighbour features from a FAISS inner-product index over the labelled
+  training embeddings: similarity-weighted positive share of the k nearest labelled
+  records, their mean similarity, and the best similarity to a positive and to a
+  negative record (leave-one-out while training);
+* the embedding compressed by PCA (fitted at a full retrain, frozen for continued
+  training so the trees of the parent stay meaningful);
+* the records' numeric features.
+
+Raw 384-d embeddings make LightGBM slow and weak on small streams; these ~40 columns
+carry the same signal in a form trees split well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .store import Store
+
+
+@dataclass
+class TrainingSet:
+    data_version: str
+    frame: pd.DataFrame  # record_id, label, y, event_time, split, features (dict), vector (np)
+    positive_label: str
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
+
+
+def _golden(record_id: str, share: float) -> bool:
+    """A fixed slice: membership depends only on the id, so it never drifts as data grows."""
+    h = int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
+    return h < share * 0xFFFFFFFF
+
+
+def load_training_set(store: Store, model_id: str, positive_label: str, valid_share: float = 0.2,
+                      golden_share: float = 0.1) -> TrainingSet:
+    """Resolved (non-conflicting) labels joined with records and their current embeddings."""
+    with store.connect(read_only=True) as con:
+        table = con.sql(
+            """SELECT l.record_id, l.label, r.event_time, r.features, e.vector
+               FROM labels l JOIN records r ON r.id = l.record_id
+               JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
+               WHERE l.status = 'resolved' ORDER BY r.event_time, l.record_id""", params=[model_id]).to_arrow_table()
+    df = pd.DataFrame({
+        "record_id": table.column("record_id").to_pylist(),
+        "label": table.column("label").to_pylist(),
+        "event_time": table.column("event_time").to_pandas(),
+        "features": [json.loads(f) if f else {} for f in table.column("features").to_pylist()],
+    })
+    if len(df):
+        dim = len(table.column("vector")[0])
+        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vecs = np.asarray(flat, dtype=np.float32).reshape(len(df), dim)
+    else:
+        vecs = np.zeros((0, 0), dtype=np.float32)
+    df["vector"] = list(vecs)
+    df["y"] = (df["label"] == positive_label).astype(int)
+    golden = df["record_id"].map(lambda r: _golden(r, golden_share))
+    rest = df.index[~golden]
+    n_valid = int(round(len(rest) * valid_share))
+    split = pd.Series("train", index=df.index)
+    split[golden] = "golden"
+    if n_valid:
+        split[rest[-n_valid:]] = "valid"  # the latest share, by event time
+    df["split"] = split
+    digest = hashlib.sha256("\n".join(f"{r}\t{lab}" for r, lab in sorted(zip(df["record_id"], df["label"])))
+                            .encode()).hexdigest()[:16]
+    return TrainingSet(digest, df, positive_label)
+
+
+# ------------------------------------------------------------------------------ features
+
+
+@dataclass
+class FeatureSpec:
+    numeric: list[str]
+    knn_k: int
+    pca_mean: np.ndarray = field(repr=False)
+    pca_components: np.ndarray = field(repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return (["knn_pos_share", "knn_mean_sim", "knn_max_sim_pos", "knn_max_sim_neg"]
+                + [f"pca_{i}" for i in range(len(self.pca_components))] + [f"num_{n}" for n in self.numeric])
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / "features.npz", pca_mean=self.pca_mean, pca_components=self.pca_components)
+        (folder / "features.json").write_text(json.dumps({"numeric": self.numeric, "knn_k": self.knn_k}))
+
+    @classmethod
+    def load(cls, folder: Path) -> "FeatureSpec":
+        meta = json.loads((folder / "features.json").read_text())
+        arrays = np.load(folder / "features.npz", allow_pickle=False)
+        return cls(meta["numeric"], meta["knn_k"], arrays["pca_mean"], arrays["pca_components"])
+
+
+def fit_feature_spec(frame: pd.DataFrame, n_components: int = 16, knn_k: int = 10, seed: int = 0) -> FeatureSpec:
+    vecs = np.stack(frame["vector"].to_numpy())
+    numeric = sorted({k for f in frame["features"] for k, v in f.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mean = vecs.mean(axis=0)
+    k = min(n_components, max(1, min(vecs.shape) - 1))
+    # PCA by SVD of a (seeded) sample: deterministic and cheap
+    rng = np.random.default_rng(seed)
+    sample = vecs[rng.choice(len(vecs), size=min(len(vecs), 5000), replace=False)] - mean
+    _, _, vt = np.linalg.svd(sample, full_matrices=False)
+    return FeatureSpec(numeric, knn_k, mean.astype(np.float32), vt[:k].astype(np.float32))
+
+
+@dataclass
+class Reference:
+    """The labelled neighbours that kNN features look up."""
+
+    vectors: np.ndarray
+    y: np.ndarray
+    ids: list[str]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "Reference":
+        vecs = np.stack(frame["vector"].to_numpy()) if len(frame) else np.zeros((0, 1), np.float32)
+        return cls(np.ascontiguousarray(vecs, dtype=np.float32), frame["y"].to_numpy(), list(frame["record_id"]))
+
+
+def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict], ref: Reference,
+                   ids: list[str] | None = None) -> np.ndarray:
+    """Feature matrix; rows whose id is in the reference skip themselves (leave-one-out)."""
+    import faiss
+
+    n = len(vectors)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    knn = np.zeros((n, 4), dtype=np.float32)
+    if len(ref.vectors) and n:
+        index = faiss.IndexFlatIP(ref.vectors.shape[1])
+        index.add(ref.vectors)
+        k = min(spec.knn_k + 1, len(ref.vectors))
+        sims, idx = index.search(vectors, k)
+        ref_ids = np.array(ref.ids, dtype=object)
+        for i in range(n):
+            keep = idx[i] >= 0
+            if ids is not None:
+                keep &= ref_ids[np.clip(idx[i], 0, None)] != ids[i]
+            s, j = sims[i][keep][: spec.knn_k], idx[i][keep][: spec.knn_k]
+            if not len(j):
+                continue
+            yy = ref.y[j]
+            w = np.clip(s, 1e-3, None)
+            knn[i] = [float((w * yy).sum() / w.sum()), float(s.mean()),
+                      float(s[yy == 1].max()) if (yy == 1).any() else -1.0,
+                      float(s[yy == 0].max()) if (yy == 0).any() else -1.0]
+    pca = (vectors - spec.pca_mean) @ spec.pca_components.T if n else np.zeros((0, len(spec.pca_components)))
+    num = np.array([[float(f.get(name)) if isinstance(f.get(name), (int, float)) else np.nan
+                     for name in spec.numeric] for f in features], dtype=np.float32).reshape(n, len(spec.numeric))
+    return np.hstack([knn, pca.astype(np.float32), num])
+
+
+def frame_features(spec: FeatureSpec, frame: pd.DataFrame, ref: Reference, leave_one_out: bool) -> np.ndarray:
+    vecs = np.stack(frame["vector"].to_numpy()) if len(frame) else np.zeros((0, len(spec.pca_mean)), np.float32)
+    return build_features(spec, vecs, list(frame["features"]), ref,
+                          list(frame["record_id"]) if leave_one_out else None)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass
+class TrainParams:
+    seed: int = 7
+    full_rounds: int = 150
+    incremental_rounds: int = 25
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 10
+    replay: int = 500  # older labelled rows mixed into each continued-training batch (against forgetting)
+
+    def lgb_params(self) -> dict:
+        return {"objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
+                "min_data_in_leaf": self.min_data_in_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.9,
+                "bagging_freq": 1, "seed": self.seed, "deterministic": True, "force_row_wise": True,
+                "num_threads": 2, "verbose": -1}
+
+
+def train_full(X: np.ndarray, y: np.ndarray, names: list[str], params: TrainParams):
+    import lightgbm as lgb
+
+    ds = lgb.Dataset(X, y, feature_name=names, free_raw_data=False)
+    return lgb.train(params.lgb_params(), ds, num_boost_round=params.full_rounds)
+
+
+def train_continued(parent, X: np.ndarray, y: np.ndarray, names: list[str], params: TrainParams):
+    """More trees on top of the parent. A fresh Dataset per increment; LightGBM derives the
+    init scores from ``init_model`` itself (no explicit init_score, which would count the
+    parent twice)."""
+    import lightgbm as lgb
+
+    ds = lgb.Dataset(X, y, feature_name=names, free_raw_data=False)
+    return lgb.train(params.lgb_params(), ds, num_boost_round=params.incremental_rounds, init_model=parent,
+                     keep_training_booster=True)
+
+
+def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+
+    out = {"n": int(len(y))}
+    if len(y) == 0:
+        return out
+    pred = (p >= 0.5).astype(int)
+    out["accuracy"] = float(accuracy_score(y, pred))
+    out["f1"] = float(f1_score(y, pred, zero_division=0))
+    out["log_loss"] = float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
+    out["roc_auc"] = float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
+    return out
+
+
+HIGHER_IS_BETTER = {"roc_auc": True, "f1": True, "accuracy": True, "log_loss": False}
+
+
+def paired_bootstrap(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, metric: str, n: int = 200,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Difference new - old in ``metric`` (sign flipped for losses so + is better): point, 5 %, 95 %."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    point = sign * (metrics(y, p_new)[metric] - metrics(y, p_old)[metric])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if metric == "roc_auc" and len(set(y[i].tolist())) < 2:
+            continue
+        diffs.append(sign * (metrics(y[i], p_new[i])[metric] - metrics(y[i], p_old[i])[metric]))
+    lo, hi = (np.percentile(diffs, [5, 95]) if diffs else (point, point))
+    return float(point), float(lo), float(hi)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def params_dict(params: TrainParams) -> dict:
+    return asdict(params)

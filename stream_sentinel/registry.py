@@ -1,0 +1,206 @@
+"""The model registry: immutable version folders, one champion pointer, an audit trail.
+
+    models/m000003/model.txt       LightGBM's own text format (no pickle)
+    models/m000003/features.*      the feature pipeline the trees were trained on
+    models/m000003/meta.json       parent, training-set data version, params, metrics, sha256
+    models/CHAMPION                -> "m000003", switched with os.replace
+
+The pointer is the source of truth for which version serves. ``model_versions`` in
+DuckDB mirrors it; :meth:`ModelRegistry.reconcile` repairs the mirror after a crash
+between the two writes, so there is always exactly one consistent champion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .atomic import fsync_dir, fsync_file, pause_point, write_bytes_atomic
+from .models import FeatureSpec, file_sha256
+from .store import Store
+
+POINTER = "CHAMPION"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Version:
+    version: str
+    semver: str
+    parent_version: str | None
+    status: str
+    strategy: str
+    params: dict
+    metrics: dict
+    training_samples: int
+    training_set_version: str
+    embedding_model_id: str
+    path: str
+    sha256: str
+    created_at: Any
+    promoted_at: Any
+    promoted_score: float | None
+    reason: str | None
+
+    def as_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["parent"] = d["parent_version"]
+        for k in ("created_at", "promoted_at"):
+            d[k] = d[k].isoformat() if d[k] is not None else None
+        return d
+
+
+class ModelRegistry:
+    def __init__(self, root: Path, store: Store):
+        self.root = Path(root)
+        self.store = store
+
+    # --------------------------------------------------------------- reading
+    def champion_version(self) -> str | None:
+        try:
+            return (self.root / POINTER).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def get(self, version: str) -> Version | None:
+        with self.store.connect(read_only=True) as con:
+            row = con.execute("SELECT * FROM model_versions WHERE version = ?", [version]).fetchall()
+            cols = [d[0] for d in con.description]
+        if not row:
+            return None
+        d = dict(zip(cols, row[0]))
+        d["params"] = json.loads(d["params"] or "{}")
+        d["metrics"] = json.loads(d["metrics"] or "{}")
+        return Version(**d)
+
+    def list(self) -> list[Version]:
+        with self.store.connect(read_only=True) as con:
+            names = [r[0] for r in con.execute("SELECT version FROM model_versions ORDER BY version").fetchall()]
+        return [self.get(v) for v in names]  # type: ignore[misc]
+
+    def load(self, version: str):
+        """(booster, feature spec) of a version, checked against its recorded sha256."""
+        import lightgbm as lgb
+
+        v = self.get(version)
+        folder = self.root / version
+        if v is not None and file_sha256(folder / "model.txt") != v.sha256:
+            raise RuntimeError(f"model file of {version} does not match its recorded sha256")
+        return lgb.Booster(model_file=str(folder / "model.txt")), FeatureSpec.load(folder)
+
+    # --------------------------------------------------------------- writing
+    def _next(self) -> str:
+        nums = [int(p.name[1:]) for p in self.root.glob("m*") if p.is_dir() and p.name[1:].isdigit()]
+        with self.store.connect(read_only=True) as con:
+            nums += [int(r[0][1:]) for r in con.execute("SELECT version FROM model_versions").fetchall()]
+        return f"m{(max(nums) + 1) if nums else 1:06d}"
+
+    def _semver(self, parent: str | None, strategy: str) -> str:
+        champ = self.get(parent) if parent else None
+        if champ is None:
+            return "1.0.0"
+        major, minor, patch = (int(x) for x in champ.semver.split("."))
+        return f"{major}.{minor + 1}.0" if strategy == "full" else f"{major}.{minor}.{patch + 1}"
+
+    def save(self, booster, spec: FeatureSpec, *, parent: str | None, strategy: str, params: dict,
+             metrics: dict, training_samples: int, training_set_version: str, embedding_model_id: str) -> Version:
+        """Write a complete version folder (temp, fsync, rename) and register it as a candidate."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        version = self._next()
+        tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        booster.save_model(str(tmp / "model.txt"))
+        spec.save(tmp)
+        sha = file_sha256(tmp / "model.txt")
+        semver = self._semver(parent, strategy)
+        meta = {"version": version, "semver": semver, "parent_version": parent, "strategy": strategy,
+                "params": params, "metrics": metrics, "training_samples": training_samples,
+                "training_set_version": training_set_version, "embedding_model_id": embedding_model_id,
+                "sha256": sha, "created_at": _now().isoformat()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        for f in tmp.iterdir():
+            fsync_file(f)
+        fsync_dir(tmp)
+        os.rename(tmp, self.root / version)
+        fsync_dir(self.root)
+        with self.store.transaction() as con:
+            con.execute(
+                """INSERT INTO model_versions VALUES (?, ?, ?, 'candidate', ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)""",
+                [version, semver, parent, strategy, json.dumps(params), json.dumps(metrics), training_samples,
+                 training_set_version, embedding_model_id, str(self.root / version), sha, _now()])
+        return self.get(version)  # type: ignore[return-value]
+
+    def event(self, event_type: str, model_version: str | None, *, batch_size: int | None = None,
+              samples: int | None = None, before: dict | None = None, after: dict | None = None,
+              improvement: float | None = None, duration_ms: float | None = None, **detail) -> None:
+        with self.store.transaction() as con:
+            con.execute(
+                """INSERT INTO learning_events (event_type, model_version, batch_size, samples_processed,
+                   metrics_before, metrics_after, improvement, duration_ms, detail, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [event_type, model_version, batch_size, samples, json.dumps(before) if before else None,
+                 json.dumps(after) if after else None, improvement, duration_ms,
+                 json.dumps(detail, default=str) if detail else None, _now()])
+
+    def reject(self, version: str, reason: str) -> None:
+        with self.store.transaction() as con:
+            con.execute("UPDATE model_versions SET status = 'rejected', reason = ? WHERE version = ? "
+                        "AND status = 'candidate'", [reason, version])
+
+    def promote(self, version: str, score: float | None, reason: str, event_type: str = "promotion") -> None:
+        """Make ``version`` the champion: pointer first (atomic), then the database mirror."""
+        if not (self.root / version / "model.txt").exists():
+            raise KeyError(f"no model version {version}")
+        previous = self.champion_version()
+        write_bytes_atomic(self.root / POINTER, (version + "\n").encode())
+        pause_point("promotion_after_pointer")
+        self._mirror(version, score, reason)
+        self.event(event_type, version, previous_champion=previous, reason=reason)
+
+    def _mirror(self, champion: str, score: float | None, reason: str | None) -> None:
+        with self.store.transaction() as con:
+            con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion' AND version <> ?",
+                        [champion])
+            con.execute("""UPDATE model_versions SET status = 'champion', reason = coalesce(?, reason),
+                           promoted_at = coalesce(promoted_at, ?), promoted_score = coalesce(?, promoted_score)
+                           WHERE version = ?""", [reason, _now(), score, champion])
+
+    def reconcile(self) -> str | None:
+        """Repair the database mirror from the pointer (after a crash mid-promotion)."""
+        champion = self.champion_version()
+        with self.store.connect(read_only=True) as con:
+            rows = [r[0] for r in con.execute("SELECT version FROM model_versions WHERE status='champion'").fetchall()]
+        if champion is not None and rows != [champion]:
+            self._mirror(champion, None, None)
+        elif champion is None and rows:
+            with self.store.transaction() as con:
+                con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion'")
+        return champion
+
+    def rollback(self, to: str | None = None) -> str:
+        """Back to ``to`` or to the champion before the current one."""
+        self.reconcile()
+        current = self.champion_version()
+        if to is None:
+            with self.store.connect(read_only=True) as con:
+                rows = con.execute(
+                    """SELECT version FROM model_versions WHERE promoted_at IS NOT NULL AND version <> ?
+                       AND status <> 'rejected' ORDER BY promoted_at DESC LIMIT 1""", [current or ""]).fetchall()
+            if not rows:
+                raise RuntimeError("no earlier champion to roll back to")
+            to = rows[0][0]
+        if self.get(to) is None:
+            raise KeyError(f"no model version {to}")
+        self.promote(to, None, f"rollback from {current}", event_type="rollback")
+        return to
