@@ -1,0 +1,210 @@
+"""Model versions on real LightGBM: lineage, gated promotion, rejection, rollback, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+from stream_sentinel import feedback as fb
+from stream_sentinel import ingest, learning, pipeline
+from stream_sentinel.config import Settings
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.models import TrainParams, load_training_set
+from stream_sentinel.registry import ModelRegistry
+
+from .conftest import drop
+
+WINDOW = slice(1000, 1500)  # a stretch of the demo stream with both spam and ham
+
+
+def ingest_with_labels(paths, store, embedder, demo_records, labels, part: slice, name: str):
+    recs = demo_records[part]
+    drop(paths.raw, f"{name}.jsonl", recs)
+    ingest.scan(paths, store, debounce_s=1)
+    for b in ingest.plan_batches(store):
+        for sha in b.files:
+            ingest.process_file(paths, store, sha)
+    pipeline.embed_partition(store, embedder, None)
+    events = [fb.Event(fb.Position(f"test-{name}", 0, i), r["id"], labels[r["id"]], "oracle", 1.0,
+                       pd.Timestamp("2024-01-01", tz="UTC").to_pydatetime()) for i, r in enumerate(recs)]
+    fb.write(store, events, [], "file")
+    fb.resolve_labels(store, fb.ConsensusConfig())
+
+
+@pytest.fixture(scope="session")
+def demo_labels():
+    from stream_sentinel import demo
+
+    _, labels_path = demo.convert(quiet=True)
+    return {json.loads(x)["record_id"]: json.loads(x)["label"] for x in labels_path.read_text().splitlines()}
+
+
+def candidate(registry, store, embedder, full=False):
+    ts = load_training_set(store, embedder.model_id, "spam")
+    learning.persist_training_set(store, ts, embedder.model_id)
+    ts = learning.training_set_for_version(store, ts.data_version, embedder.model_id)
+    return learning.train_candidate(registry, store, ts, embedder.model_id, TrainParams(), full=full)
+
+
+def test_first_full_version_then_continued_child_with_exact_lineage(paths, store, embedder, demo_records,
+                                                                   demo_labels):
+    registry = ModelRegistry(paths.models, store)
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    first = candidate(registry, store, embedder)
+    assert first.strategy == "full" and first.version.parent_version is None
+    assert first.version.metrics["valid"]["roc_auc"] > 0.9
+    registry.promote(first.version.version, first.version.metrics["valid"]["roc_auc"], "test")
+    assert candidate(registry, store, embedder).version is None  # no new labels, no candidate
+
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
+    child = candidate(registry, store, embedder)
+    v = child.version
+    assert (child.strategy, v.parent_version, v.semver) == ("incremental", first.version.version, "1.0.1")
+    assert v.training_set_version != first.version.training_set_version
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM training_set_rows WHERE data_version = ?",
+                           [v.training_set_version]).fetchall()[0][0] == 700
+    # the parent's trees are inside the child (continued, not retrained)
+    parent_trees = (paths.models / first.version.version / "model.txt").read_text().count("Tree=")
+    child_trees = (paths.models / v.version / "model.txt").read_text().count("Tree=")
+    assert child_trees == parent_trees + TrainParams().incremental_rounds
+    assert json.loads((paths.models / v.version / "meta.json").read_text())["parent_version"] == first.version.version
+
+    out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "model", "list", "--json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    assert [(r["version"], r["parent"], r["status"], r["strategy"]) for r in rows] == [
+        (first.version.version, None, "champion", "full"), (v.version, first.version.version, "candidate",
+                                                            "incremental")]
+    assert all("valid" in r["metrics"] for r in rows)
+
+
+def _training_run(paths, instance, full=False):
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    return job.execute_in_process(run_config={"ops": {"model": {"config": {"full": full}}}}, instance=instance,
+                                  raise_on_error=False)
+
+
+def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, store, embedder, demo_records,
+                                                                     demo_labels, instance):
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    good = _training_run(paths, instance)
+    assert good.success
+    registry = ModelRegistry(paths.models, store)
+    champion = registry.champion_version()
+    assert champion and registry.get(champion).status == "champion"
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM current_predictions").fetchall()[0][0] == 500
+
+    # a deliberately worse candidate: every label shuffled
+    with store.transaction() as con:
+        labs = con.execute("SELECT record_id, label FROM labels ORDER BY record_id").df()
+        labs["label"] = labs["label"].sample(frac=1.0, random_state=3).to_numpy()
+        con.register("shuffled", labs)
+        con.execute("UPDATE labels SET label = s.label FROM shuffled s WHERE labels.record_id = s.record_id")
+    bad = _training_run(paths, instance, full=True)
+    assert not bad.success  # the blocking check stops the run before promotion
+    (check,) = bad.get_asset_check_evaluations()
+    assert check.check_name == "candidate_beats_champion" and not check.passed
+    assert "below" in check.description
+    assert registry.champion_version() == champion
+    rejected = [v for v in registry.list() if v.status == "rejected"]
+    assert len(rejected) == 1 and rejected[0].parent_version == champion
+    assert not bad.asset_materializations_for_node("champion")
+    with store.connect(read_only=True) as con:
+        kinds = [r[0] for r in con.execute("SELECT event_type FROM learning_events ORDER BY event_id").fetchall()]
+    assert kinds == ["update", "promotion", "update", "rejection"]
+
+
+def test_rollback_restores_the_previous_champion_and_its_predictions(paths, store, embedder, demo_records,
+                                                                    demo_labels):
+    registry = ModelRegistry(paths.models, store)
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    m1 = candidate(registry, store, embedder).version.version
+    registry.promote(m1, None, "test")
+    learning.score_new_records(registry, store, embedder.model_id)
+    with store.connect(read_only=True) as con:
+        before = dict(con.execute("SELECT record_id, probability FROM current_predictions").fetchall())
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
+    m2 = candidate(registry, store, embedder).version.version
+    registry.promote(m2, None, "test")
+    learning.score_new_records(registry, store, embedder.model_id)
+    with store.connect(read_only=True) as con:
+        assert con.execute("SELECT DISTINCT model_version FROM current_predictions").fetchall() == [(m2,)]
+
+    out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "model", "rollback", "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"champion": m1, "previous": m2}
+    assert registry.champion_version() == m1
+    assert {v.version: v.status for v in registry.list()} == {m1: "champion", m2: "archived"}
+    with store.connect(read_only=True) as con:
+        restored = dict(con.execute("SELECT record_id, probability FROM current_predictions").fetchall())
+        kinds = [r[0] for r in con.execute("SELECT event_type FROM learning_events ORDER BY event_id").fetchall()]
+    assert {k: restored[k] for k in before} == before  # m1's own predictions serve again
+    assert kinds[-1] == "rollback"
+
+
+PROMOTER = textwrap.dedent("""
+    import sys
+    from stream_sentinel.registry import ModelRegistry
+    from stream_sentinel.store import Store
+    ModelRegistry(sys.argv[1], Store(sys.argv[2])).promote(sys.argv[3], None, "killed mid-way")
+""")
+
+
+def test_process_killed_during_promotion_leaves_exactly_one_consistent_champion(paths, store, embedder,
+                                                                               demo_records, demo_labels, tmp_path):
+    registry = ModelRegistry(paths.models, store)
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    m1 = candidate(registry, store, embedder).version.version
+    registry.promote(m1, None, "test")
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
+    m2 = candidate(registry, store, embedder).version.version
+    marker = tmp_path / "paused"
+    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": "promotion_after_pointer",
+           "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-c", PROMOTER, str(paths.models), str(paths.db), m2], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the pointer moved, the mirror did not: the next reader repairs it
+    assert registry.champion_version() == m2
+    assert registry.reconcile() == m2
+    statuses = {v.version: v.status for v in registry.list()}
+    assert list(statuses.values()).count("champion") == 1 and statuses[m2] == "champion"
+    booster, spec = registry.load(m2)  # the promoted file is whole and matches its sha256
+    assert booster.num_trees() > 0
+
+
+def test_retrain_policy_waits_for_enough_new_labels(paths, store, embedder, demo_records, demo_labels, monkeypatch):
+    import dagster as dg
+
+    from resources import StreamSentinelResource
+    from sensors.training import evaluate_retrain
+
+    def evaluate(flush=False):
+        with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+            return evaluate_retrain(res.sentinel, flush=flush)
+
+    monkeypatch.setenv("STREAM_SENTINEL_RETRAIN_MIN_LABELS", "1000")
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1000, 1100), "a")
+    waiting = evaluate()
+    assert isinstance(waiting, dg.SkipReason) and "100 new label(s)" in waiting.skip_message
+    flushed = evaluate(flush=True)
+    assert isinstance(flushed, dg.RunRequest) and flushed.run_key.startswith("train:")
+    monkeypatch.setenv("STREAM_SENTINEL_RETRAIN_MIN_LABELS", "50")
+    due = evaluate()
+    assert isinstance(due, dg.RunRequest) and due.run_key == flushed.run_key  # same labels, same key
