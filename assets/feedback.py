@@ -76,5 +76,5 @@ def labels(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) 
 
 
 feedback_job = dg.define_asset_job(
-    "feedback_job", selection=[feedback, labels],
+    "feedback_job", selection=dg.AssetSelection.assets(feedback, labels) | dg.AssetSelection.assets("live_accuracy"),
     description="One feedback micro-batch: a Kafka offset range or drop-folder files -> feedback -> labels.")

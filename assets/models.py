@@ -115,6 +115,57 @@ def predictions(context: dg.AssetExecutionContext, sentinel: StreamSentinelResou
     return dg.MaterializeResult(metadata={"scored": n, "model_version": registry.champion_version() or ""})
 
 
+@dg.asset(deps=[labels, predictions], group_name="learning", kinds={"duckdb"},
+          description="The champion's accuracy on feedback that arrived after its promotion; when it falls "
+          "more than the rollback margin under its validation accuracy, the previous champion is restored.")
+def live_accuracy(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) -> dg.MaterializeResult:
+    s = sentinel.settings
+    res = learning.live_accuracy(sentinel.registry(), sentinel.store(), s.rollback_margin, s.rollback_min_samples)
+    if res.rolled_back_to:
+        context.log.warning(f"champion {res.champion}: live accuracy {res.accuracy:.3f} on {res.n} labels vs "
+                            f"{res.promoted_accuracy:.3f} promised; rolled back to {res.rolled_back_to}")
+    return dg.MaterializeResult(metadata={
+        "champion": res.champion or "", "labelled_since_promotion": res.n,
+        "live_accuracy": res.accuracy if res.accuracy is not None else float("nan"),
+        "promised_accuracy": res.promoted_accuracy if res.promoted_accuracy is not None else float("nan"),
+        "degraded": res.degraded, "rolled_back_to": res.rolled_back_to or ""})
+
+
+LEARNING_ALERTS = {"max_failure_rate": 0.05, "max_update_ms": 1000.0}
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec("update_failure_rate", asset="model",
+                             description="continued-training failures stay under 5 % of updates"),
+           dg.AssetCheckSpec("updates_under_1s", asset="model", description="average update time under 1 s"),
+           dg.AssetCheckSpec("score_not_degrading", asset="champion",
+                             description="each promotion's validation score is not below the previous one's")],
+    can_subset=True,
+)
+def learning_alerts(context: dg.AssetCheckExecutionContext, sentinel: StreamSentinelResource):
+    """Alert thresholds of the learning loop, as WARN checks (they never block a run)."""
+    from stream_sentinel.learning import learning_metrics
+
+    store = sentinel.store()
+    m = learning_metrics(store, sentinel.registry().reconcile())
+    rate = m["failed_updates"] / m["total_updates"] if m["total_updates"] else 0.0
+    with store.connect(read_only=True) as con:
+        scores = [r[0] for r in con.execute(
+            "SELECT promoted_score FROM model_versions WHERE promoted_score IS NOT NULL ORDER BY promoted_at"
+        ).fetchall()]
+    results = {
+        "update_failure_rate": (rate <= LEARNING_ALERTS["max_failure_rate"], {"failure_rate": rate}),
+        "updates_under_1s": ((m["avg_update_time_ms"] or 0.0) <= LEARNING_ALERTS["max_update_ms"],
+                             {"avg_update_time_ms": m["avg_update_time_ms"] or 0.0}),
+        "score_not_degrading": (len(scores) < 2 or scores[-1] >= scores[-2],
+                                {"last_scores": dg.MetadataValue.json(scores[-5:])}),
+    }
+    for key in context.selected_asset_check_keys:
+        passed, meta = results[key.name]
+        yield dg.AssetCheckResult(asset_key=key.asset_key, check_name=key.name, passed=bool(passed),
+                                  severity=dg.AssetCheckSeverity.WARN, metadata=meta)
+
+
 training_job = dg.define_asset_job(
-    "training_job", selection=[training_set, model, champion, predictions],
+    "training_job", selection=[training_set, model, champion, predictions, live_accuracy],
     description="labels -> training_set -> candidate -> gated promotion -> predictions.")

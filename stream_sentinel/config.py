@@ -107,6 +107,8 @@ class Settings:
     retrain_min_labels: int = 50
     retrain_max_wait_s: float = 600.0
     replay_size: int = 500
+    rollback_margin: float = 0.05  # live accuracy this far under the promised one -> automatic rollback
+    rollback_min_samples: int = 50
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -137,6 +139,8 @@ class Settings:
             retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
             retrain_max_wait_s=_env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
             replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
+            rollback_margin=_env_num("STREAM_SENTINEL_ROLLBACK_MARGIN", d.rollback_margin),
+            rollback_min_samples=_env_num("STREAM_SENTINEL_ROLLBACK_MIN_SAMPLES", d.rollback_min_samples, int),
         )
 
     @property

@@ -258,3 +258,40 @@ def learning_metrics(store: Store, champion: str | None) -> dict:
             "current_model_score": score[0][0] if score else None,
             "improvement_rate": round(float(improving), 4) if improving is not None else None,
             "promotions": int(promotions), "rejections": int(rejections), "rollbacks": int(rollbacks)}
+
+
+@dataclass
+class LiveAccuracy:
+    champion: str | None
+    n: int
+    accuracy: float | None
+    promoted_accuracy: float | None
+    degraded: bool
+    rolled_back_to: str | None = None
+
+
+def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, min_samples: int = 50,
+                  rollback: bool = True) -> LiveAccuracy:
+    """The champion's accuracy on feedback that arrived after it was promoted; past ``margin``
+    below its validation accuracy (with at least ``min_samples`` labels) it is rolled back."""
+    champion = registry.reconcile()
+    if champion is None:
+        return LiveAccuracy(None, 0, None, None, False)
+    v = registry.get(champion)
+    promised = v.metrics.get("valid", {}).get("accuracy")
+    with store.connect(read_only=True) as con:
+        n, acc = con.execute(
+            """SELECT count(*), avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
+               FROM predictions p JOIN labels l ON l.record_id = p.record_id
+               WHERE p.model_version = ? AND l.status = 'resolved' AND l.last_vote_at >= ?""",
+            [champion, v.promoted_at]).fetchall()[0]
+    degraded = bool(promised is not None and acc is not None and n >= min_samples and acc < promised - margin)
+    out = LiveAccuracy(champion, int(n), None if acc is None else float(acc), promised, degraded)
+    if degraded and rollback:
+        try:
+            out.rolled_back_to = registry.rollback()
+            registry.event("auto_rollback", champion, after={"live_accuracy": out.accuracy, "n": out.n},
+                           before={"valid_accuracy": promised}, to=out.rolled_back_to)
+        except RuntimeError:
+            pass  # nothing earlier to go back to: keep serving, the WARN check says why
+    return out

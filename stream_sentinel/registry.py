@@ -172,8 +172,9 @@ class ModelRegistry:
         with self.store.transaction() as con:
             con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion' AND version <> ?",
                         [champion])
+            # promoted_at = when it (last) started serving: live accuracy is judged from then on
             con.execute("""UPDATE model_versions SET status = 'champion', reason = coalesce(?, reason),
-                           promoted_at = coalesce(promoted_at, ?), promoted_score = coalesce(?, promoted_score)
+                           promoted_at = ?, promoted_score = coalesce(?, promoted_score)
                            WHERE version = ?""", [reason, _now(), score, champion])
 
     def reconcile(self) -> str | None:
