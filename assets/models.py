@@ -91,14 +91,19 @@ def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource
     cand = _latest_meta(context, "model").get("candidate", "")
     current = registry.reconcile()
     v = registry.get(cand) if cand else None
-    if v is not None and v.status == "candidate":
+    ab_share = sentinel.settings.ab_share
+    if v is not None and v.status == "candidate" and current is not None and ab_share > 0:
+        registry.start_challenger(cand, f"passed candidate_beats_champion; A/B on {ab_share:.0%} of records")
+        context.log.info(f"{cand} challenges {current} on {ab_share:.0%} of records")
+    elif v is not None and v.status == "candidate":
         registry.promote(cand, v.metrics.get("valid", {}).get(sentinel.settings.promotion_metric),
                          "passed candidate_beats_champion")
         context.log.info(f"promoted {cand} (was {current})")
         current = cand
     champ = registry.get(current) if current else None
     return dg.MaterializeResult(
-        metadata={"champion": current or "", "semver": champ.semver if champ else "",
+        metadata={"champion": current or "", "challenger": registry.challenger_version() or "",
+                  "semver": champ.semver if champ else "",
                   "parent": (champ.parent_version or "") if champ else "",
                   "training_set_version": champ.training_set_version if champ else "",
                   "promoted": bool(v is not None and current == cand)},
@@ -111,16 +116,22 @@ def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource
 def predictions(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource,
                 embedder: EmbedderResource) -> dg.MaterializeResult:
     registry = sentinel.registry()
-    n = learning.score_new_records(registry, sentinel.store(), embedder.model_id)
+    s = sentinel.settings
+    n = learning.score_new_records(registry, sentinel.store(), embedder.model_id, s.ab_share, s.ab_routing)
     return dg.MaterializeResult(metadata={"scored": n, "model_version": registry.champion_version() or ""})
 
 
 @dg.asset(deps=[labels, predictions], group_name="learning", kinds={"duckdb"},
-          description="The champion's accuracy on feedback that arrived after its promotion; when it falls "
-          "more than the rollback margin under its validation accuracy, the previous champion is restored.")
+          description="Live monitoring on fresh feedback: decides a running champion/challenger test once it is "
+          "significant, and restores the previous champion when the champion's accuracy falls more than the "
+          "rollback margin under its validation accuracy.")
 def live_accuracy(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) -> dg.MaterializeResult:
     s = sentinel.settings
-    res = learning.live_accuracy(sentinel.registry(), sentinel.store(), s.rollback_margin, s.rollback_min_samples)
+    registry = sentinel.registry()
+    decision = learning.ab_step(registry, sentinel.store(), s.ab_alpha, s.ab_min_samples)
+    if decision is not None:
+        context.log.info(f"A/B: {decision.reason}")
+    res = learning.live_accuracy(registry, sentinel.store(), s.rollback_margin, s.rollback_min_samples)
     if res.rolled_back_to:
         context.log.warning(f"champion {res.champion}: live accuracy {res.accuracy:.3f} on {res.n} labels vs "
                             f"{res.promoted_accuracy:.3f} promised; rolled back to {res.rolled_back_to}")
@@ -128,7 +139,8 @@ def live_accuracy(context: dg.AssetExecutionContext, sentinel: StreamSentinelRes
         "champion": res.champion or "", "labelled_since_promotion": res.n,
         "live_accuracy": res.accuracy if res.accuracy is not None else float("nan"),
         "promised_accuracy": res.promoted_accuracy if res.promoted_accuracy is not None else float("nan"),
-        "degraded": res.degraded, "rolled_back_to": res.rolled_back_to or ""})
+        "degraded": res.degraded, "rolled_back_to": res.rolled_back_to or "",
+        "ab": decision.reason if decision is not None else "no challenger"})
 
 
 LEARNING_ALERTS = {"max_failure_rate": 0.05, "max_update_ms": 1000.0}

@@ -109,6 +109,10 @@ class Settings:
     replay_size: int = 500
     rollback_margin: float = 0.05  # live accuracy this far under the promised one -> automatic rollback
     rollback_min_samples: int = 50
+    ab_share: float = 0.0  # > 0: a candidate that passes the gate becomes a challenger serving this share
+    ab_routing: str = "hash"  # hash (consistent hashing of record id) | thompson
+    ab_alpha: float = 0.05
+    ab_min_samples: int = 100
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -141,6 +145,10 @@ class Settings:
             replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
             rollback_margin=_env_num("STREAM_SENTINEL_ROLLBACK_MARGIN", d.rollback_margin),
             rollback_min_samples=_env_num("STREAM_SENTINEL_ROLLBACK_MIN_SAMPLES", d.rollback_min_samples, int),
+            ab_share=_env_num("STREAM_SENTINEL_AB_SHARE", d.ab_share),
+            ab_routing=os.environ.get("STREAM_SENTINEL_AB_ROUTING") or d.ab_routing,
+            ab_alpha=_env_num("STREAM_SENTINEL_AB_ALPHA", d.ab_alpha),
+            ab_min_samples=_env_num("STREAM_SENTINEL_AB_MIN_SAMPLES", d.ab_min_samples, int),
         )
 
     @property

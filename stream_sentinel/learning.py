@@ -175,12 +175,8 @@ def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "
     return Verdict(passed, metric, new_score, old_score, point, lo, hi, margin, reason)
 
 
-def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id: str, role: str = "champion",
-                      version: str | None = None) -> int:
-    """The champion (or a shadow challenger) scores every record it has not scored yet."""
-    version = version or registry.reconcile()
-    if version is None:
-        return 0
+def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: str, version: str,
+                   role: str, router) -> int:
     v = registry.get(version)
     booster, spec = registry.load(version)
     ts = training_set_for_version(store, v.training_set_version, embedding_model_id)
@@ -202,11 +198,79 @@ def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id:
     negative = "ham" if ts.positive_label == "spam" else f"not_{ts.positive_label}"
     out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,
                         "probability": probs, "label": np.where(probs >= 0.5, ts.positive_label, negative),
+                        "served": [router(r) == role for r in frame["record_id"]],
                         "scored_at": pd.Timestamp.now(tz="UTC")})
     with store.transaction() as con:
         con.register("preds", out)
         con.execute("INSERT INTO predictions SELECT * FROM preds ON CONFLICT DO NOTHING")
     return len(out)
+
+
+def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id: str, ab_share: float = 0.0,
+                      ab_routing: str = "hash") -> int:
+    """Champion and challenger (if any) score every record they have not scored yet; the A/B
+    route marks which answer is served, the other is kept as a shadow prediction."""
+    from . import ab
+
+    champion = registry.reconcile()
+    if champion is None:
+        return 0
+    challenger = registry.challenger_version()
+    if challenger is None:
+        router = lambda rid: "champion"  # noqa: E731
+    elif ab_routing == "thompson":
+        arms = ab_arms(registry, store)
+        router = lambda rid: ab.route_thompson(rid, arms["champion"], arms["challenger"])  # noqa: E731
+    else:
+        router = lambda rid: ab.route_hash(rid, ab_share)  # noqa: E731
+    n = _score_version(registry, store, embedding_model_id, champion, "champion", router)
+    if challenger is not None:
+        n += _score_version(registry, store, embedding_model_id, challenger, "challenger", router)
+    return n
+
+
+def ab_arms(registry: ModelRegistry, store: Store):
+    """Served predictions of each arm that feedback has since confirmed or contradicted."""
+    from .ab import Arm
+
+    champion, challenger = registry.reconcile(), registry.challenger_version()
+    arms = {"champion": Arm(), "challenger": Arm()}
+    if champion is None or challenger is None:
+        return arms
+    start = registry.get(challenger).promoted_at
+    with store.connect(read_only=True) as con:
+        for role, ok, n in con.execute(
+                """SELECT p.role, sum(CASE WHEN p.label = l.label THEN 1 ELSE 0 END), count(*)
+                   FROM predictions p JOIN labels l ON l.record_id = p.record_id
+                   WHERE p.served AND p.model_version IN (?, ?) AND l.status = 'resolved'
+                     AND l.last_vote_at >= ? GROUP BY 1""", [champion, challenger, start]).fetchall():
+            arms[role] = Arm(int(ok), int(n))
+    return arms
+
+
+def ab_step(registry: ModelRegistry, store: Store, alpha: float = 0.05, min_samples: int = 100):
+    """Decide the running A/B test if the evidence is significant; records the decision."""
+    from .ab import decide
+
+    challenger = registry.challenger_version()
+    if challenger is None:
+        return None
+    arms = ab_arms(registry, store)
+    decision = decide(arms["champion"], arms["challenger"], alpha, min_samples)
+    if decision.winner is None:
+        return decision
+    champion = registry.champion_version()
+    detail = {"z": decision.z, "p_value": decision.p_value, "champion": champion, "challenger": challenger,
+              "winner": decision.winner, "reason": decision.reason}
+    if decision.winner == "challenger":
+        registry.promote(challenger, decision.challenger.rate, decision.reason, event_type="promotion")
+    else:
+        registry.retire_challenger(challenger, decision.reason)
+    registry.event("ab_decision", challenger, samples=decision.champion.trials + decision.challenger.trials,
+                   before={"accuracy": decision.champion.rate, "n": decision.champion.trials},
+                   after={"accuracy": decision.challenger.rate, "n": decision.challenger.trials},
+                   improvement=decision.challenger.rate - decision.champion.rate, **detail)
+    return decision
 
 
 def new_labels_since_last_training(store: Store) -> tuple[int, float | None]:

@@ -177,6 +177,26 @@ class ModelRegistry:
                            promoted_at = ?, promoted_score = coalesce(?, promoted_score)
                            WHERE version = ?""", [reason, _now(), score, champion])
 
+    def challenger_version(self) -> str | None:
+        with self.store.connect(read_only=True) as con:
+            rows = con.execute("SELECT version FROM model_versions WHERE status = 'challenger' "
+                               "ORDER BY promoted_at DESC").fetchall()
+        return rows[0][0] if rows else None
+
+    def start_challenger(self, version: str, reason: str) -> None:
+        """Serve ``version`` to the challenger share; any earlier challenger is retired."""
+        with self.store.transaction() as con:
+            con.execute("UPDATE model_versions SET status = 'archived', reason = 'replaced by a newer challenger' "
+                        "WHERE status = 'challenger'")
+            con.execute("UPDATE model_versions SET status = 'challenger', promoted_at = ?, reason = ? "
+                        "WHERE version = ?", [_now(), reason, version])
+        self.event("challenger", version, champion=self.champion_version(), reason=reason)
+
+    def retire_challenger(self, version: str, reason: str) -> None:
+        with self.store.transaction() as con:
+            con.execute("UPDATE model_versions SET status = 'rejected', reason = ? WHERE version = ? "
+                        "AND status = 'challenger'", [reason, version])
+
     def reconcile(self) -> str | None:
         """Repair the database mirror from the pointer (after a crash mid-promotion)."""
         champion = self.champion_version()

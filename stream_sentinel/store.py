@@ -242,13 +242,14 @@ CREATE TABLE IF NOT EXISTS learning_events (
 CREATE TABLE IF NOT EXISTS predictions (
     record_id VARCHAR NOT NULL,
     model_version VARCHAR NOT NULL,
-    role VARCHAR NOT NULL,               -- champion | challenger (shadow)
+    role VARCHAR NOT NULL,               -- champion | challenger
     probability DOUBLE NOT NULL,
     label VARCHAR NOT NULL,
+    served BOOLEAN NOT NULL,             -- the A/B route sent this record to this model (else: shadow)
     scored_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (record_id, model_version)
 );
--- what the serving model says about each record (follows promotions and rollbacks)
+-- the champion's answer for each record (follows promotions and rollbacks)
 CREATE OR REPLACE VIEW current_predictions AS
     SELECT p.* FROM predictions p JOIN model_versions m ON m.version = p.model_version
     WHERE m.status = 'champion';
