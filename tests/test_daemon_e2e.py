@@ -108,7 +108,7 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
         runs = _wait_for(lambda: [r for r in instance.get_runs() if r.is_finished] or None, "finished runs", log)
         assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         ingest_runs = [r for r in runs if r.job_name == "ingest_job"]
-        assert len(ingest_runs) >= 3
+        assert len(ingest_runs) >= 2  # files that arrive while a run is queued join the next batch
         assert all(r.tags.get("dagster/run_key", "").startswith("raw:") for r in ingest_runs)
         assert all(r.tags.get("dagster/sensor_name") == "raw_files_sensor" for r in ingest_runs)
         feedback_runs = [r for r in runs if r.job_name == "feedback_job"]

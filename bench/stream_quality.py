@@ -1,0 +1,221 @@
+"""Prequential quality of the continuously learning model on the SpamAssassin stream.
+
+The demo stream in time order, in micro-batches of 100: every batch is scored *before*
+its labels are revealed, then the labels arrive and each method learns from them.
+Methods, all on the same records and embeddings:
+
+* no-change baseline   predicts the majority label of the previous batch
+* frozen first model   the product's first model (trained once both classes have been seen,
+                       from the 5th batch on), never updated
+* continuous (product) exactly the product's loop: records and feedback through DuckDB, consensus
+                       labels, training_set -> candidate continued from the champion -> gated
+                       promotion (candidate_beats_champion) -> the champion scores the next batch
+* periodic full retrain the same, but a full retrain every 10 batches instead of continuing
+* river                online StandardScaler | LogisticRegression on embeddings + numeric features
+
+    python bench/stream_quality.py [--quick] [--batch 100]
+
+Needs the bench extra (river): pip install -c constraints.txt -e '.[bench]'.
+Prints a table, ends with one JSON line, writes bench/results/stream_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score  # noqa: E402
+
+from stream_sentinel import demo, ingest, learning, pipeline  # noqa: E402
+from stream_sentinel import feedback as fb  # noqa: E402
+from stream_sentinel.config import Paths  # noqa: E402
+from stream_sentinel.embedding import Embedder  # noqa: E402
+from stream_sentinel.models import TrainParams, load_training_set  # noqa: E402
+from stream_sentinel.registry import ModelRegistry  # noqa: E402
+from stream_sentinel.store import Store  # noqa: E402
+
+POS = "spam"
+
+
+class ProductLoop:
+    """The product's learning loop on its own data root."""
+
+    def __init__(self, root: Path, embedder, full_every: int | None, frozen_after: int | None = None):
+        self.paths = Paths.at(root).ensure()
+        self.store = Store(self.paths.db).init()
+        self.registry = ModelRegistry(self.paths.models, self.store)
+        self.embedder = embedder
+        self.full_every = full_every
+        self.frozen_after = frozen_after
+        self.batches = 0
+        self.seconds = 0.0
+
+    def add_records(self, recs: list[dict], vectors: np.ndarray) -> None:
+        """Records in through the file path; vectors precomputed once for all methods."""
+        name = f"b{self.batches:05d}.jsonl"
+        (self.paths.raw / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        ingest.scan(self.paths, self.store, debounce_s=0)
+        for b in ingest.plan_batches(self.store):
+            for sha in b.files:
+                ingest.process_file(self.paths, self.store, sha)
+        by_text = {r["text"]: v for r, v in zip(recs, vectors)}
+        pipeline.embed_partition(self.store, _Precomputed(self.embedder, by_text), None)
+
+    def predict(self, ids: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        learning.score_new_records(self.registry, self.store, self.embedder.model_id)
+        champion = self.registry.champion_version()
+        self.seconds += time.perf_counter() - started
+        if champion is None:
+            return np.full(len(ids), np.nan)
+        with self.store.connect(read_only=True) as con:
+            probs = dict(con.execute("SELECT record_id, probability FROM predictions WHERE model_version = ?",
+                                     [champion]).fetchall())
+        return np.array([probs.get(i, np.nan) for i in ids])
+
+    def learn(self, recs: list[dict], labels: dict[str, str]) -> None:
+        self.batches += 1
+        started = time.perf_counter()
+        now = datetime.now(timezone.utc)
+        events = [fb.Event(fb.Position("bench", 0, self.batches * 100_000 + i), r["id"], labels[r["id"]], "oracle",
+                           1.0, now) for i, r in enumerate(recs)]
+        fb.write(self.store, events, [], "kafka")
+        fb.resolve_labels(self.store, fb.ConsensusConfig())
+        # the frozen model trains until it has a first champion (the stream opens almost all spam),
+        # from the frozen_after-th batch on, and then never again
+        frozen = self.frozen_after is not None and (self.batches < self.frozen_after
+                                                    or self.registry.champion_version() is not None)
+        if not frozen:
+            full = self.full_every is not None and self.batches % self.full_every == 0
+            ts = load_training_set(self.store, self.embedder.model_id, POS)
+            learning.persist_training_set(self.store, ts, self.embedder.model_id)
+            ts = learning.training_set_for_version(self.store, ts.data_version, self.embedder.model_id)
+            res = learning.train_candidate(self.registry, self.store, ts, self.embedder.model_id, TrainParams(),
+                                           full=full)
+            if res.version is not None:
+                verdict = learning.judge(self.registry, self.store, res.version.version)
+                if verdict.passed:
+                    self.registry.promote(res.version.version, verdict.candidate_score, "bench")
+                else:
+                    self.registry.reject(res.version.version, verdict.reason)
+        self.seconds += time.perf_counter() - started
+
+
+class _Precomputed:
+    """The embedder interface over vectors computed once for every method (same inputs for all)."""
+
+    def __init__(self, embedder, by_text: dict):
+        self.model_id, self.dim, self.by_text = embedder.model_id, embedder.dim, by_text
+
+    def embed(self, texts):
+        return np.stack([self.by_text[t] for t in texts])
+
+
+def river_model():
+    from river import compose, linear_model, optim, preprocessing
+
+    return compose.Pipeline(preprocessing.StandardScaler(),
+                            linear_model.LogisticRegression(optimizer=optim.SGD(0.05)))
+
+
+def river_x(rec: dict, vec: np.ndarray) -> dict:
+    x = {f"e{i}": float(v) for i, v in enumerate(vec)}
+    for k in ("length", "link_count", "uppercase_ratio"):
+        x[k] = float(rec["features"].get(k, 0.0))
+    return x
+
+
+def scores(y: np.ndarray, p: np.ndarray) -> dict:
+    ok = ~np.isnan(p)
+    y, p = y[ok], p[ok]
+    pred = (p >= 0.5).astype(int)
+    return {"n": int(len(y)), "accuracy": round(float(accuracy_score(y, pred)), 4),
+            "macro_f1": round(float(f1_score(y, pred, average="macro")), 4),
+            "roc_auc": round(float(roc_auc_score(y, p)), 4) if len(set(y.tolist())) == 2 else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the first 1,500 records only")
+    ap.add_argument("--batch", type=int, default=100)
+    args = ap.parse_args()
+    records_path, labels_path = demo.convert(quiet=True)
+    recs = demo.load_records(records_path)
+    labels = {json.loads(x)["record_id"]: json.loads(x)["label"] for x in labels_path.read_text().splitlines()}
+    if args.quick:
+        recs = recs[:1500]
+    embedder = Embedder.load()
+    t = time.perf_counter()
+    vectors = embedder.embed([r["text"] for r in recs])
+    embed_s = time.perf_counter() - t
+    print(f"embedded {len(recs)} records in {embed_s:.1f}s", file=sys.stderr)
+    y_all = np.array([labels[r["id"]] == POS for r in recs], dtype=int)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = {"continuous (product)": ProductLoop(Path(tmp) / "cont", embedder, None),
+                 "periodic full retrain": ProductLoop(Path(tmp) / "full", embedder, 10),
+                 "frozen first model": ProductLoop(Path(tmp) / "frozen", embedder, None, frozen_after=5)}
+        probs = {name: [] for name in [*loops, "no-change baseline", "river"]}
+        rv, rv_s = river_model(), 0.0
+        prev_majority = 0.5
+        batches = [(i, recs[i:i + args.batch]) for i in range(0, len(recs), args.batch)]
+        for n, (start, batch) in enumerate(batches):
+            ids = [r["id"] for r in batch]
+            vecs = vectors[start:start + len(batch)]
+            for name, loop in loops.items():
+                loop.add_records(batch, vecs)
+                p = loop.predict(ids)
+                # no model yet (the stream opens with one class): fall back to the baseline's guess
+                probs[name].append(np.where(np.isnan(p), prev_majority, p))
+            probs["no-change baseline"].append(np.full(len(batch), prev_majority))
+            t = time.perf_counter()
+            xs = [river_x(r, v) for r, v in zip(batch, vecs)]
+            probs["river"].append(np.array([rv.predict_proba_one(x).get(True, prev_majority) for x in xs]))
+            for x, r in zip(xs, batch):
+                rv.learn_one(x, labels[r["id"]] == POS)
+            rv_s += time.perf_counter() - t
+            for loop in loops.values():
+                loop.learn(batch, labels)
+            prev_majority = float(np.mean([labels[i] == POS for i in ids]) >= 0.5)
+            if n % 10 == 0:
+                print(f"batch {n + 1}/{len(batches)}", file=sys.stderr)
+        first = len(batches[0][1])
+        results = {}
+        for name, parts in probs.items():
+            p = np.concatenate(parts)[first:]
+            results[name] = scores(y_all[first:], p)
+            results[name]["compute_s"] = round(loops[name].seconds if name in loops else
+                                               (rv_s if name == "river" else 0.0), 2)
+        versions = {name: len(loop.registry.list()) for name, loop in loops.items()}
+    single_class = sum(len({labels[r["id"]] for r in b}) == 1 for _, b in batches)
+    print(f"\n{len(recs)} records, {len(batches)} batches of {args.batch} ({single_class} single-class), "
+          f"scored before their labels were revealed:\n")
+    print(f"{'method':<24}{'accuracy':>9}{'macro-F1':>10}{'ROC-AUC':>9}{'compute s':>11}")
+    for name, r in results.items():
+        print(f"{name:<24}{r['accuracy']:>9.4f}{r['macro_f1']:>10.4f}{(r['roc_auc'] or float('nan')):>9.4f}"
+              f"{r['compute_s']:>11.2f}")
+    figures = {"bench": "stream_quality", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": platform.machine(), "records": len(recs), "batch": args.batch,
+               "single_class_batches": single_class, "embed_s": round(embed_s, 1), "results": results,
+               "model_versions": versions}
+    out = ROOT / "bench" / "results" / "stream_quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
