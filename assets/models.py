@@ -30,7 +30,7 @@ def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
                  embedder: EmbedderResource) -> dg.MaterializeResult:
     s = sentinel.settings
     store = sentinel.store()
-    ts = load_training_set(store, embedder.model_id, s.positive_label, s.valid_share, s.golden_share)
+    ts = load_training_set(store, embedder.model_id, s.positive_label, s.valid_share, s.golden_share, s.valid_max)
     learning.persist_training_set(store, ts, embedder.model_id)
     counts = ts.frame["split"].value_counts().to_dict()
     return dg.MaterializeResult(

@@ -83,7 +83,7 @@ def main() -> int:
             cons.close()
             plan_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            results = [fs.ingest_range(store, settings, r, frozenset({"spam", "ham"})) for r in plan.to_request]
+            [fs.ingest_range(store, settings, r, frozenset({"spam", "ham"})) for r in plan.to_request]
             ingest_s = time.perf_counter() - t1
             with store.connect(read_only=True) as con:
                 rows = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]

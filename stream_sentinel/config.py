@@ -102,6 +102,7 @@ class Settings:
     positive_label: str = "spam"
     valid_share: float = 0.2
     golden_share: float = 0.1
+    valid_max: int = 200
     promotion_metric: str = "roc_auc"  # roc_auc | f1 | log_loss
     promotion_margin: float = 0.01
     retrain_min_labels: int = 50
@@ -138,6 +139,7 @@ class Settings:
             positive_label=os.environ.get("STREAM_SENTINEL_POSITIVE_LABEL") or d.positive_label,
             valid_share=_env_num("STREAM_SENTINEL_VALID_SHARE", d.valid_share),
             golden_share=_env_num("STREAM_SENTINEL_GOLDEN_SHARE", d.golden_share),
+            valid_max=_env_num("STREAM_SENTINEL_VALID_MAX", d.valid_max, int),
             promotion_metric=os.environ.get("STREAM_SENTINEL_PROMOTION_METRIC") or d.promotion_metric,
             promotion_margin=_env_num("STREAM_SENTINEL_PROMOTION_MARGIN", d.promotion_margin),
             retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic import fsync_dir, fsync_file, pause_point, write_bytes_atomic
+from .atomic import fsync_path, pause_point, write_bytes_atomic
 
 POINTER = "CURRENT"
 
@@ -142,11 +142,11 @@ class IndexStore:
         tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         faiss.write_index(index, str(tmp / "index.faiss"))
-        fsync_file(tmp / "index.faiss")
+        fsync_path(tmp / "index.faiss")
         pq.write_table(pa.table({"vec_id": pa.array(np.asarray(vec_ids, dtype=np.int64)),
                                  "record_id": pa.array(record_ids, type=pa.string())}),
                        tmp / "ids.parquet")
-        fsync_file(tmp / "ids.parquet")
+        fsync_path(tmp / "ids.parquet")
         pause_point("index_files_written")
         meta = IndexMeta(
             version=version, parent_version=parent_version, model_id=model_id, dim=int(index.d),
@@ -154,10 +154,10 @@ class IndexStore:
             built_at=datetime.now(timezone.utc).isoformat(), data_version=data_version(model_id, vec_ids),
             duration_ms=round((time.perf_counter() - started) * 1000, 1))
         (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        fsync_file(tmp / "meta.json")
-        fsync_dir(tmp)
+        fsync_path(tmp / "meta.json")
+        fsync_path(tmp)
         os.rename(tmp, self.root / version)
-        fsync_dir(self.root)
+        fsync_path(self.root)
         pause_point("index_before_pointer_swap")
         write_bytes_atomic(self.root / POINTER, (version + "\n").encode())
         self.prune()

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from .models import (HIGHER_IS_BETTER, FeatureSpec, Reference, TrainingSet, TrainParams, fit_feature_spec,
-                     frame_features, load_training_set, metrics, paired_bootstrap, params_dict, train_continued,
-                     train_full)
+                     frame_features, labelled_frame, load_training_set, metrics, paired_bootstrap, params_dict,
+                     train_continued, train_full)
 from .registry import ModelRegistry, Version
-from .store import Store
+from .store import Store, vectors_from_arrow
 
 
 def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str) -> None:
@@ -48,17 +48,7 @@ def training_set_for_version(store: Store, data_version: str, embedding_model_id
                WHERE t.data_version = ? ORDER BY r.event_time, t.record_id""",
             params=[embedding_model_id, data_version]).to_arrow_table()
     positive = pos[0][0]
-    df = pd.DataFrame({"record_id": table.column("record_id").to_pylist(), "label": table.column("label").to_pylist(),
-                       "split": table.column("split").to_pylist(),
-                       "event_time": table.column("event_time").to_pandas(),
-                       "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
-    if len(df):
-        dim = len(table.column("vector")[0])
-        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        df["vector"] = list(np.asarray(flat, dtype=np.float32).reshape(len(df), dim))
-    else:
-        df["vector"] = []
-    df["y"] = (df["label"] == positive).astype(int)
+    df = labelled_frame(table, positive)
     return TrainingSet(data_version, df, positive)
 
 
@@ -189,11 +179,9 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
             params=[embedding_model_id, version]).to_arrow_table()
     if table.num_rows == 0:
         return 0
-    dim = len(table.column("vector")[0])
-    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     frame = pd.DataFrame({"record_id": table.column("record_id").to_pylist(),
                           "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
-    frame["vector"] = list(np.asarray(flat, dtype=np.float32).reshape(len(frame), dim))
+    frame["vector"] = list(vectors_from_arrow(table.column("vector"), len(frame)))
     probs = predict(booster, spec, frame, ref)
     negative = "ham" if ts.positive_label == "spam" else f"not_{ts.positive_label}"
     out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import Store
+from .store import Store, vectors_from_arrow
 
 
 @dataclass
@@ -37,6 +37,21 @@ class TrainingSet:
         return self.frame[self.frame["split"] == name]
 
 
+def labelled_frame(table, positive_label: str) -> pd.DataFrame:
+    """Arrow rows (record_id, label, [split], event_time, features, vector) as the training frame."""
+    df = pd.DataFrame({
+        "record_id": table.column("record_id").to_pylist(),
+        "label": table.column("label").to_pylist(),
+        "event_time": table.column("event_time").to_pandas(),
+        "features": [json.loads(f) if f else {} for f in table.column("features").to_pylist()],
+    })
+    if "split" in table.column_names:
+        df["split"] = table.column("split").to_pylist()
+    df["vector"] = list(vectors_from_arrow(table.column("vector"), len(df)))
+    df["y"] = (df["label"] == positive_label).astype(int)
+    return df
+
+
 def _golden(record_id: str, share: float) -> bool:
     """A fixed slice: membership depends only on the id, so it never drifts as data grows."""
     h = int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
@@ -44,7 +59,7 @@ def _golden(record_id: str, share: float) -> bool:
 
 
 def load_training_set(store: Store, model_id: str, positive_label: str, valid_share: float = 0.2,
-                      golden_share: float = 0.1) -> TrainingSet:
+                      golden_share: float = 0.1, valid_max: int = 200) -> TrainingSet:
     """Resolved (non-conflicting) labels joined with records and their current embeddings."""
     with store.connect(read_only=True) as con:
         table = con.sql(
@@ -52,23 +67,12 @@ def load_training_set(store: Store, model_id: str, positive_label: str, valid_sh
                FROM labels l JOIN records r ON r.id = l.record_id
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
                WHERE l.status = 'resolved' ORDER BY r.event_time, l.record_id""", params=[model_id]).to_arrow_table()
-    df = pd.DataFrame({
-        "record_id": table.column("record_id").to_pylist(),
-        "label": table.column("label").to_pylist(),
-        "event_time": table.column("event_time").to_pandas(),
-        "features": [json.loads(f) if f else {} for f in table.column("features").to_pylist()],
-    })
-    if len(df):
-        dim = len(table.column("vector")[0])
-        flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vecs = np.asarray(flat, dtype=np.float32).reshape(len(df), dim)
-    else:
-        vecs = np.zeros((0, 0), dtype=np.float32)
-    df["vector"] = list(vecs)
-    df["y"] = (df["label"] == positive_label).astype(int)
+    df = labelled_frame(table, positive_label)
     golden = df["record_id"].map(lambda r: _golden(r, golden_share))
     rest = df.index[~golden]
-    n_valid = int(round(len(rest) * valid_share))
+    # the latest share, capped: on a long stream an uncapped 20 % would keep the newest
+    # thousands of labels out of training, and the model would learn ever further behind
+    n_valid = min(int(round(len(rest) * valid_share)), valid_max)
     split = pd.Series("train", index=df.index)
     split[golden] = "golden"
     if n_valid:
@@ -146,6 +150,8 @@ def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict],
         k = min(spec.knn_k + 1, len(ref.vectors))
         sims, idx = index.search(vectors, k)
         ref_ids = np.array(ref.ids, dtype=object)
+        pos_share = float(np.clip(ref.y.mean(), 1e-3, 1 - 1e-3))
+        inv_pos, inv_neg = 0.5 / pos_share, 0.5 / (1 - pos_share)
         for i in range(n):
             keep = idx[i] >= 0
             if ids is not None:
@@ -154,7 +160,9 @@ def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict],
             if not len(j):
                 continue
             yy = ref.y[j]
-            w = np.clip(s, 1e-3, None)
+            # class-balanced: each neighbour weighs similarity / its class's share of the reference,
+            # so a stream that opens with 99 % spam does not make every neighbourhood look like spam
+            w = np.clip(s, 1e-3, None) * np.where(yy == 1, inv_pos, inv_neg)
             knn[i] = [float((w * yy).sum() / w.sum()), float(s.mean()),
                       float(s[yy == 1].max()) if (yy == 1).any() else -1.0,
                       float(s[yy == 0].max()) if (yy == 0).any() else -1.0]
@@ -186,7 +194,7 @@ class TrainParams:
     def lgb_params(self) -> dict:
         return {"objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
                 "min_data_in_leaf": self.min_data_in_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.9,
-                "bagging_freq": 1, "seed": self.seed, "deterministic": True, "force_row_wise": True,
+                "bagging_freq": 1, "is_unbalance": True, "seed": self.seed, "deterministic": True, "force_row_wise": True,
                 "num_threads": 2, "verbose": -1}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .index import IndexMeta, IndexStore, new_flat_index, plan_mode
-from .store import Store
+from .store import Store, vectors_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,8 @@ def _fetch_vectors(store: Store, model_id: str, dim: int, only: np.ndarray | Non
         table = rel.to_arrow_table()
     vec_ids = table.column("vec_id").to_numpy().astype(np.int64)
     record_ids = table.column("record_id").to_pylist()
-    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vectors = np.ascontiguousarray(flat, dtype=np.float32).reshape(len(vec_ids), dim)
-    return vec_ids, record_ids, vectors
+    vectors = vectors_from_arrow(table.column("vector"), len(vec_ids))
+    return vec_ids, record_ids, vectors.reshape(len(vec_ids), dim)
 
 
 def embedded_vec_ids(store: Store, model_id: str) -> np.ndarray:

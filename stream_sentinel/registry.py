@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir, fsync_file, pause_point, write_bytes_atomic
+from .atomic import fsync_path, pause_point, write_bytes_atomic
 from .models import FeatureSpec, file_sha256
 from .store import Store
 
@@ -130,10 +130,10 @@ class ModelRegistry:
                 "sha256": sha, "created_at": _now().isoformat()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
-            fsync_file(f)
-        fsync_dir(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         os.rename(tmp, self.root / version)
-        fsync_dir(self.root)
+        fsync_path(self.root)
         with self.store.transaction() as con:
             con.execute(
                 """INSERT INTO model_versions VALUES (?, ?, ?, 'candidate', ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)""",

@@ -256,6 +256,16 @@ CREATE OR REPLACE VIEW current_predictions AS
 """
 
 
+def vectors_from_arrow(column, n: int):
+    """A DuckDB FLOAT[] column (Arrow list) as an (n, dim) float32 array, without a Python loop."""
+    import numpy as np
+
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(n, -1)
+
+
 class StoreBusy(RuntimeError):
     """Another process held the DuckDB file for longer than we were willing to wait."""
 

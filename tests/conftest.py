@@ -43,6 +43,12 @@ def demo_records() -> list[dict]:
     return demo.load_records(records_path)
 
 
+@pytest.fixture(scope="session")
+def demo_labels():
+    _, labels_path = demo.convert(quiet=True)
+    return {json.loads(x)["record_id"]: json.loads(x)["label"] for x in labels_path.read_text().splitlines()}
+
+
 @pytest.fixture
 def instance():
     with dg.instance_for_test() as inst:
@@ -53,6 +59,25 @@ def record(i: int | str, text: str | None = None, **extra) -> dict:
     r = {"id": f"r{i}", "text": text or f"record number {i}", "event_time": "2024-05-01T12:00:00Z"}
     r.update(extra)
     return r
+
+
+def kill_when_paused(args: list[str], pause_at: str, marker: Path, timeout_s: float = 120) -> None:
+    """Run ``args`` until it reaches the pause point ``pause_at``, then SIGKILL it: a crash at
+    exactly that step (see stream_sentinel.atomic.pause_point)."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": pause_at, "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
+    proc = subprocess.Popen(args, env=env)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists():
+            assert proc.poll() is None, f"the process exited before reaching {pause_at}"
+            assert time.monotonic() < deadline, f"the process did not reach {pause_at} in {timeout_s}s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def drop(folder: Path, name: str, content: str | bytes | list | dict, *, age: float = 30.0) -> Path:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 
-import pytest
-
 from stream_sentinel import ingest
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.store import Store
 
-from .conftest import create_topic, start_broker
+from .conftest import create_topic, kill_when_paused, start_broker
 
 
 def vote(rid, label="spam", source="alice", confidence=1.0, ts="2024-05-01T12:00:00Z"):
@@ -165,18 +164,9 @@ def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, t
     plan = tick(paths, instance, flush=True)  # unkeyed: a partition may hold fewer than the batch size
     (first, *rest) = plan.run_requests
     cfg = first.run_config["ops"]["feedback"]["config"]
-    marker = tmp_path / "paused"
-    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": pause_at, "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(paths.db), bootstrap, cfg["topic"],
-                             str(cfg["partition"]), str(cfg["start_offset"]), str(cfg["end_offset"])], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused([sys.executable, "-c", KILLED_RUN, str(paths.db), bootstrap, cfg["topic"],
+                      str(cfg["partition"]), str(cfg["start_offset"]), str(cfg["end_offset"])],
+                     pause_at, tmp_path / "paused")
     for r in plan.run_requests:  # the retry, then the other partitions
         execute(paths, instance, r)
     assert count(paths) == 300

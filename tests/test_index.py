@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +11,8 @@ import pytest
 
 from stream_sentinel.index import IndexStore
 from stream_sentinel.pipeline import update_index
+
+from .conftest import kill_when_paused
 
 DIM = 16
 MODEL = "test-model@sha256:0000"
@@ -94,6 +92,8 @@ PAUSED_WRITER = textwrap.dedent("""
     import sys
     from stream_sentinel.index import IndexStore
     from stream_sentinel.pipeline import update_index
+
+from .conftest import kill_when_paused
     from stream_sentinel.store import Store
     update_index(Store(sys.argv[1]), IndexStore(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 """)
@@ -105,19 +105,8 @@ def test_writer_killed_mid_write_leaves_previous_version_intact(paths, store, tm
     add_vectors(store, 1, 100)
     before = update_index(store, ist, MODEL, DIM).meta
     add_vectors(store, 101, 10)
-    marker = tmp_path / "paused"
-    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": pause_at, "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, str(paths.db), str(paths.index), MODEL, str(DIM)],
-                            env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, "writer exited before reaching the pause point"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused([sys.executable, "-c", PAUSED_WRITER, str(paths.db), str(paths.index), MODEL, str(DIM)],
+                     pause_at, tmp_path / "paused", timeout_s=60)
     # readers still get the complete previous version
     assert ist.current_version() == before.version
     loaded = ist.load()

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pandas as pd
-import pytest
 
 from stream_sentinel import feedback as fb
 from stream_sentinel import ingest, learning, pipeline
@@ -20,7 +16,7 @@ from stream_sentinel.definitions import build_definitions
 from stream_sentinel.models import TrainParams, load_training_set
 from stream_sentinel.registry import ModelRegistry
 
-from .conftest import drop
+from .conftest import drop, kill_when_paused
 
 WINDOW = slice(1000, 1500)  # a stretch of the demo stream with both spam and ham
 
@@ -37,14 +33,6 @@ def ingest_with_labels(paths, store, embedder, demo_records, labels, part: slice
                        pd.Timestamp("2024-01-01", tz="UTC").to_pydatetime()) for i, r in enumerate(recs)]
     fb.write(store, events, [], "file")
     fb.resolve_labels(store, fb.ConsensusConfig())
-
-
-@pytest.fixture(scope="session")
-def demo_labels():
-    from stream_sentinel import demo
-
-    _, labels_path = demo.convert(quiet=True)
-    return {json.loads(x)["record_id"]: json.loads(x)["label"] for x in labels_path.read_text().splitlines()}
 
 
 def candidate(registry, store, embedder, full=False):
@@ -168,18 +156,8 @@ def test_process_killed_during_promotion_leaves_exactly_one_consistent_champion(
     registry.promote(m1, None, "test")
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
     m2 = candidate(registry, store, embedder).version.version
-    marker = tmp_path / "paused"
-    env = {**os.environ, "STREAM_SENTINEL_PAUSE_AT": "promotion_after_pointer",
-           "STREAM_SENTINEL_PAUSE_FILE": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-c", PROMOTER, str(paths.models), str(paths.db), m2], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_paused([sys.executable, "-c", PROMOTER, str(paths.models), str(paths.db), m2],
+                     "promotion_after_pointer", tmp_path / "paused", timeout_s=60)
     # the pointer moved, the mirror did not: the next reader repairs it
     assert registry.champion_version() == m2
     assert registry.reconcile() == m2
