@@ -3,11 +3,13 @@
 from .checks import checks_job, index_checks
 from .feedback import feedback, feedback_job, labels
 from .ingest import embeddings, ingest_job, raw_records, vector_index
-from .models import champion, learning_alerts, live_accuracy, model, predictions, training_job, training_set
+from .models import (champion, learning_alerts, live_accuracy, model, predictions, training_job, training_set,
+                     weekly_full_retrain)
 from .partitions import daily_arrivals
 
 all_assets = [raw_records, embeddings, vector_index, feedback, labels, training_set, model, champion, predictions, live_accuracy]
 all_checks = [*index_checks, learning_alerts]
 all_jobs = [ingest_job, checks_job, feedback_job, training_job]
+all_schedules = [weekly_full_retrain]
 
-__all__ = ["all_assets", "all_checks", "all_jobs", "daily_arrivals", "feedback_job", "ingest_job", "training_job"]
+__all__ = ["all_assets", "all_checks", "all_jobs", "all_schedules", "daily_arrivals", "feedback_job", "ingest_job", "training_job"]

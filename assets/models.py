@@ -181,3 +181,9 @@ def learning_alerts(context: dg.AssetCheckExecutionContext, sentinel: StreamSent
 training_job = dg.define_asset_job(
     "training_job", selection=[training_set, model, champion, predictions, live_accuracy],
     description="labels -> training_set -> candidate -> gated promotion -> predictions.")
+
+weekly_full_retrain = dg.ScheduleDefinition(
+    name="weekly_full_retrain", job=training_job, cron_schedule="0 3 * * 0", execution_timezone="UTC",
+    run_config={"ops": {"model": {"config": {"full": True}}}}, default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="A full retrain every Sunday 03:00 UTC (refits the PCA and the trees from all labels), "
+    "gated like every candidate.")

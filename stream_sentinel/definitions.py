@@ -11,7 +11,7 @@ import os
 
 import dagster as dg
 
-from assets import all_assets, all_checks, all_jobs
+from assets import all_assets, all_checks, all_jobs, all_schedules
 from resources import EmbedderResource, KafkaResource, StreamSentinelResource
 from sensors import build_feedback_sensors, build_raw_files_sensor, build_retrain_sensor
 from stream_sentinel.config import Settings
@@ -33,6 +33,7 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
         assets=all_assets,
         asset_checks=all_checks,
         jobs=all_jobs,
+        schedules=all_schedules,
         sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings), build_retrain_sensor(settings),
                  # declarative automation for the middle of the graph (vector_index after an
                  # embeddings backfill, labels when late records land), on out of the box

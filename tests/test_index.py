@@ -92,8 +92,6 @@ PAUSED_WRITER = textwrap.dedent("""
     import sys
     from stream_sentinel.index import IndexStore
     from stream_sentinel.pipeline import update_index
-
-from .conftest import kill_when_paused
     from stream_sentinel.store import Store
     update_index(Store(sys.argv[1]), IndexStore(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 """)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import dagster as dg
 import pandas as pd
 
 from stream_sentinel import feedback as fb
@@ -104,6 +105,10 @@ def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, sto
     assert not check.passed
     assert "below" in check.description
     assert registry.champion_version() == champion
+    warn = {c.check_name: c for c in bad.get_asset_check_evaluations() if c.check_name != "candidate_beats_champion"}
+    assert set(warn) == {"update_failure_rate", "updates_under_1s", "score_not_degrading"}
+    assert all(c.severity == dg.AssetCheckSeverity.WARN for c in warn.values())
+    assert warn["update_failure_rate"].passed  # a rejection is not a failed update
     rejected = [v for v in registry.list() if v.status == "rejected"]
     assert len(rejected) == 1 and rejected[0].parent_version == champion
     assert not bad.asset_materializations_for_node("champion")
