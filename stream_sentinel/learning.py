@@ -67,10 +67,34 @@ def _prior_ids(store: Store, data_version: str) -> set[str]:
                                           [data_version]).fetchall()}
 
 
-def predict(booster, spec: FeatureSpec, frame: pd.DataFrame, ref: Reference) -> np.ndarray:
+def _outgrown(registry: ModelRegistry, parent: Version, n_train: int, growth: float) -> bool:
+    """True when the training split is ``growth`` times the one of the parent's last full version
+    (like the index's rebuild rule: grow in place while small, rebuild past a threshold)."""
+    v: Version | None = parent
+    while v is not None and v.strategy != "full":
+        v = registry.get(v.parent_version) if v.parent_version else None
+    if v is None:
+        return True
+    return n_train >= growth * max(1, v.training_samples)
+
+
+def predict(booster, spec: FeatureSpec, frame: pd.DataFrame, ref: Reference, leave_one_out: bool = False
+            ) -> np.ndarray:
     if not len(frame):
         return np.zeros(0)
-    return booster.predict(frame_features(spec, frame, ref, leave_one_out=False))
+    return booster.predict(frame_features(spec, frame, ref, leave_one_out=leave_one_out))
+
+
+def current_reference(store: Store, embedding_model_id: str, positive_label: str) -> Reference:
+    """Every resolved label right now: the neighbours a record is scored against. New labels
+    change predictions at once, before any retraining (the trees stay those of the version)."""
+    with store.connect(read_only=True) as con:
+        table = con.sql(
+            """SELECT l.record_id, l.label, r.event_time, r.features, e.vector FROM labels l
+               JOIN records r ON r.id = l.record_id
+               JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
+               WHERE l.status = 'resolved'""", params=[embedding_model_id]).to_arrow_table()
+    return Reference.from_frame(labelled_frame(table, positive_label))
 
 
 def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embedding_model_id: str,
@@ -85,6 +109,8 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
     ref = Reference.from_frame(train)
     booster = spec = None
     strategy, batch = "full", train
+    if parent is not None and not full and _outgrown(registry, parent, len(train), params.refit_growth):
+        full = True  # the frozen PCA and early trees were fitted on a much smaller, older stream
     if parent is not None and not full and parent.embedding_model_id == embedding_model_id:
         seen = _prior_ids(store, parent.training_set_version)
         new = train[~train["record_id"].isin(seen)]
@@ -169,8 +195,10 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
                    role: str, router) -> int:
     v = registry.get(version)
     booster, spec = registry.load(version)
-    ts = training_set_for_version(store, v.training_set_version, embedding_model_id)
-    ref = Reference.from_frame(ts.frame)  # every labelled row the version's training set named
+    with store.connect(read_only=True) as con:
+        positive = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
+                               [v.training_set_version]).fetchall()[0][0]
+    ref = current_reference(store, embedding_model_id, positive)
     with store.connect(read_only=True) as con:
         table = con.sql(
             """SELECT r.id AS record_id, r.features, e.vector FROM records r
@@ -182,10 +210,10 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
     frame = pd.DataFrame({"record_id": table.column("record_id").to_pylist(),
                           "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
     frame["vector"] = list(vectors_from_arrow(table.column("vector"), len(frame)))
-    probs = predict(booster, spec, frame, ref)
-    negative = "ham" if ts.positive_label == "spam" else f"not_{ts.positive_label}"
+    probs = predict(booster, spec, frame, ref, leave_one_out=True)  # a labelled record never sees itself
+    negative = "ham" if positive == "spam" else f"not_{positive}"
     out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,
-                        "probability": probs, "label": np.where(probs >= 0.5, ts.positive_label, negative),
+                        "probability": probs, "label": np.where(probs >= 0.5, positive, negative),
                         "served": [router(r) == role for r in frame["record_id"]],
                         "scored_at": pd.Timestamp.now(tz="UTC")})
     with store.transaction() as con:

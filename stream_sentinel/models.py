@@ -190,6 +190,7 @@ class TrainParams:
     num_leaves: int = 15
     min_data_in_leaf: int = 10
     replay: int = 500  # older labelled rows mixed into each continued-training batch (against forgetting)
+    refit_growth: float = 2.0  # full retrain once the training split doubled since the last full version
 
     def lgb_params(self) -> dict:
         return {"objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
