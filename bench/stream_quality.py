@@ -78,11 +78,14 @@ class ProductLoop:
         champion = self.registry.champion_version()
         self.seconds += time.perf_counter() - started
         if champion is None:
-            return np.full(len(ids), np.nan)
+            return np.full(len(ids), np.nan), np.full(len(ids), np.nan)
         with self.store.connect(read_only=True) as con:
-            probs = dict(con.execute("SELECT record_id, probability FROM predictions WHERE model_version = ?",
-                                     [champion]).fetchall())
-        return np.array([probs.get(i, np.nan) for i in ids])
+            rows = {r: (p, lab == POS) for r, p, lab in con.execute(
+                "SELECT record_id, probability, label FROM predictions WHERE model_version = ?",
+                [champion]).fetchall()}
+        # the product's own answer (its decision threshold) for accuracy and F1; probabilities for AUC
+        return (np.array([rows[i][0] if i in rows else np.nan for i in ids]),
+                np.array([float(rows[i][1]) if i in rows else np.nan for i in ids]))
 
     def learn(self, recs: list[dict], labels: dict[str, str]) -> None:
         self.batches += 1
@@ -136,10 +139,8 @@ def river_x(rec: dict, vec: np.ndarray) -> dict:
     return x
 
 
-def scores(y: np.ndarray, p: np.ndarray) -> dict:
-    ok = ~np.isnan(p)
-    y, p = y[ok], p[ok]
-    pred = (p >= 0.5).astype(int)
+def scores(y: np.ndarray, p: np.ndarray, hard: np.ndarray | None = None) -> dict:
+    pred = (p >= 0.5).astype(int) if hard is None else hard.astype(int)
     return {"n": int(len(y)), "accuracy": round(float(accuracy_score(y, pred)), 4),
             "macro_f1": round(float(f1_score(y, pred, average="macro")), 4),
             "roc_auc": round(float(roc_auc_score(y, p)), 4) if len(set(y.tolist())) == 2 else None}
@@ -167,6 +168,7 @@ def main() -> int:
                  "periodic full retrain": ProductLoop(Path(tmp) / "full", embedder, 10),
                  "frozen first model": ProductLoop(Path(tmp) / "frozen", embedder, None, frozen_after=5)}
         probs = {name: [] for name in [*loops, "no-change baseline", "river"]}
+        labels_hat: dict[str, list] = {name: [] for name in loops}
         rv, rv_s = river_model(), 0.0
         prev_majority = 0.5
         batches = [(i, recs[i:i + args.batch]) for i in range(0, len(recs), args.batch)]
@@ -175,9 +177,10 @@ def main() -> int:
             vecs = vectors[start:start + len(batch)]
             for name, loop in loops.items():
                 loop.add_records(batch, vecs)
-                p = loop.predict(ids)
+                p, hard = loop.predict(ids)
                 # no model yet (the stream opens with one class): fall back to the baseline's guess
                 probs[name].append(np.where(np.isnan(p), prev_majority, p))
+                labels_hat[name].append(np.where(np.isnan(hard), prev_majority, hard))
             probs["no-change baseline"].append(np.full(len(batch), prev_majority))
             t = time.perf_counter()
             xs = [river_x(r, v) for r, v in zip(batch, vecs)]
@@ -194,7 +197,8 @@ def main() -> int:
         results = {}
         for name, parts in probs.items():
             p = np.concatenate(parts)[first:]
-            results[name] = scores(y_all[first:], p)
+            hard = np.concatenate(labels_hat[name])[first:] if name in labels_hat else None
+            results[name] = scores(y_all[first:], p, hard)
             results[name]["compute_s"] = round(loops[name].seconds if name in loops else
                                                (rv_s if name == "river" else 0.0), 2)
         versions = {name: len(loop.registry.list()) for name, loop in loops.items()}

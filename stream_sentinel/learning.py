@@ -67,6 +67,17 @@ def _prior_ids(store: Store, data_version: str) -> set[str]:
                                           [data_version]).fetchall()}
 
 
+def decision_threshold(y: np.ndarray, p: np.ndarray, min_rows: int = 50) -> float:
+    """The probability cut that maximises accuracy on the validation slice (0.5 without enough
+    data): class priors move on a stream, and a model can rank well yet sit on the wrong cut."""
+    if len(y) < min_rows or len(set(y.tolist())) < 2:
+        return 0.5
+    grid = np.linspace(0.05, 0.95, 91)
+    acc = [((p >= t).astype(int) == y).mean() for t in grid]
+    best = float(grid[int(np.argmax(acc))])
+    return round(best, 2)
+
+
 def _outgrown(registry: ModelRegistry, parent: Version, n_train: int, growth: float) -> bool:
     """True when the training split is ``growth`` times the one of the parent's last full version
     (like the index's rebuild rule: grow in place while small, rebuild past a threshold)."""
@@ -132,8 +143,10 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
         X = frame_features(spec, train, ref, leave_one_out=True)
         booster = train_full(X, train["y"].to_numpy(), spec.names, params)
     valid, golden = ts.split("valid"), ts.split("golden")
-    m = {"valid": metrics(valid["y"].to_numpy(), predict(booster, spec, valid, ref)),
-         "golden": metrics(golden["y"].to_numpy(), predict(booster, spec, golden, ref))}
+    p_valid = predict(booster, spec, valid, ref)
+    m = {"valid": metrics(valid["y"].to_numpy(), p_valid),
+         "golden": metrics(golden["y"].to_numpy(), predict(booster, spec, golden, ref)),
+         "threshold": decision_threshold(valid["y"].to_numpy(), p_valid)}
     version = registry.save(booster, spec, parent=parent.version if parent else None, strategy=strategy,
                             params=params_dict(params), metrics=m, training_samples=len(batch),
                             training_set_version=ts.data_version, embedding_model_id=embedding_model_id)
@@ -212,8 +225,9 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
     frame["vector"] = list(vectors_from_arrow(table.column("vector"), len(frame)))
     probs = predict(booster, spec, frame, ref, leave_one_out=True)  # a labelled record never sees itself
     negative = "ham" if positive == "spam" else f"not_{positive}"
+    cut = float(v.metrics.get("threshold", 0.5))
     out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,
-                        "probability": probs, "label": np.where(probs >= 0.5, positive, negative),
+                        "probability": probs, "label": np.where(probs >= cut, positive, negative),
                         "served": [router(r) == role for r in frame["record_id"]],
                         "scored_at": pd.Timestamp.now(tz="UTC")})
     with store.transaction() as con:
