@@ -140,8 +140,8 @@ def ingest_range(store: Store, settings: kf.KafkaSettings, rng: OffsetRange,
                                allowed_labels)
             (events if isinstance(item, fb.Event) else rejects).append(item)
         dlq = f"{rng.topic}.dlq"
-        fresh_rejects = [r for r in rejects
-                         if r.pos.offset not in fb.known_rejects(store, rng.topic, rng.partition, rng.start, rng.end)]
+        known = fb.known_rejects(store, rng.topic, rng.partition, rng.start, rng.end) if rejects else set()
+        fresh_rejects = [r for r in rejects if r.pos.offset not in known]
         if fresh_rejects:  # dead-letter first, then record: a crash in between re-sends, never loses
             prod = kf.producer(settings)
             kf.send_dlq(prod, dlq, fresh_rejects, rng.topic)
@@ -171,19 +171,23 @@ def _tp(topic: str, partition: int):
 def scan_files(paths: Paths, store: Store, debounce_s: float = 2.0) -> list[str]:
     """Register stable ``feedback/**/*.jsonl`` files by sha256; returns the pending ones."""
     wall = time.time()
+    with store.connect(read_only=True, timeout_s=20) as con:
+        # (path, size, mtime) already hashed: a tick re-reads only new or changed files
+        seen = set(con.execute("SELECT path, size, mtime_ns FROM feedback_files").fetchall())
     found = []
     for path in sorted(paths.feedback.rglob("*.jsonl")):
+        rel = str(path.relative_to(paths.feedback))
         if any(part.startswith(".") for part in path.relative_to(paths.feedback).parts) or path.is_symlink():
             continue
         st = path.stat()
-        if wall - st.st_mtime < debounce_s:
+        if wall - st.st_mtime < debounce_s or (rel, st.st_size, st.st_mtime_ns) in seen:
             continue
-        found.append((path, hashlib.sha256(path.read_bytes()).hexdigest()))
+        found.append((rel, st, hashlib.sha256(path.read_bytes()).hexdigest()))
     with store.transaction(timeout_s=20) as con:
-        for path, sha in found:
-            con.execute("INSERT INTO feedback_files (sha256, path, status, arrived_at) VALUES (?, ?, 'pending', ?) "
-                        "ON CONFLICT DO NOTHING",
-                        [sha, str(path.relative_to(paths.feedback)), datetime.now(timezone.utc)])
+        for rel, st, sha in found:
+            con.execute("INSERT INTO feedback_files (sha256, path, size, mtime_ns, status, arrived_at) "
+                        "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
+                        [sha, rel, st.st_size, st.st_mtime_ns, datetime.now(timezone.utc)])
         return [r[0] for r in con.execute(
             "SELECT sha256 FROM feedback_files WHERE status = 'pending' ORDER BY arrived_at, path").fetchall()]
 

@@ -161,6 +161,8 @@ CREATE TABLE IF NOT EXISTS kafka_lag (
 CREATE TABLE IF NOT EXISTS feedback_files (
     sha256 VARCHAR PRIMARY KEY,
     path VARCHAR NOT NULL,
+    size BIGINT,
+    mtime_ns BIGINT,
     status VARCHAR NOT NULL,             -- pending | processed | quarantined
     events BIGINT,
     rejects BIGINT,
@@ -266,6 +268,11 @@ def vectors_from_arrow(column, n: int):
     return np.ascontiguousarray(flat, dtype=np.float32).reshape(n, -1)
 
 
+# database files whose schema this process already created: sensors and assets make a new
+# Store per tick or run, and the DDL need not run again each time
+_SCHEMA_DONE: set[str] = set()
+
+
 class StoreBusy(RuntimeError):
     """Another process held the DuckDB file for longer than we were willing to wait."""
 
@@ -279,7 +286,7 @@ class Store:
     def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
-        self._schema_ready = False
+        self._schema_ready = str(self.path.absolute()) in _SCHEMA_DONE
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -306,6 +313,7 @@ class Store:
             if not read_only and not self._schema_ready:
                 con.execute(SCHEMA)
                 self._schema_ready = True
+                _SCHEMA_DONE.add(str(self.path.absolute()))
             yield con
         finally:
             con.close()
