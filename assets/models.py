@@ -55,11 +55,14 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
     registry = sentinel.registry()
     version = _latest_meta(context, "training_set")["data_version"]
     ts = learning.training_set_for_version(store, version, embedder.model_id)
+    drift_day = context.run.tags.get("stream_sentinel/drift_report")
+    cause = f"drift_report:{drift_day}" if drift_day else None
     res = learning.train_candidate(registry, store, ts, embedder.model_id,
-                                   TrainParams(replay=s.replay_size), full=config.full)
+                                   TrainParams(replay=s.replay_size), full=config.full, cause=cause)
     cand = res.version
     meta = {"candidate": cand.version if cand else "", "strategy": res.strategy, "reason": res.reason,
-            "training_set_version": version, "batch_size": res.batch_size, "duration_s": round(res.seconds, 3)}
+            "training_set_version": version, "batch_size": res.batch_size, "duration_s": round(res.seconds, 3),
+            "caused_by": cause or "labels"}
     if cand:
         meta.update({"semver": cand.semver, "parent": cand.parent_version or "", "sha256": cand.sha256,
                      "path": dg.MetadataValue.path(cand.path)})
@@ -70,7 +73,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
         yield dg.AssetCheckResult(check_name="candidate_beats_champion", passed=True,
                                   description=f"no candidate: {res.reason}")
         return
-    verdict = learning.judge(registry, store, cand.version, s.promotion_metric, s.promotion_margin)
+    verdict = learning.judge(registry, store, cand.version, s.promotion_metric, s.promotion_margin, ts=ts)
     if not verdict.passed:
         registry.reject(cand.version, verdict.reason)
         registry.event("rejection", cand.version, reason=verdict.reason, champion=registry.champion_version())

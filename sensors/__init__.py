@@ -1,7 +1,8 @@
-"""Sensors: only where outside events arrive (files in raw/, Kafka feedback, feedback files) and the retrain policy."""
+"""Sensors: only where outside events arrive (files in raw/, Kafka feedback, feedback files), the retrain policy and drift."""
 
+from .drift import build_drift_retrain_sensor
 from .feedback import build_feedback_sensors
 from .raw_files import build_raw_files_sensor
 from .training import build_retrain_sensor
 
-__all__ = ["build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor"]
+__all__ = ["build_drift_retrain_sensor", "build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor"]

@@ -30,6 +30,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; reports and models are for readers too
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

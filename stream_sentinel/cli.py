@@ -348,6 +348,105 @@ def cmd_model(args) -> int:
     return 2
 
 
+# ------------------------------------------------------------------------------ drift
+
+
+def _drift_human(d: dict) -> None:
+    if d.get("status") != "ok":
+        print(f"{d['window_key']}: {d['status']} - {d['message']}")
+    else:
+        emb = d.get("embedding_drift")
+        acc = d.get("accuracy")
+        print(f"{d['window_key']}: {'DRIFT' if d['drifted'] else 'no drift'}  "
+              f"share_drifted={d['share_drifted']:.2f} ({d['n_drifted']}/{d['n_features']} features)  "
+              f"embedding_drift={'n/a' if emb is None else round(emb, 4)}"
+              f"{' (drifted)' if d['embedding_drifted'] else ''}  "
+              f"accuracy={'n/a' if acc is None else round(acc, 4)} on {d['n_labelled']} labelled  "
+              f"rows={d['n_current']} vs reference {d['n_reference']}")
+        drifted = [c["column"] for c in d.get("columns", []) if c["drifted"]]
+        if drifted:
+            print(f"  drifted: {', '.join(drifted)}")
+    print(f"  reference: training set {d['reference_data_version'] or '-'} of {d['model_version'] or '-'}")
+    print(f"  report: {d['report_path']}")
+
+
+def cmd_drift(args) -> int:
+    from . import drift
+    from .embedding import model_id
+    from .registry import ModelRegistry
+    from .store import Store
+
+    paths = Paths.from_env().ensure()
+    store = Store(paths.db)
+    try:
+        cfg = drift.DriftConfig.from_env()
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    if args.drift_command == "show":
+        d = drift.latest(store, args.partition, None if args.partition else "partition")
+        if d is None:
+            _err(f"no drift report{' for ' + args.partition if args.partition else ' yet'}: "
+                 f"`stream-sentinel drift backfill --from DAY --to DAY` or `drift run` builds one")
+            return 1
+        _emit(d, args.json, _drift_human)
+        return 0
+    if args.drift_command == "run":
+        registry = ModelRegistry(paths.models, store)
+        try:
+            res = drift.run_range(store, registry, paths.reports, model_id(Settings.from_env().model_path),
+                                  args.start, args.end, args.time_field, cfg)
+        except ValueError as exc:
+            _err(str(exc))
+            return 2
+        d = drift.latest(store, res.window_key)
+        _emit(d, args.json, _drift_human)
+        return 0 if res.status == "ok" else 1
+    if args.drift_command == "backfill":
+        return _drift_backfill(args)
+    return 2
+
+
+def _drift_backfill(args) -> int:
+    """drift_report for every day of a range, one run per day, recorded in the Dagster instance
+    (the UI's backfill does the same through the daemon)."""
+    from datetime import date, timedelta
+
+    import dagster as dg
+
+    from .definitions import build_definitions
+
+    try:
+        first, last = date.fromisoformat(args.start), date.fromisoformat(args.end)
+    except ValueError as exc:
+        _err(f"--from/--to must be days (YYYY-MM-DD): {exc}")
+        return 2
+    if last < first:
+        _err(f"empty range: {first} .. {last}")
+        return 2
+    job = build_definitions().resolve_job_def("drift_job")
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    out, failed = [], 0
+    with instance:
+        day = first
+        while day <= last:
+            result = job.execute_in_process(partition_key=day.isoformat(), instance=instance, raise_on_error=False,
+                                            run_config=_console("WARNING"),
+                                            tags={"dagster/backfill": f"cli-{first}-{last}"})
+            meta = {}
+            for mat in result.asset_materializations_for_node("drift_report"):
+                meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+            out.append({"partition": day.isoformat(), "success": result.success, "run_id": result.run_id,
+                        "status": meta.get("status"), "drifted": meta.get("drifted"),
+                        "report_path": meta.get("report")})
+            failed += not result.success
+            day += timedelta(days=1)
+    _emit(out, args.json, lambda rows: [print(f"{r['partition']}: {'ok' if r['success'] else 'FAILED'} "
+                                              f"{r['status']} drifted={r['drifted']} {r['report_path']}")
+                                        for r in rows])
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------ check
 
 
@@ -541,6 +640,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "retrain":
             sp.add_argument("--full", action="store_true")
         sp.set_defaults(func=cmd_model)
+
+    dp = sub.add_parser("drift", help="drift reports: show, run an ad-hoc window, backfill days")
+    dsub = dp.add_subparsers(dest="drift_command", required=True)
+    ds = dsub.add_parser("show", help="headline of a day's report (default: the newest day)")
+    ds.add_argument("--partition", default=None, help="YYYY-MM-DD")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(func=cmd_drift)
+    dr = dsub.add_parser("run", help="a report for any window against the champion's training window")
+    dr.add_argument("--from", dest="start", required=True, help="ISO-8601 date or timestamp (UTC if no offset)")
+    dr.add_argument("--to", dest="end", required=True, help="ISO-8601 date (inclusive) or timestamp (exclusive)")
+    dr.add_argument("--time-field", choices=["event_time", "arrival"], default="event_time")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_drift)
+    db = dsub.add_parser("backfill", help="drift_report for every arrival day of a range (one run each)")
+    db.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
+    db.add_argument("--to", dest="end", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    db.add_argument("--json", action="store_true")
+    db.set_defaults(func=cmd_drift)
 
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
     ck.add_argument("--json", action="store_true")

@@ -186,7 +186,8 @@ def consensus(votes: pd.DataFrame, existing_records: Iterable[str], cfg: Consens
         scores = v.groupby(["record_id", "label"])["w"].sum().unstack(fill_value=0.0)
         top = scores.max(axis=1)
         total = scores.sum(axis=1)
-        second = scores.apply(lambda r: np.sort(r.values)[-2] if len(r) > 1 else 0.0, axis=1)
+        ranked = np.sort(scores.to_numpy(), axis=1)
+        second = pd.Series(ranked[:, -2] if ranked.shape[1] > 1 else 0.0, index=scores.index)
         margin = ((top - second) / total.where(total > 0, 1.0)).fillna(0.0)
         winner = scores.idxmax(axis=1)
         conflict = margin < cfg.conflict_margin

@@ -52,6 +52,17 @@ def training_set_for_version(store: Store, data_version: str, embedding_model_id
     return TrainingSet(data_version, df, positive)
 
 
+def _in_session(fn):
+    """Run a learning step on one held DuckDB connection (``store`` is the second argument)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(registry, store, *args, **kwargs):
+        with store.session():
+            return fn(registry, store, *args, **kwargs)
+    return wrapper
+
+
 @dataclass
 class CandidateResult:
     version: Version | None
@@ -101,16 +112,22 @@ def current_reference(store: Store, embedding_model_id: str, positive_label: str
     change predictions at once, before any retraining (the trees stay those of the version)."""
     with store.connect(read_only=True) as con:
         table = con.sql(
-            """SELECT l.record_id, l.label, r.event_time, r.features, e.vector FROM labels l
-               JOIN records r ON r.id = l.record_id
+            """SELECT l.record_id, l.label = ? AS y, e.vector FROM labels l
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
-               WHERE l.status = 'resolved'""", params=[embedding_model_id]).to_arrow_table()
-    return Reference.from_frame(labelled_frame(table, positive_label))
+               WHERE l.status = 'resolved' ORDER BY l.record_id""",
+            params=[positive_label, embedding_model_id]).to_arrow_table()
+    n = table.num_rows
+    vecs = vectors_from_arrow(table.column("vector"), n) if n else np.zeros((0, 1), np.float32)
+    return Reference(np.ascontiguousarray(vecs, dtype=np.float32),
+                     np.asarray(table.column("y").to_numpy(zero_copy_only=False), dtype=int),
+                     table.column("record_id").to_pylist())
 
 
+@_in_session
 def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embedding_model_id: str,
-                    params: TrainParams, full: bool = False) -> CandidateResult:
-    """Continue the champion on the new labels plus a replay sample, or train from scratch."""
+                    params: TrainParams, full: bool = False, cause: str | None = None) -> CandidateResult:
+    """Continue the champion on the new labels plus a replay sample, or train from scratch.
+    ``cause`` (e.g. ``drift_report:2024-03-02``) is kept with the update event for the audit trail."""
     started = time.perf_counter()
     train = ts.split("train")
     if train["y"].nunique() < 2:
@@ -156,7 +173,8 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
     improvement = (after.get("roc_auc", np.nan) - before.get("roc_auc", np.nan)) if before else None
     registry.event("update", version.version, batch_size=len(batch), samples=len(batch), before=before, after=after,
                    improvement=None if improvement is None or np.isnan(improvement) else float(improvement),
-                   duration_ms=round(seconds * 1000, 1), strategy=strategy, parent=parent.version if parent else None)
+                   duration_ms=round(seconds * 1000, 1), strategy=strategy, parent=parent.version if parent else None,
+                   **({"cause": cause} if cause else {}))
     return CandidateResult(version, strategy, "trained", len(batch), seconds)
 
 
@@ -173,14 +191,18 @@ class Verdict:
     reason: str
 
 
+@_in_session
 def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "roc_auc", margin: float = 0.01,
-          n_boot: int = 200, seed: int = 0) -> Verdict:
+          n_boot: int = 200, seed: int = 0, ts: TrainingSet | None = None) -> Verdict:
     """Non-inferiority on the validation slice of the candidate's own training set:
-    pass when the 5 % bootstrap bound of (candidate - champion) is above -margin."""
+    pass when the 5 % bootstrap bound of (candidate - champion) is above -margin.
+    ``ts``: that training set when the caller has it loaded already (it must be the one the
+    candidate names)."""
     cand = registry.get(candidate)
     if cand is None:
         raise KeyError(candidate)
-    ts = training_set_for_version(store, cand.training_set_version, cand.embedding_model_id)
+    if ts is None or ts.data_version != cand.training_set_version:
+        ts = training_set_for_version(store, cand.training_set_version, cand.embedding_model_id)
     valid, train = ts.split("valid"), ts.split("train")
     ref = Reference.from_frame(train)
     y = valid["y"].to_numpy()
@@ -236,6 +258,7 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
     return len(out)
 
 
+@_in_session
 def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id: str, ab_share: float = 0.0,
                       ab_routing: str = "hash") -> int:
     """Champion and challenger (if any) score every record they have not scored yet; the A/B
@@ -278,6 +301,7 @@ def ab_arms(registry: ModelRegistry, store: Store):
     return arms
 
 
+@_in_session
 def ab_step(registry: ModelRegistry, store: Store, alpha: float = 0.05, min_samples: int = 100):
     """Decide the running A/B test if the evidence is significant; records the decision."""
     from .ab import decide
@@ -364,6 +388,7 @@ class LiveAccuracy:
     rolled_back_to: str | None = None
 
 
+@_in_session
 def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, min_samples: int = 50,
                   rollback: bool = True) -> LiveAccuracy:
     """The champion's accuracy on feedback that arrived after it was promoted; past ``margin``

@@ -149,23 +149,29 @@ def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict],
         index.add(ref.vectors)
         k = min(spec.knn_k + 1, len(ref.vectors))
         sims, idx = index.search(vectors, k)
-        ref_ids = np.array(ref.ids, dtype=object)
+        sims, idx = sims[:, :k], idx[:, :k]
+        valid = idx >= 0
+        if ids is not None:  # leave-one-out: a record is not its own neighbour
+            pos_of = {rid: j for j, rid in enumerate(ref.ids)}
+            own = np.array([pos_of.get(r, -2) for r in ids])
+            valid &= idx != own[:, None]
+        # keep the first knn_k valid neighbours of each row
+        valid &= np.cumsum(valid, axis=1) <= spec.knn_k
+        safe = np.where(valid, idx, 0)
+        yy = ref.y[safe].astype(np.float32)
         pos_share = float(np.clip(ref.y.mean(), 1e-3, 1 - 1e-3))
-        inv_pos, inv_neg = 0.5 / pos_share, 0.5 / (1 - pos_share)
-        for i in range(n):
-            keep = idx[i] >= 0
-            if ids is not None:
-                keep &= ref_ids[np.clip(idx[i], 0, None)] != ids[i]
-            s, j = sims[i][keep][: spec.knn_k], idx[i][keep][: spec.knn_k]
-            if not len(j):
-                continue
-            yy = ref.y[j]
-            # class-balanced: each neighbour weighs similarity / its class's share of the reference,
-            # so a stream that opens with 99 % spam does not make every neighbourhood look like spam
-            w = np.clip(s, 1e-3, None) * np.where(yy == 1, inv_pos, inv_neg)
-            knn[i] = [float((w * yy).sum() / w.sum()), float(s.mean()),
-                      float(s[yy == 1].max()) if (yy == 1).any() else -1.0,
-                      float(s[yy == 0].max()) if (yy == 0).any() else -1.0]
+        # class-balanced: each neighbour weighs similarity / its class's share of the reference,
+        # so a stream that opens with 99 % spam does not make every neighbourhood look like spam
+        w = np.clip(sims, 1e-3, None) * np.where(yy == 1, 0.5 / pos_share, 0.5 / (1 - pos_share)) * valid
+        has = valid.any(axis=1)
+        wsum = np.where(has, w.sum(axis=1), 1.0)
+        cnt = np.where(has, valid.sum(axis=1), 1)
+        is_pos, is_neg = valid & (yy == 1), valid & (yy == 0)
+        knn[:, 0] = (w * yy).sum(axis=1) / wsum
+        knn[:, 1] = (sims * valid).sum(axis=1) / cnt
+        knn[:, 2] = np.where(is_pos.any(axis=1), np.where(is_pos, sims, -np.inf).max(axis=1), -1.0)
+        knn[:, 3] = np.where(is_neg.any(axis=1), np.where(is_neg, sims, -np.inf).max(axis=1), -1.0)
+        knn[~has] = 0.0
     pca = (vectors - spec.pca_mean) @ spec.pca_components.T if n else np.zeros((0, len(spec.pca_components)))
     num = np.array([[float(f.get(name)) if isinstance(f.get(name), (int, float)) else np.nan
                      for name in spec.numeric] for f in features], dtype=np.float32).reshape(n, len(spec.numeric))
@@ -217,17 +223,36 @@ def train_continued(parent, X: np.ndarray, y: np.ndarray, names: list[str], para
                      keep_training_booster=True)
 
 
-def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+def _roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Mann-Whitney form with average ranks for ties (equals sklearn's roc_auc_score)."""
+    from scipy.stats import rankdata
 
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(p)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Accuracy, F1 (positive class), log loss and ROC-AUC in plain numpy: the promotion check
+    bootstraps these hundreds of times per candidate, where sklearn's input validation alone
+    cost seconds."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
     out = {"n": int(len(y))}
     if len(y) == 0:
         return out
     pred = (p >= 0.5).astype(int)
-    out["accuracy"] = float(accuracy_score(y, pred))
-    out["f1"] = float(f1_score(y, pred, zero_division=0))
-    out["log_loss"] = float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
-    out["roc_auc"] = float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
+    tp = int(((pred == 1) & (y == 1)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    out["accuracy"] = float((pred == y).mean())
+    out["f1"] = float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    out["log_loss"] = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))
+    out["roc_auc"] = _roc_auc(y, p)
     return out
 
 

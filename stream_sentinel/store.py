@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -255,6 +256,48 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE OR REPLACE VIEW current_predictions AS
     SELECT p.* FROM predictions p JOIN model_versions m ON m.version = p.model_version
     WHERE m.status = 'champion';
+
+-- drift: one row per report (a daily partition or an ad-hoc window), one per tested column
+CREATE TABLE IF NOT EXISTS drift_reports (
+    window_key VARCHAR PRIMARY KEY,      -- the partition date, or <time_field>:<from>..<to>
+    kind VARCHAR NOT NULL,               -- partition | adhoc
+    time_field VARCHAR NOT NULL,         -- arrival | event_time
+    start VARCHAR NOT NULL,
+    "end" VARCHAR NOT NULL,
+    status VARCHAR NOT NULL,             -- ok | insufficient_data | no_champion
+    message VARCHAR,
+    n_current BIGINT,
+    n_reference BIGINT,
+    n_labelled BIGINT,
+    share_drifted DOUBLE,                -- drifted feature columns / feature columns
+    n_drifted BIGINT,
+    n_features BIGINT,
+    embedding_drift DOUBLE,
+    embedding_drifted BOOLEAN,
+    prediction_drifted BOOLEAN,
+    label_drifted BOOLEAN,
+    accuracy DOUBLE,                     -- the champion on the window's labelled records
+    reference_accuracy DOUBLE,           -- the champion's validation accuracy
+    accuracy_dropped BOOLEAN,
+    drifted BOOLEAN NOT NULL,
+    report_path VARCHAR,
+    reference_data_version VARCHAR,      -- the champion's training set: the reference window
+    model_version VARCHAR,
+    created_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drift_metrics (
+    window_key VARCHAR NOT NULL,
+    column_name VARCHAR NOT NULL,
+    column_group VARCHAR NOT NULL,       -- feature | embedding | prediction | label | accuracy
+    method VARCHAR NOT NULL,
+    score DOUBLE,
+    threshold DOUBLE,
+    drifted BOOLEAN NOT NULL,
+    reference_data_version VARCHAR,
+    model_version VARCHAR,
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (window_key, column_name)
+);
 """
 
 
@@ -273,6 +316,16 @@ def vectors_from_arrow(column, n: int):
 _SCHEMA_DONE: set[str] = set()
 
 
+_SESSIONS = threading.local()
+
+
+def _held() -> dict:
+    """This thread's open session connections, by database path (shared by every Store on it)."""
+    if not hasattr(_SESSIONS, "held"):
+        _SESSIONS.held = {}
+    return _SESSIONS.held
+
+
 class StoreBusy(RuntimeError):
     """Another process held the DuckDB file for longer than we were willing to wait."""
 
@@ -289,8 +342,33 @@ class Store:
         self._schema_ready = str(self.path.absolute()) in _SCHEMA_DONE
 
     @contextlib.contextmanager
+    def session(self, timeout_s: float | None = None) -> Iterator["Store"]:
+        """Hold one connection for a block of work in this thread (a learning step opens the file
+        dozens of times, at ~10 ms each); ``connect`` inside the block hands out cursors of it.
+        Other processes wait for the block, so keep it to one run's step."""
+        key = str(self.path.absolute())
+        held = _held()
+        if key in held:
+            yield self
+            return
+        with self.connect(timeout_s=timeout_s) as con:
+            held[key] = con
+            try:
+                yield self
+            finally:
+                held.pop(key, None)
+
+    @contextlib.contextmanager
     def connect(self, read_only: bool = False, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection; waits while another process holds the file."""
+        held = _held().get(str(self.path.absolute()))
+        if held is not None:
+            cur = held.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+            return
         deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
         delay = 0.02
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,87 @@
+"""drift_report: Evidently reports per arrival day, against the champion's training window."""
+
+from datetime import timedelta
+
+import dagster as dg
+
+from resources import EmbedderResource, StreamSentinelResource
+from stream_sentinel import drift
+
+from .ingest import embeddings
+from .models import predictions
+from .partitions import daily_arrivals
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@dg.asset(
+    partitions_def=daily_arrivals, deps=[embeddings, predictions], group_name="monitoring",
+    kinds={"evidently", "duckdb"},
+    # one run per day: each day gets its own materialization, so its metadata (share drifted,
+    # embedding drift, accuracy) plots over time; the reference sample is cached, so a day costs seconds
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    check_specs=[
+        dg.AssetCheckSpec("feature_drift_share", asset="drift_report",
+                          description="WARN when the share of drifted feature columns exceeds the threshold"),
+        dg.AssetCheckSpec("embedding_drift_with_accuracy_drop", asset="drift_report",
+                          description="ERROR when the text embeddings drifted and the champion's accuracy on "
+                          "the day's labelled records dropped below its validation accuracy at the same time"),
+    ],
+    description="Evidently drift report of one arrival day against the champion's training window (its "
+    "training-set data version): features, text embeddings, predictions, labels, accuracy. HTML under "
+    "reports/<day>.html, per-column rows in DuckDB drift_metrics, headline in drift_reports.",
+)
+def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource, embedder: EmbedderResource):
+    cfg = drift.DriftConfig.from_env()
+    res = drift.run_partition(sentinel.store(), sentinel.registry(), sentinel.paths.reports, embedder.model_id,
+                              context.partition_key, cfg)
+    context.log.info(f"drift {res.window_key}: {res.status}; {res.message}")
+    meta = {
+        "status": res.status, "message": res.message, "drifted": res.drifted,
+        "report": dg.MetadataValue.path(res.report_path),
+        "report_url": dg.MetadataValue.url(f"file://{res.report_path}"),
+        "n_current": res.n_current, "n_reference": res.n_reference, "n_labelled": res.n_labelled,
+        "share_drifted": _num(res.share_drifted), "embedding_drift": _num(res.embedding_drift),
+        "embedding_drifted": res.embedding_drifted, "prediction_drifted": res.prediction_drifted,
+        "label_drifted": res.label_drifted, "accuracy": _num(res.accuracy),
+        "reference_accuracy": _num(res.reference_accuracy),
+        "columns_drifted": dg.MetadataValue.json([c.column for c in res.columns if c.drifted]),
+        "reference_data_version": res.reference_data_version, "model_version": res.model_version,
+        "duration_s": res.seconds,
+    }
+    yield dg.MaterializeResult(metadata=meta)
+    if res.status != "ok":
+        note = f"not evaluated: {res.message}"
+        for name in ("feature_drift_share", "embedding_drift_with_accuracy_drop"):
+            yield dg.AssetCheckResult(check_name=name, passed=True, description=note,
+                                      metadata={"status": res.status})
+        return
+    yield dg.AssetCheckResult(
+        check_name="feature_drift_share", passed=bool(res.share_drifted <= cfg.drift_share),
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{res.n_drifted}/{res.n_features} feature columns drifted (threshold {cfg.drift_share:.0%})",
+        metadata={"share_drifted": _num(res.share_drifted), "threshold": cfg.drift_share})
+    both = res.embedding_drifted and res.accuracy_dropped
+    yield dg.AssetCheckResult(
+        check_name="embedding_drift_with_accuracy_drop", passed=not both, severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"embedding drift {'yes' if res.embedding_drifted else 'no'}; accuracy "
+                     f"{'n/a' if res.accuracy is None else f'{res.accuracy:.3f}'} vs validation "
+                     f"{'n/a' if res.reference_accuracy is None else f'{res.reference_accuracy:.3f}'}"),
+        metadata={"embedding_drift": _num(res.embedding_drift), "accuracy": _num(res.accuracy),
+                  "reference_accuracy": _num(res.reference_accuracy), "accuracy_drop_threshold": cfg.accuracy_drop})
+
+
+drift_job = dg.define_asset_job("drift_job", selection=[drift_report], partitions_def=daily_arrivals,
+                                description="The drift report of one arrival day (backfill any range from the UI).")
+
+
+@dg.schedule(name="daily_drift_report", job=drift_job, cron_schedule="30 0 * * *", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING,
+             description="Yesterday's (UTC) drift report, every day at 00:30 once the day is complete.")
+def daily_drift_report(context: dg.ScheduleEvaluationContext):
+    day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+    if day < daily_arrivals.start.strftime("%Y-%m-%d"):
+        return dg.SkipReason(f"{day} is before the first partition")
+    return dg.RunRequest(run_key=f"drift:{day}", partition_key=day)
