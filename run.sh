@@ -2,6 +2,7 @@
 # The README's two commands:
 #   ./run.sh up     create .venv, install, fetch the demo data, start Dagster (UI on 127.0.0.1:3000)
 #   ./run.sh test   create/update .venv, install, run the whole test suite
+#   ./run.sh bench [--quick]   the benchmark suite (bench/*.py), results in bench/results/
 # Needs only python3 (3.11+) and npm on the machine (java + mvn for the Kafka slice).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,8 +39,21 @@ case "$cmd" in
     "$VENV/bin/stream-sentinel" demo-data fetch
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  bench)
+    setup
+    "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev,bench]'
+    "$VENV/bin/stream-sentinel" demo-data fetch >/dev/null
+    # each script also runs alone and ends with one JSON line of its figures
+    : > bench/results/summary.jsonl
+    for script in footprint embedding_backends drop_latency faiss_search model_update drift_report \
+                  stream_quality kafka_feedback; do
+      echo "==> bench/$script.py $*"
+      "$VENV/bin/python" "bench/$script.py" "$@" | tee /dev/stderr | tail -n 1 >> bench/results/summary.jsonl
+    done
+    echo "==> figures: bench/results/*.json, one line each in bench/results/summary.jsonl"
+    ;;
   *)
-    echo "usage: ./run.sh up|test [args...]" >&2
+    echo "usage: ./run.sh up|test|bench [args...]" >&2
     exit 2
     ;;
 esac

@@ -124,7 +124,8 @@ def vector_index(
 ) -> dg.MaterializeResult:
     store = sentinel.store()
     upd = pipeline.update_index(store, sentinel.index_store(), embedder.model_id, embedder.dim,
-                                sentinel.settings.rebuild_ratio)
+                                sentinel.settings.rebuild_ratio, sentinel.settings.ivf_threshold,
+                                sentinel.settings.nprobe)
     if upd.meta is None:
         return dg.MaterializeResult(metadata={"mode": "empty", "ntotal": 0, "model_id": embedder.model_id},
                                     data_version=dg.DataVersion("empty"))
@@ -144,6 +145,7 @@ def vector_index(
             "built_at": m.built_at,
             "source_data_version": m.data_version,
             "rebuild_ratio": sentinel.settings.rebuild_ratio,
+            "nprobe": m.nprobe,
             "duration_s": round(upd.seconds, 3),
             "path": dg.MetadataValue.path(str(sentinel.paths.index / m.version)),
         },

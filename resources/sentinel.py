@@ -13,7 +13,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from stream_sentinel.config import Paths, Settings
-from stream_sentinel.embedding import Embedder, model_dimension, model_id, resolve_model_path
+from stream_sentinel.embedding import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
 from stream_sentinel.registry import ModelRegistry
 from stream_sentinel.store import Store
@@ -68,13 +68,15 @@ class EmbedderResource(dg.ConfigurableResource):
     model_path: Optional[str] = None  # default: $STREAM_SENTINEL_MODEL_PATH or the bundled MiniLM
     device: Optional[str] = None  # cpu | cuda
     batch_size: Optional[int] = None
+    precision: Optional[str] = None  # auto (bf16 on CPUs with bf16 units, else fp32) | fp32 | bf16
 
     _embedder: Embedder = PrivateAttr()
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         env = Settings.from_env()
-        path = resolve_model_path(self.model_path or env.model_path)
-        self._embedder = Embedder(path, self.device or env.device, self.batch_size or env.embed_batch_size)
+        self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
+                                       self.batch_size or env.embed_batch_size,
+                                       self.precision or env.embed_precision)
 
     @property
     def embedder(self) -> Embedder:
@@ -82,7 +84,7 @@ class EmbedderResource(dg.ConfigurableResource):
 
     @property
     def model_id(self) -> str:
-        return model_id(self._embedder.path)
+        return self._embedder.model_id
 
     @property
     def dim(self) -> int:

@@ -31,6 +31,13 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _model_id(settings: Settings) -> str:
+    """The id the embeddings of this configuration are stored under (model, precision)."""
+    from .embedding import model_id
+
+    return model_id(settings.model_path, settings.embed_precision, settings.device)
+
+
 def _emit(obj, as_json: bool, human) -> None:
     if as_json:
         print(json.dumps(obj, indent=2, default=str))
@@ -42,12 +49,11 @@ def _emit(obj, as_json: bool, human) -> None:
 
 
 def collect_status(paths: Paths) -> dict:
-    from .embedding import model_id
     from .index import IndexStore
     from .store import Store
 
     settings = Settings.from_env()
-    mid = model_id(settings.model_path)
+    mid = _model_id(settings)
     store = Store(paths.db)
     out: dict = {"home": str(paths.home), "model_id": mid}
     out.update(store.status())
@@ -104,7 +110,8 @@ def cmd_search(args) -> int:
         _err(f"no index yet under {paths.index}: drop files into {paths.raw} and let the sensor run "
              "(or `stream-sentinel run --once`)")
         return 1
-    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size)
+    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size,
+                             settings.embed_precision)
     if loaded.meta.model_id != embedder.model_id:
         _err(f"the index was built with {loaded.meta.model_id} but the configured model is "
              f"{embedder.model_id}; backfill embeddings and vector_index first")
@@ -145,7 +152,6 @@ def cmd_run(args) -> int:
 
     from . import ingest, pipeline
     from .definitions import build_definitions
-    from .embedding import model_id
     from .store import Store
 
     paths = Paths.from_env().ensure()
@@ -158,7 +164,7 @@ def cmd_run(args) -> int:
         _err(f"{len(scanned.unstable)} file(s) still being written; they wait for the next run")
     batch_days = {b.partition_key for b in batches}
     # days whose records miss vectors for the current model: a failed run, or a new model
-    catch_up = [d for d in pipeline.partitions_with_unembedded(store, model_id(settings.model_path))
+    catch_up = [d for d in pipeline.partitions_with_unembedded(store, _model_id(settings))
                 if d not in batch_days]
     # feedback: everything pending, regardless of the micro-batch policy (a flush)
     feedback_requests: list[tuple[str, dg.RunRequest]] = []
@@ -372,7 +378,6 @@ def _drift_human(d: dict) -> None:
 
 def cmd_drift(args) -> int:
     from . import drift
-    from .embedding import model_id
     from .registry import ModelRegistry
     from .store import Store
 
@@ -394,7 +399,7 @@ def cmd_drift(args) -> int:
     if args.drift_command == "run":
         registry = ModelRegistry(paths.models, store)
         try:
-            res = drift.run_range(store, registry, paths.reports, model_id(Settings.from_env().model_path),
+            res = drift.run_range(store, registry, paths.reports, _model_id(Settings.from_env()),
                                   args.start, args.end, args.time_field, cfg)
         except ValueError as exc:
             _err(str(exc))

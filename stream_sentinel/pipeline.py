@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import numpy as np
 import pandas as pd
 
-from .index import IndexMeta, IndexStore, new_flat_index, plan_mode
+from .index import IndexMeta, IndexStore, new_index, plan_mode, set_nprobe
 from .store import Store, vectors_from_arrow
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ class IndexUpdate:
 
 
 def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
-                 rebuild_ratio: float = 0.2) -> IndexUpdate:
-    """Bring the index up to date with every embedding of ``model_id``."""
+                 rebuild_ratio: float = 0.2, ivf_threshold: int = 200_000, nprobe: int = 8) -> IndexUpdate:
+    """Bring the index up to date with every embedding of ``model_id``. A rebuild picks the
+    index type by size: exact below ``ivf_threshold`` vectors, IVF (``nprobe`` lists) above."""
     started = time.perf_counter()
     with index_store.writer_lock():
         wanted = embedded_vec_ids(store, model_id)
@@ -166,17 +167,21 @@ def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
             vec_ids, record_ids, vectors = _fetch_vectors(store, model_id, dim, new)
             index = loaded.index
             index.add_with_ids(vectors, vec_ids)
+            nprobe = current.nprobe
             all_ids = np.concatenate([loaded.vec_ids, vec_ids])
             all_records = loaded.record_ids + record_ids
             n_added = len(vec_ids)
         else:
             all_ids, all_records, vectors = _fetch_vectors(store, model_id, dim)
-            index = new_flat_index(dim)
+            index = new_index(dim, vectors, ivf_threshold)
             if len(all_ids):
                 index.add_with_ids(vectors, all_ids)
+            nprobe = nprobe if len(all_ids) >= ivf_threshold else 0
+            set_nprobe(index, nprobe)
             n_added = len(all_ids)
         meta = index_store.publish(index, all_ids, all_records, model_id=model_id, mode=mode, n_added=n_added,
-                                   parent_version=current.version if current else None, started=started)
+                                   parent_version=current.version if current else None, started=started,
+                                   nprobe=nprobe)
     with store.transaction() as con:
         con.execute("INSERT INTO index_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     [meta.version, meta.parent_version, meta.model_id, meta.mode, meta.index_type, meta.dim,

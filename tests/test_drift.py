@@ -335,3 +335,14 @@ def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
         cause = con.execute("""SELECT json_extract_string(detail, '$.cause') FROM learning_events
                                WHERE event_type = 'update' ORDER BY event_id DESC LIMIT 1""").fetchall()[0][0]
     assert cause == f"drift_report:{DAYS[1]}"
+
+
+def test_daily_schedule_requests_yesterdays_partition():
+    from assets.drift import daily_drift_report
+
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 5, 0, 30, tzinfo=timezone.utc))
+    req = daily_drift_report(ctx)
+    assert isinstance(req, dg.RunRequest) and req.partition_key == "2024-03-04" and req.run_key == "drift:2024-03-04"
+    early = daily_drift_report(dg.build_schedule_context(
+        scheduled_execution_time=datetime(2024, 1, 1, 0, 30, tzinfo=timezone.utc)))
+    assert isinstance(early, dg.SkipReason)  # 2023-12-31 is before the first partition

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 
 from stream_sentinel.embedding import Embedder, default_model_path, model_dimension, model_id
 
@@ -35,3 +36,20 @@ def test_empty_batch_and_configured_batch_size(tmp_path):
     e = Embedder.load(batch_size=4)
     assert e.embed([]).shape == (0, 384)
     assert e.embed([f"text {i}" for i in range(9)]).shape == (9, 384)
+
+
+def test_bf16_precision_keeps_the_neighbours_and_its_own_model_id(demo_records):
+    from stream_sentinel.embedding import cpu_has_bf16, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("auto", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16")
+    texts = [r["text"] for r in demo_records[1000:1060]]
+    fp32, bf16 = Embedder.load(precision="fp32"), Embedder.load(precision="bf16")
+    assert bf16.model_id == fp32.model_id + "+bf16"  # an index never mixes the two
+    a, b = fp32.embed(texts), bf16.embed(texts)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    sa, sb = a @ a.T, b @ b.T
+    overlap = np.mean([len(set(np.argsort(-sa[i])[1:6]) & set(np.argsort(-sb[i])[1:6])) / 5 for i in range(len(texts))])
+    assert overlap >= 0.9, overlap

@@ -115,3 +115,50 @@ def test_writer_killed_mid_write_leaves_previous_version_intact(paths, store, tm
     assert not list(paths.index.glob(".tmp-*"))
     assert ist.current_version() == after.meta.version
     assert ist.versions() == [before.version, after.meta.version]  # no never-current orphan kept
+
+
+def test_index_type_by_size_exact_then_ivf_with_recall_and_in_place_adds(paths, store):
+    """Past the threshold a rebuild makes an IVF index; it grows in place under the 20 % rule,
+    keeps ids mapped, and finds each stored vector's neighbours almost as exact search does."""
+    import faiss
+
+    ist = IndexStore(paths.index)
+    # clustered data, like text embeddings: IVF recall on pure noise would say nothing
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(40, DIM)).astype(np.float32)
+
+    def clustered(start, n):
+        vecs = centers[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, DIM)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        ids = np.arange(start, start + n, dtype=np.int64)
+        df = pd.DataFrame({"record_id": [f"rec-{i}" for i in ids], "model_id": MODEL, "vec_id": ids,
+                           "dim": DIM, "vector": list(vecs), "created_at": pd.Timestamp.now(tz="UTC")})
+        with store.transaction() as con:
+            con.register("v", df)
+            con.execute("INSERT INTO embeddings SELECT record_id, model_id, vec_id, dim, "
+                        "CAST(vector AS FLOAT[]), created_at FROM v")
+        return vecs
+
+    small = clustered(1, 500)
+    flat = update_index(store, ist, MODEL, DIM, ivf_threshold=2000, nprobe=8)
+    assert flat.meta.index_type == "Flat,IP" and flat.meta.nprobe == 0
+
+    big = np.vstack([small, clustered(501, 2500)])
+    ivf = update_index(store, ist, MODEL, DIM, ivf_threshold=2000, nprobe=8)
+    assert ivf.mode == "rebuild" and ivf.meta.index_type.startswith("IVF") and ivf.meta.nprobe == 8
+    loaded = ist.load()
+    assert faiss.extract_index_ivf(loaded.index).nprobe == 8  # restored from meta on load
+
+    more = clustered(3001, 100)  # under 20 %: added in place, still IVF
+    inc = update_index(store, ist, MODEL, DIM, ivf_threshold=2000, nprobe=8)
+    assert inc.mode == "incremental" and inc.meta.index_type == ivf.meta.index_type and inc.meta.ntotal == 3100
+    loaded = ist.load()
+    allv = np.vstack([big, more])
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(allv)
+    queries = allv[rng.choice(len(allv), 200, replace=False)]
+    _, truth = exact.search(queries, 10)
+    got = loaded.search(queries, 10)
+    recall = np.mean([len({f"rec-{i + 1}" for i in t} & {r for r, _ in g}) / 10 for t, g in zip(truth, got)])
+    assert recall >= 0.9, recall
+    assert got[0][0][0] == f"rec-{int(np.argmax(allv @ queries[0])) + 1}"

@@ -1,0 +1,101 @@
+"""Code-location load time and the peak memory of each kind of run.
+
+* load time: ``import stream_sentinel.definitions`` in a fresh interpreter (median of 5),
+  and which heavy libraries that import pulled in (there should be none: torch,
+  sentence_transformers, evidently, lightgbm, faiss are imported inside the runs).
+* peak RSS: each run kind through the CLI on a fresh data root and Dagster instance,
+  in its own process (``wait4`` rusage of the child):
+    ingest    demo records -> records -> embeddings -> index -> predictions (run --once)
+    feedback  their labels from the feedback/ folder -> labels -> training run (run --once)
+    retrain   a full retrain (model retrain --full)
+    drift     today's drift report (drift backfill)
+    status    stream-sentinel status --json
+
+    python bench/footprint.py [--quick] [--records 1000]
+
+Prints a table, ends with one JSON line, writes bench/results/footprint.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "sentence_transformers", "evidently", "lightgbm", "faiss", "transformers")
+
+
+def load_time() -> tuple[float, list[str]]:
+    code = ("import sys, time; t = time.perf_counter(); import stream_sentinel.definitions; "
+            "print(time.perf_counter() - t); print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,))
+    times, heavy = [], []
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+        lines = out.stdout.strip().splitlines()
+        times.append(float(lines[0]))
+        heavy = [m for m in (lines[1].split(",") if len(lines) > 1 else []) if m]
+    return statistics.median(times), heavy
+
+
+def run_measured(args: list[str], env: dict) -> dict:
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise RuntimeError(f"{' '.join(args)} exited {code}: {err[-2000:]}")
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": usage.ru_maxrss // 1024,
+            "exit": code}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="200 records")
+    ap.add_argument("--records", type=int, default=1000)
+    args = ap.parse_args()
+    n = 200 if args.quick else args.records
+    seconds, heavy = load_time()
+    results: dict = {"load": {"seconds": round(seconds, 2), "heavy_imports": heavy}}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "STREAM_SENTINEL_HOME": f"{tmp}/home", "DAGSTER_HOME": f"{tmp}/dagster",
+               "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0", "STREAM_SENTINEL_RETRAIN_MIN_LABELS": "1"}
+        env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+        Path(env["DAGSTER_HOME"]).mkdir(parents=True)
+        cli = [sys.executable, "-m", "stream_sentinel.cli"]
+        subprocess.run(cli + ["demo-data", "replay", "--limit", str(n), "--start", "1000", "--quiet"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
+        time.sleep(1)
+        results["ingest"] = run_measured(["run", "--once"], env)
+        subprocess.run(cli + ["demo-data", "feedback", "--limit", str(n), "--start", "1000", "--quiet"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
+        results["feedback + training"] = run_measured(["run", "--once"], env)
+        results["full retrain"] = run_measured(["model", "retrain", "--full"], env)
+        today = datetime.now(timezone.utc).date().isoformat()
+        results["drift report"] = run_measured(["drift", "backfill", "--from", today, "--to", today], env)
+        results["status"] = run_measured(["status", "--json"], env)
+    print(f"\ncode location load: {results['load']['seconds']} s (heavy imports: {heavy or 'none'})\n")
+    print(f"{'run kind':<22}{'seconds':>9}{'peak RSS MB':>13}")
+    for name, r in results.items():
+        if name != "load":
+            print(f"{name:<22}{r['seconds']:>9}{r['peak_rss_mb']:>13}")
+    figures = {"bench": "footprint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "machine": platform.machine(), "records": n, "results": results}
+    out = ROOT / "bench" / "results" / "footprint.json"
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
