@@ -88,13 +88,14 @@ def embeddings(
             last[0] = time.monotonic()
             context.log.info(f"embedded {done}/{total}")
 
-    result = pipeline.embed_partition(store, embedder.embedder, part, progress)
+    result = pipeline.embed_partition(store, embedder.text_embedder, part, progress)
     left = pipeline.unembedded_count(store, result.model_id, part)
     yield dg.MaterializeResult(
         metadata={
             "model_id": result.model_id,
             "model_path": str(embedder.embedder.path),
             "device": embedder.embedder.device,
+            "embedded_by": "embed-server" if embedder.served else "in-process",
             "records_embedded": result.embedded,
             "records_already_embedded": result.already,
             "duration_s": round(result.seconds, 3),

@@ -7,6 +7,7 @@ so one code location serves any data root and tests can point it at a temp folde
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -69,18 +70,35 @@ class EmbedderResource(dg.ConfigurableResource):
     device: Optional[str] = None  # cpu | cuda
     batch_size: Optional[int] = None
     precision: Optional[str] = None  # auto (bf16 on CPUs with bf16 units, else fp32) | fp32 | bf16
+    # a warm model shared by all runs (`stream-sentinel embed-server`, started by `up`);
+    # default: $STREAM_SENTINEL_HOME/embedder.sock. Without a server runs embed in-process.
+    server_socket: Optional[str] = None
 
     _embedder: Embedder = PrivateAttr()
+    _remote: object = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        from stream_sentinel.embed_server import connect
+
         env = Settings.from_env()
         self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
                                        self.batch_size or env.embed_batch_size,
                                        self.precision or env.embed_precision)
+        sock = Path(self.server_socket) if self.server_socket else Paths.from_env().embed_socket
+        self._remote = connect(sock, self._embedder.model_id, self._embedder.dim)
 
     @property
     def embedder(self) -> Embedder:
         return self._embedder
+
+    @property
+    def text_embedder(self):
+        """What embeds texts: the shared server when one runs with this model, else the local model."""
+        return self._remote or self._embedder
+
+    @property
+    def served(self) -> bool:
+        return self._remote is not None
 
     @property
     def model_id(self) -> str:

@@ -554,6 +554,9 @@ def cmd_up(args) -> int:
             [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "feedback", "--quiet", "--after", "20",
              "--limit", str(args.demo_limit), "--rate", str(args.demo_rate * 2), "--per-file", "100",
              "--reviewers", "2", "--noise", "0.05"], env=env))
+    # the warm model every run shares (saves each run the ~5 s of importing torch and loading it)
+    procs.append(subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
+                                  start_new_session=True))
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
@@ -576,6 +579,25 @@ def cmd_up(args) -> int:
         for p in procs:
             if p is not server and p.poll() is None:
                 p.terminate()
+
+
+def cmd_embed_server(args) -> int:
+    from .embed_server import serve
+    from .embedding import Embedder
+
+    paths = Paths.from_env().ensure()
+    settings = Settings.from_env()
+    sock = Path(args.socket) if args.socket else paths.embed_socket
+    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `up` stops it with SIGTERM; the socket file goes with it
+    try:
+        serve(sock, embedder, ready=lambda: _err(f"embedding server: {embedder.model_id} on {sock}"))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -663,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--to", dest="end", required=True, help="last day, YYYY-MM-DD (inclusive)")
     db.add_argument("--json", action="store_true")
     db.set_defaults(func=cmd_drift)
+
+    es = sub.add_parser("embed-server", help="keep the embedding model loaded for every run (`up` starts it)")
+    es.add_argument("--socket", default=None, help="Unix socket (default: $STREAM_SENTINEL_HOME/embedder.sock)")
+    es.set_defaults(func=cmd_embed_server)
 
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
     ck.add_argument("--json", action="store_true")

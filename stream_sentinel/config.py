@@ -62,6 +62,11 @@ class Paths:
     def db(self) -> Path:
         return self.home / "metrics.duckdb"
 
+    @property
+    def embed_socket(self) -> Path:
+        """Where `stream-sentinel embed-server` listens (see stream_sentinel.embed_server)."""
+        return self.home / "embedder.sock"
+
     def ensure(self) -> "Paths":
         for p in (self.raw, self.failed, self.index, self.models, self.reports, self.feedback):
             p.mkdir(parents=True, exist_ok=True)

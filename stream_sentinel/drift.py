@@ -36,15 +36,11 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_bytes_atomic
+from .config import _env_num
 from .store import Store, vectors_from_arrow
 
 EMBEDDING_METHODS = ("model", "mmd", "distance", "ratio")
 PCA_COMPONENTS = 3  # embedding components shown (and tested) as columns in the HTML report
-
-
-def _env(name: str, default, cast=float):
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else cast(raw)
 
 
 @dataclass(frozen=True)
@@ -84,14 +80,14 @@ class DriftConfig:
             cat_threshold=opt("STREAM_SENTINEL_DRIFT_CAT_THRESHOLD"),
             embedding_method=os.environ.get("STREAM_SENTINEL_DRIFT_EMBEDDING_METHOD") or d.embedding_method,
             embedding_threshold=opt("STREAM_SENTINEL_DRIFT_EMBEDDING_THRESHOLD"),
-            embedding_alpha=_env("STREAM_SENTINEL_DRIFT_EMBEDDING_ALPHA", d.embedding_alpha),
-            sample_cap=_env("STREAM_SENTINEL_DRIFT_SAMPLE_CAP", d.sample_cap, int),
-            embedding_sample=_env("STREAM_SENTINEL_DRIFT_EMBEDDING_SAMPLE", d.embedding_sample, int),
-            min_rows=_env("STREAM_SENTINEL_DRIFT_MIN_ROWS", d.min_rows, int),
-            min_labelled=_env("STREAM_SENTINEL_DRIFT_MIN_LABELLED", d.min_labelled, int),
-            drift_share=_env("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
-            accuracy_drop=_env("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
-            cooldown_s=_env("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
+            embedding_alpha=_env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_ALPHA", d.embedding_alpha),
+            sample_cap=_env_num("STREAM_SENTINEL_DRIFT_SAMPLE_CAP", d.sample_cap, int),
+            embedding_sample=_env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_SAMPLE", d.embedding_sample, int),
+            min_rows=_env_num("STREAM_SENTINEL_DRIFT_MIN_ROWS", d.min_rows, int),
+            min_labelled=_env_num("STREAM_SENTINEL_DRIFT_MIN_LABELLED", d.min_labelled, int),
+            drift_share=_env_num("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
+            accuracy_drop=_env_num("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
+            cooldown_s=_env_num("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
         )
         cfg.validate()
         return cfg

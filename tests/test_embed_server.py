@@ -1,0 +1,70 @@
+"""The shared embedding server: same vectors as in-process, checked model id, clean fallback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from stream_sentinel.config import Settings
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.embed_server import RemoteEmbedder, connect
+from stream_sentinel.store import Store
+
+from .conftest import drop
+
+
+@pytest.fixture
+def server(paths):
+    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)}
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not paths.embed_socket.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the embedding server did not come up"
+        time.sleep(0.2)
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embedder, demo_records, instance):
+    remote = connect(paths.embed_socket, embedder.model_id, embedder.dim)
+    assert isinstance(remote, RemoteEmbedder)
+    texts = [r["text"] for r in demo_records[:20]]
+    assert np.allclose(remote.embed(texts), embedder.embed(texts), atol=1e-6)
+    assert remote.embed([]).shape == (0, embedder.dim)
+
+    # a server with another model is not used, and a client that insists gets a clear error
+    assert connect(paths.embed_socket, "other-model@sha256:0", embedder.dim) is None
+    with pytest.raises(RuntimeError, match="other-model"):
+        RemoteEmbedder(paths.embed_socket, "other-model@sha256:0", embedder.dim).embed(["x"])
+
+    # a Dagster run embeds through the server and says so
+    drop(paths.raw, "served.jsonl", demo_records[:30])
+    from stream_sentinel import ingest
+
+    store = Store(paths.db)
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    result = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": list(batch.files)}}}},
+                                    partition_key=batch.partition_key, instance=instance)
+    (mat,) = result.asset_materializations_for_node("embeddings")
+    assert mat.metadata["embedded_by"].value == "embed-server"
+    with store.connect() as con:
+        n = con.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [embedder.model_id]).fetchall()[0][0]
+    assert n == 30
+
+    # stopped: the socket goes away and runs embed in-process again
+    server.send_signal(signal.SIGTERM)
+    server.wait(30)
+    assert not paths.embed_socket.exists()
+    assert connect(paths.embed_socket, embedder.model_id, embedder.dim) is None
