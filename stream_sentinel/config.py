@@ -94,7 +94,7 @@ class Settings:
     rebuild_ratio: float = 0.2
     keep_backups: int = 3
     ivf_threshold: int = 200_000  # a rebuild past this many vectors makes an IVF index instead of exact search
-    nprobe: int = 8  # IVF lists searched per query: recall@10 0.994, p50 1.4 ms at 1M (bench/faiss_search.py)
+    nprobe: int = 8  # IVF lists searched per query: at 1M recall@10 0.998, p99 0.88 ms (bench/faiss_search.py)
     model_path: str | None = None
     device: str = "cpu"
     embed_batch_size: int = 32
