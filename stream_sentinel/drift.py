@@ -144,18 +144,8 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
             f"""SELECT r.id AS record_id, r.features, e.vector, p.probability, p.label AS predicted_label,
                        l.label AS label {base} ORDER BY {_stable_sample_sql(cfg.seed)} LIMIT {int(cfg.sample_cap)}""",
             params=args).to_arrow_table()
-    frame = pd.DataFrame({
-        "record_id": table.column("record_id").to_pylist(),
-        "features": [json.loads(f) if f else {} for f in table.column("features").to_pylist()],
-        "prediction": table.column("probability").to_pandas(),
-        "predicted_label": table.column("predicted_label").to_pylist(),
-        "label": table.column("label").to_pylist(),
-    })
-    frame["held_out"] = True  # new records: the champion never trained on them
-    k = min(len(frame), cfg.embedding_sample)
-    vecs = vectors_from_arrow(table.column("vector").slice(0, k), k) if k else np.zeros((0, 1), np.float32)
-    return Window(frame, np.asarray(vecs, dtype=np.float32), int(n), int(n_lab),
-                  None if acc is None else float(acc))
+    # new records: the champion never trained on them
+    return _window(table, cfg, int(n), int(n_lab), None if acc is None else float(acc))
 
 
 def load_reference(store: Store, embedding_model_id: str, champion: str, training_set_version: str,
@@ -175,17 +165,24 @@ def load_reference(store: Store, embedding_model_id: str, champion: str, trainin
                        t.label AS label, t.split <> 'train' AS held_out
                 {base} ORDER BY {_stable_sample_sql(cfg.seed)} LIMIT {int(cfg.sample_cap)}""",
             params=args).to_arrow_table()
+    return _window(table, cfg, int(n), table.num_rows)
+
+
+def _window(table, cfg: DriftConfig, n_rows: int, n_labelled: int, accuracy: float | None = None) -> Window:
+    """Arrow rows (record_id, features, vector, probability, predicted_label, label[, held_out])
+    as a Window; vectors only for the first ``embedding_sample`` rows of the sample."""
     frame = pd.DataFrame({
         "record_id": table.column("record_id").to_pylist(),
         "features": [json.loads(f) if f else {} for f in table.column("features").to_pylist()],
         "prediction": table.column("probability").to_pandas(),
         "predicted_label": table.column("predicted_label").to_pylist(),
         "label": table.column("label").to_pylist(),
-        "held_out": table.column("held_out").to_pylist(),
+        "held_out": (table.column("held_out").to_pylist() if "held_out" in table.column_names
+                     else [True] * table.num_rows),
     })
     k = min(len(frame), cfg.embedding_sample)
     vecs = vectors_from_arrow(table.column("vector").slice(0, k), k) if k else np.zeros((0, 1), np.float32)
-    return Window(frame, np.asarray(vecs, dtype=np.float32), int(n), int(len(frame)))
+    return Window(frame, np.asarray(vecs, dtype=np.float32), n_rows, n_labelled, accuracy)
 
 
 def _reference_cache_key(champion: str, training_set_version: str, embedding_model_id: str,

@@ -22,7 +22,12 @@ def add_vectors(store, start: int, n: int, model_id: str = MODEL, seed: int | No
     rng = np.random.default_rng(seed if seed is not None else start)
     vecs = rng.normal(size=(n, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    ids = np.arange(start, start + n, dtype=np.int64)
+    return insert_vectors(store, start, vecs, model_id)
+
+
+def insert_vectors(store, start: int, vecs: np.ndarray, model_id: str = MODEL) -> np.ndarray:
+    """Rows in `embeddings` for vec_ids start, start+1, ... (record ids rec-<vec_id>)."""
+    ids = np.arange(start, start + len(vecs), dtype=np.int64)
     df = pd.DataFrame({"record_id": [f"rec-{i}" for i in ids], "model_id": model_id, "vec_id": ids,
                        "dim": DIM, "vector": list(vecs), "created_at": pd.Timestamp.now(tz="UTC")})
     with store.transaction() as con:
@@ -130,14 +135,7 @@ def test_index_type_by_size_exact_then_ivf_with_recall_and_in_place_adds(paths, 
     def clustered(start, n):
         vecs = centers[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, DIM)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        ids = np.arange(start, start + n, dtype=np.int64)
-        df = pd.DataFrame({"record_id": [f"rec-{i}" for i in ids], "model_id": MODEL, "vec_id": ids,
-                           "dim": DIM, "vector": list(vecs), "created_at": pd.Timestamp.now(tz="UTC")})
-        with store.transaction() as con:
-            con.register("v", df)
-            con.execute("INSERT INTO embeddings SELECT record_id, model_id, vec_id, dim, "
-                        "CAST(vector AS FLOAT[]), created_at FROM v")
-        return vecs
+        return insert_vectors(store, start, vecs)
 
     small = clustered(1, 500)
     flat = update_index(store, ist, MODEL, DIM, ivf_threshold=2000, nprobe=8)
