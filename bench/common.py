@@ -23,6 +23,14 @@ from stream_sentinel import demo  # noqa: E402
 from stream_sentinel.atomic import write_bytes_atomic  # noqa: E402
 
 
+def save(figures: dict) -> None:
+    """bench/results/<figures["bench"]>.json, and the one JSON line every script ends with."""
+    out = ROOT / "bench" / "results" / f"{figures['bench']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures))
+
+
 def corpus() -> tuple[list[dict], dict[str, str], dict[str, str]]:
     """Records in stream order, label by record id, group (collection period) by record id."""
     records_path, labels_path = demo.convert(quiet=True)

@@ -205,9 +205,7 @@ def main() -> int:
     if "plain Evidently" in results:
         figures["speedup_warm_vs_plain"] = round(results["plain Evidently"]["seconds"]
                                                  / results["product, warm"]["seconds"], 1)
-    out = Path(__file__).resolve().parent / "results" / "drift_report.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

@@ -152,9 +152,7 @@ def main() -> int:
         print(f"{name:<30}{r['p50_s']:>7}{r['p95_s']:>7}{r['records_per_s']:>11}{r['ratio_to_embedding']:>14}")
     figures = {"bench": "drop_latency", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "results": results}
-    out = ROOT / "bench" / "results" / "drop_latency.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

@@ -23,7 +23,6 @@ texts) under torch fp32 that the backend also finds. Needs the bench extra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -160,9 +159,7 @@ def main() -> int:
     print(f"\nfastest with recall@10 >= 0.98: {best}")
     figures = {"bench": "embedding_backends", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "texts": n, "results": results, "best": best}
-    out = Path(__file__).resolve().parent / "results" / "embedding_backends.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

@@ -20,7 +20,6 @@ bench/results/faiss_search.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -132,9 +131,7 @@ def main() -> int:
         print(f"{name:<38}{r['build_s']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['recall@10']:>11.4f}")
     figures = {"bench": "faiss_search", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "threads": args.threads, "size": size, "dim": int(xb.shape[1]), "k": k, "results": results}
-    out = Path(__file__).resolve().parent / "results" / "faiss_search.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

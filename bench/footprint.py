@@ -19,7 +19,6 @@ Prints a table, ends with one JSON line, writes bench/results/footprint.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
 HEAVY = ("torch", "sentence_transformers", "evidently", "lightgbm", "faiss", "transformers")
 
 
@@ -91,9 +93,7 @@ def main() -> int:
             print(f"{name:<22}{r['seconds']:>9}{r['peak_rss_mb']:>13}")
     figures = {"bench": "footprint", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "records": n, "results": results}
-    out = ROOT / "bench" / "results" / "footprint.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

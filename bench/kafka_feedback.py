@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
 
 from confluent_kafka import Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
@@ -112,10 +115,7 @@ def main() -> int:
     print(f"consume -> validate -> DuckDB (exactly once): {figures['consume_to_duckdb_msg_per_s']} msg/s "
           f"over {len(plan.to_request)} ranges; rows {rows} (expected {n}); "
           f"replaying the same ranges: {figures['replay_msg_per_s']} msg/s, 0 new rows = {figures['exactly_once']}")
-    out = ROOT / "bench" / "results" / "kafka_feedback.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0 if figures["exactly_once"] else 1
 
 

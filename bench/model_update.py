@@ -20,7 +20,6 @@ writes bench/results/model_update.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -102,9 +101,7 @@ def main() -> int:
     print(f"\nincremental is {ratio}x faster; accuracy gap {gap} points")
     figures = {"bench": "model_update", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "rows": n, "results": results, "speedup": ratio, "gap_points": gap}
-    out = Path(__file__).resolve().parent / "results" / "model_update.json"
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

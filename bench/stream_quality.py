@@ -231,10 +231,7 @@ def main() -> int:
                "single_class_batches": single_class, "embed_s": round(embed_s, 1), "results": results,
                "full_each_over_continuous_update": ratio,
                "model_versions": versions}
-    out = ROOT / "bench" / "results" / "stream_quality.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures))
+    common.save(figures)
     return 0
 
 

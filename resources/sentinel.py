@@ -76,16 +76,13 @@ class EmbedderResource(dg.ConfigurableResource):
 
     _embedder: Embedder = PrivateAttr()
     _remote: object = PrivateAttr(default=None)
+    _looked_for_server: bool = PrivateAttr(default=False)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        from stream_sentinel.embed_server import connect
-
         env = Settings.from_env()
         self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
                                        self.batch_size or env.embed_batch_size,
                                        self.precision or env.embed_precision)
-        sock = Path(self.server_socket) if self.server_socket else Paths.from_env().embed_socket
-        self._remote = connect(sock, self._embedder.model_id, self._embedder.dim)
 
     @property
     def embedder(self) -> Embedder:
@@ -93,7 +90,14 @@ class EmbedderResource(dg.ConfigurableResource):
 
     @property
     def text_embedder(self):
-        """What embeds texts: the shared server when one runs with this model, else the local model."""
+        """What embeds texts: the shared server when one runs with this model, else the local model.
+        Looked up on first use, so runs that only need the model id (checks, drift) never ping it."""
+        if not self._looked_for_server:
+            from stream_sentinel.embed_server import connect
+
+            sock = Path(self.server_socket) if self.server_socket else Paths.from_env().embed_socket
+            self._remote = connect(sock, self._embedder.model_id, self._embedder.dim)
+            self._looked_for_server = True
         return self._remote or self._embedder
 
     @property
