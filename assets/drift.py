@@ -73,7 +73,7 @@ def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
                   "reference_accuracy": _num(res.reference_accuracy), "accuracy_drop_threshold": cfg.accuracy_drop})
 
 
-drift_job = dg.define_asset_job("drift_job", selection=[drift_report], partitions_def=daily_arrivals,
+drift_job = dg.define_asset_job("drift_job", selection=[drift_report],
                                 description="The drift report of one arrival day (backfill any range from the UI).")
 
 

@@ -95,7 +95,7 @@ def embeddings(
             "model_id": result.model_id,
             "model_path": str(embedder.embedder.path),
             "device": embedder.embedder.device,
-            "embedded_by": "embed-server" if embedder.served else "in-process",
+            "embedded_by": embedder.embedded_by,
             "records_embedded": result.embedded,
             "records_already_embedded": result.already,
             "duration_s": round(result.seconds, 3),

@@ -105,6 +105,13 @@ class EmbedderResource(dg.ConfigurableResource):
         return self._remote is not None
 
     @property
+    def embedded_by(self) -> str:
+        """For run metadata: which path embedded this run's texts."""
+        if self._remote is None:
+            return "in-process"
+        return "embed-server (compiled)" if getattr(self._remote, "compiled", False) else "embed-server"
+
+    @property
     def model_id(self) -> str:
         return self._embedder.model_id
 

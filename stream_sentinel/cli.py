@@ -589,12 +589,16 @@ def cmd_embed_server(args) -> int:
     settings = Settings.from_env()
     sock = Path(args.socket) if args.socket else paths.embed_socket
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision)
+    compile_ = settings.embed_compile and not args.no_compile
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # `up` stops it with SIGTERM; the socket file goes with it
     try:
-        serve(sock, embedder, ready=lambda: _err(f"embedding server: {embedder.model_id} on {sock}"))
+        serve(sock, embedder, compile_=compile_, log=_err,
+              ready=lambda: _err(f"embedding server: {embedder.model_id} on {sock}"
+                                 f"{' (compiling in the background)' if compile_ else ''}"))
     except KeyboardInterrupt:
         pass
     return 0
@@ -688,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     es = sub.add_parser("embed-server", help="keep the embedding model loaded for every run (`up` starts it)")
     es.add_argument("--socket", default=None, help="Unix socket (default: $STREAM_SENTINEL_HOME/embedder.sock)")
+    es.add_argument("--no-compile", action="store_true",
+                    help="serve the eager model only (default: compile at start, see STREAM_SENTINEL_EMBED_COMPILE)")
     es.set_defaults(func=cmd_embed_server)
 
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")

@@ -83,6 +83,17 @@ def _env_num(name: str, default: float, cast=float):
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Tunables, each overridable by an environment variable (documented in the README)."""
@@ -97,8 +108,9 @@ class Settings:
     nprobe: int = 8  # IVF lists searched per query: at 1M recall@10 0.998, p99 0.88 ms (bench/faiss_search.py)
     model_path: str | None = None
     device: str = "cpu"
-    embed_batch_size: int = 32
+    embed_batch_size: int = 16
     embed_precision: str = "auto"  # auto | fp32 | bf16 (see embedding.resolve_precision)
+    embed_compile: bool = True  # the embedding server compiles the model at start (see encoder.py)
     feedback_topic: str = "stream-sentinel.feedback"
     labels: str = "ham,spam"  # allowed label values; empty = any string
     feedback_min_batch: int = 10
@@ -139,6 +151,7 @@ class Settings:
             device=os.environ.get("STREAM_SENTINEL_DEVICE") or d.device,
             embed_batch_size=_env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
             embed_precision=os.environ.get("STREAM_SENTINEL_EMBED_PRECISION") or d.embed_precision,
+            embed_compile=_env_bool("STREAM_SENTINEL_EMBED_COMPILE", d.embed_compile),
             feedback_topic=os.environ.get("STREAM_SENTINEL_FEEDBACK_TOPIC") or d.feedback_topic,
             labels=os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
             feedback_min_batch=_env_num("STREAM_SENTINEL_FEEDBACK_BATCH", d.feedback_min_batch, int),

@@ -10,10 +10,14 @@ checked on every connection).
 Without the server, a run embeds in its own process, as before. The server is an
 optimisation, never a dependency.
 
+Being long-lived, the server is also where compiling the model pays (``encoder.py``): it
+compiles in a background thread at start and serves eager until that is done. The reply
+header says which (``compiled``), and runs record it in the embeddings metadata.
+
 Protocol: one request per connection. A frame is a 4-byte big-endian length followed by
 the payload. The request payload is JSON ``{"model_id": ..., "texts": [...]}``, or
-``{"ping": true}``. The reply is a JSON header frame ``{"ok", "model_id", "dim", "n" |
-"error"}``, then (when ok) one frame of n x dim float32 in little-endian order.
+``{"ping": true}``. The reply is a JSON header frame ``{"ok", "model_id", "dim", "compiled",
+"n" | "error"}``, then (when ok) one frame of n x dim float32 in little-endian order.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class _Handler(socketserver.BaseRequestHandler):
         server: EmbedServer = self.server  # type: ignore[assignment]
         try:
             req = json.loads(_recv(self.request))
-            head = {"ok": True, "model_id": server.embedder.model_id, "dim": server.embedder.dim}
+            head = {"ok": True, "model_id": server.embedder.model_id, "dim": server.embedder.dim,
+                    "compiled": server.embedder.compiled}
             if req.get("ping"):
                 _send(self.request, json.dumps(head).encode())
                 return
@@ -93,8 +98,16 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)  # the data root's owner only
 
 
-def serve(path: Path, embedder, ready=None) -> None:
+def serve(path: Path, embedder, ready=None, compile_: bool = False, log=None) -> None:
     embedder.embed(["warm up"])  # import and load now, not on the first run's request
+    if compile_:
+        def compile_in_background() -> None:
+            ok = embedder.compile()
+            if log is not None:
+                log(f"embedding server: model compiled ({embedder.model_id})" if ok
+                    else f"embedding server: not compiled, serving eager: {embedder.compile_error}")
+
+        threading.Thread(target=compile_in_background, name="embed-compile", daemon=True).start()
     with EmbedServer(path, embedder) as server:
         if ready is not None:
             ready()
@@ -112,6 +125,7 @@ class RemoteEmbedder:
 
     def __init__(self, path: Path, model_id: str, dim: int, timeout_s: float = 600.0):
         self.path, self.model_id, self.dim, self.timeout_s = Path(path), model_id, dim, timeout_s
+        self.compiled: bool | None = None  # as the server said in its last reply
 
     def _call(self, req: dict) -> tuple[dict, bytes | None]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -132,6 +146,7 @@ class RemoteEmbedder:
         head, body = self._call({"model_id": self.model_id, "texts": list(texts)})
         if not head.get("ok"):
             raise RuntimeError(f"embedding server: {head.get('error')}")
+        self.compiled = bool(head.get("compiled"))
         return np.frombuffer(body, dtype="<f4").reshape(head["n"], head["dim"]).astype(np.float32)
 
 

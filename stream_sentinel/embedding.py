@@ -6,9 +6,10 @@ as unembedded and a backfill re-embeds them. It is computed from the files alone
 without importing torch, so the code location, sensors and asset checks stay fast.
 
 Precision: on CPUs with bfloat16 matrix units (AMX, AVX512-BF16) the model runs in bf16,
-about twice the texts/s of fp32 with recall@10 0.99 against fp32 neighbours
+about three times the texts/s of fp32 with recall@10 0.99 against fp32 neighbours
 (bench/embedding_backends.py). Elsewhere it runs in fp32. bf16 vectors are not bit-identical,
-so the id carries ``+bf16``, and an index never mixes the two.
+so the id carries ``+bf16``, and an index never mixes the two. How batches are formed and
+when the model is compiled is ``encoder.py``'s business.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_BATCH_SIZE = 16  # 1.2x the texts/s of 32 when compiled in bf16 (bench/embedding_backends.py)
 _ID_CACHE: dict[tuple, str] = {}
-_MODEL_CACHE: dict[tuple[str, str], object] = {}
+_MODEL_CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 
@@ -121,11 +123,12 @@ def model_dimension(path: str | os.PathLike[str] | None = None) -> int:
 class Embedder:
     path: Path
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     precision: str = "fp32"  # resolved: fp32 | bf16
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu", batch_size: int = 32,
+    def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu",
+             batch_size: int = DEFAULT_BATCH_SIZE,
              precision: str | None = None) -> "Embedder":
         return cls(resolve_model_path(path), device, batch_size, resolve_precision(precision, device))
 
@@ -138,35 +141,49 @@ class Embedder:
         return model_dimension(self.path)
 
     def _model(self):
-        key = (str(self.path), self.device, self.precision)
+        return self._encoder()._st
+
+    def _encoder(self):
+        key = (str(self.path), self.device, self.precision, self.batch_size)
         with _LOCK:
-            model = _MODEL_CACHE.get(key)
-            if model is None:
+            encoder = _MODEL_CACHE.get(key)
+            if encoder is None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
                 from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as hf_logging
 
-                hf_logging.disable_progress_bar()
+                from .encoder import Encoder
 
+                hf_logging.disable_progress_bar()
                 kwargs = {}
                 if self.precision == "bf16":
                     import torch
 
-                    kwargs["model_kwargs"] = {"torch_dtype": torch.bfloat16}
+                    kwargs["model_kwargs"] = {"dtype": torch.bfloat16}
                 model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True, **kwargs)
-                _MODEL_CACHE[key] = model
-        return model
+                encoder = _MODEL_CACHE[key] = Encoder(model, self.batch_size)
+        return encoder
+
+    def compile(self) -> bool:
+        """Compile the model for fixed shapes (minutes of CPU on first use, cached on disk
+        after): worth it only in a long-lived process such as the embedding server. False,
+        with the reason in ``compile_error``, when it cannot; embedding still works."""
+        return self._encoder().warm()
+
+    @property
+    def compiled(self) -> bool:
+        key = (str(self.path), self.device, self.precision, self.batch_size)
+        encoder = _MODEL_CACHE.get(key)
+        return bool(encoder is not None and encoder.compiled)
+
+    @property
+    def compile_error(self) -> str | None:
+        return self._encoder().compile_error
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 vectors, one row per text."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self._model().encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False)
-        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-        if self.precision != "fp32":  # re-normalize in fp32: bf16 norms are only ~3 digits exact
-            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        return vecs
+        return self._encoder().encode(list(texts))

@@ -19,9 +19,8 @@ from stream_sentinel.store import Store
 from .conftest import drop
 
 
-@pytest.fixture
-def server(paths):
-    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)}
+def _start(paths, compile_: bool) -> subprocess.Popen:
+    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home), "STREAM_SENTINEL_EMBED_COMPILE": str(int(compile_))}
     proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -29,10 +28,34 @@ def server(paths):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the embedding server did not come up"
         time.sleep(0.2)
-    yield proc
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.fixture
+def server(paths):
+    proc = _start(paths, compile_=False)  # eager: the same vectors as in-process, bit for bit
+    yield proc
+    _stop(proc)
+
+
+def _ingest(paths, instance, name, records):
+    from stream_sentinel import ingest
+
+    drop(paths.raw, name, records)
+    store = Store(paths.db)
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    result = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": list(batch.files)}}}},
+                                    partition_key=batch.partition_key, instance=instance)
+    (mat,) = result.asset_materializations_for_node("embeddings")
+    return store, mat
 
 
 def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embedder, demo_records, instance):
@@ -48,16 +71,7 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
         RemoteEmbedder(paths.embed_socket, "other-model@sha256:0", embedder.dim).embed(["x"])
 
     # a Dagster run embeds through the server and says so
-    drop(paths.raw, "served.jsonl", demo_records[:30])
-    from stream_sentinel import ingest
-
-    store = Store(paths.db)
-    ingest.scan(paths, store, debounce_s=1)
-    (batch,) = ingest.plan_batches(store)
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
-    result = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": list(batch.files)}}}},
-                                    partition_key=batch.partition_key, instance=instance)
-    (mat,) = result.asset_materializations_for_node("embeddings")
+    store, mat = _ingest(paths, instance, "served.jsonl", demo_records[:30])
     assert mat.metadata["embedded_by"].value == "embed-server"
     with store.connect() as con:
         n = con.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [embedder.model_id]).fetchall()[0][0]
@@ -68,3 +82,22 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
     server.wait(30)
     assert not paths.embed_socket.exists()
     assert connect(paths.embed_socket, embedder.model_id, embedder.dim) is None
+
+
+def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embedder, demo_records, instance):
+    proc = _start(paths, compile_=True)
+    try:
+        remote = connect(paths.embed_socket, embedder.model_id, embedder.dim)
+        texts = [r["text"] for r in demo_records[200:260]]
+        deadline = time.monotonic() + 600
+        while not remote.ping().get("compiled"):  # served eager meanwhile
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the embedding server did not finish compiling"
+            time.sleep(1)
+        got, want = remote.embed(texts), embedder.embed(texts)
+        assert remote.compiled is True
+        assert np.sum(got * want, axis=1).min() > 0.99  # bf16 rounding apart, same model id
+        store, mat = _ingest(paths, instance, "compiled.jsonl", demo_records[:20])
+        assert mat.metadata["embedded_by"].value == "embed-server (compiled)"
+    finally:
+        _stop(proc)

@@ -1,0 +1,63 @@
+"""Token-length batches, the shortcut tokenizer, and the compiled path against the eager one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_sentinel.encoder import Encoder, tokenize_truncated
+
+
+@pytest.fixture(scope="module")
+def st_model(embedder):
+    return embedder._model()
+
+
+def test_shortcut_tokenizing_equals_the_tokenizers_truncation(st_model, demo_records):
+    tok = st_model.tokenizer
+    edge = ["", "word", "x" * 50_000, ("a " * 3000), ("\n" * 5000) + "text after a long blank run",
+            "long " + "supercalifragilistic" * 400 + " tail", ("token " * 255).strip(), ("token " * 300).strip(),
+            "é" * 4000, "a" + " " * 4000 + "b"]
+    texts = [r["text"] for r in demo_records] + edge
+    for max_len in (256, 64):
+        got = tokenize_truncated(tok, texts, max_len)
+        want = tok(texts, truncation=True, max_length=max_len)["input_ids"]
+        bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+        assert not bad, f"max_len {max_len}: {len(bad)} texts differ, first {texts[bad[0]][:80]!r}"
+
+
+def test_token_length_batches_give_the_sentence_transformers_vectors(st_model, demo_records):
+    texts = [r["text"] for r in demo_records[:40]] + ["short", "a slightly longer sentence about spam"]
+    ours = Encoder(st_model, batch_size=16).encode(texts)
+    theirs = st_model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+    cos = np.sum(ours * theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cos.min() > 0.999, cos.min()  # only padding differs; bf16 rounding at most
+
+
+def test_compiled_shapes_match_eager_and_a_missing_compiler_keeps_eager(demo_records, monkeypatch, embedder):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    kwargs = {"dtype": torch.bfloat16} if embedder.precision == "bf16" else {}
+    st = SentenceTransformer(str(embedder.path), device="cpu", local_files_only=True, model_kwargs=kwargs)
+    st.max_seq_length = 64  # 2 graphs (32 and 64 tokens) keep the compile short
+    texts = [r["text"] for r in demo_records[100:150]] + ["one", "two words"]
+
+    with monkeypatch.context() as m:  # a machine without a C++ compiler: told why, still embeds
+        m.setenv("PATH", "/nonexistent")
+        no_cc = Encoder(st, batch_size=16)
+        assert no_cc.warm() is False and "C++ compiler" in no_cc.compile_error
+        assert not no_cc.compiled
+        eager = no_cc.encode(texts)
+
+    enc = Encoder(st, batch_size=16)
+    assert enc.lengths() == [32, 64]
+    assert enc.warm() is True and enc.compiled and enc.compile_error is None
+    compiled = enc.encode(texts)
+    assert compiled.shape == eager.shape and np.allclose(np.linalg.norm(compiled, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(compiled * eager, axis=1)
+    assert cos.min() > 0.99, cos.min()
+    se, sc = eager @ eager.T, compiled @ compiled.T
+    overlap = np.mean([len(set(np.argsort(-se[i])[1:6]) & set(np.argsort(-sc[i])[1:6])) / 5 for i in range(len(texts))])
+    assert overlap >= 0.9, overlap
+    assert enc.encode(texts[:3]).shape == (3, 384)  # a short batch is padded to the compiled shape
