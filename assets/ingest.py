@@ -12,6 +12,19 @@ from stream_sentinel import ingest, pipeline
 from .partitions import daily_arrivals
 
 
+# Opening the DuckDB file costs ~10 ms and a file needs 4 opens: 60 files took 3.7 s, of
+# which 2.5 s were opens. A held session per 20 files keeps a sensor tick waiting < 1 s.
+FILES_PER_SESSION = 20
+
+
+def _in_sessions(store, shas):
+    """(n, sha) for each file, with one held DuckDB connection per group of files."""
+    for start in range(0, len(shas), FILES_PER_SESSION):
+        with store.session():
+            for n, sha in enumerate(shas[start:start + FILES_PER_SESSION], start=start + 1):
+                yield n, sha
+
+
 class RawRecordsConfig(dg.Config):
     files: list[str] = Field(
         default_factory=list,
@@ -40,7 +53,7 @@ def raw_records(
     totals = {"processed": 0, "quarantined": 0, "missing": 0}
     ingested = skipped = rejected = 0
     problems = []
-    for n, sha in enumerate(shas, start=1):
+    for n, sha in _in_sessions(store, shas):
         out = ingest.process_file(sentinel.paths, store, sha)
         totals[out.status] += 1
         ingested, skipped, rejected = ingested + out.ingested, skipped + out.skipped, rejected + out.rejected

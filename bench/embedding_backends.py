@@ -13,11 +13,12 @@ in the same round, so a noisy neighbour hits all backends alike:
 * product compiled  the same, compiled for fixed shapes (torch.compile, frozen weights);
                     what the embedding server uses once it has compiled (its compile time
                     is reported apart)
-* onnx fp32         the transformer exported with torch.onnx (mean pooling and L2 norm in the
-                    graph), run by onnxruntime
-* onnx int8         the same graph with dynamic int8 quantization of its MatMuls (per channel);
-                    the variant follows the CPU: avx512_vnni -> full-range u8s8, else avx2 ->
-                    reduce_range (7-bit) to avoid int16 saturation
+* onnx fp32         STREAM_SENTINEL_EMBED_BACKEND=onnx: the sentence-transformers pipeline
+                    exported with torch.onnx, run by onnxruntime (onnx_backend.py), same batches
+* onnx int8         STREAM_SENTINEL_EMBED_BACKEND=onnx-int8: that graph with dynamic int8
+                    quantization of its MatMuls (per channel); the variant follows the CPU:
+                    avx512_vnni -> full-range u8s8, else avx2 -> reduce_range (7-bit) to avoid
+                    int16 saturation. Export and quantization times are reported apart.
 * torch cuda        when a GPU is present
 
 recall@10: for every text, the share of its 10 nearest neighbours (among the benchmark
@@ -51,52 +52,6 @@ def recall_at_10(ref: np.ndarray, got: np.ndarray) -> float:
     k = min(10, len(ref) - 1)
     return float(np.mean([len(set(np.argsort(-sr[i])[1:k + 1]) & set(np.argsort(-sg[i])[1:k + 1])) / k
                           for i in range(len(ref))]))
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def export_onnx(model_path: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModel.from_pretrained(str(model_path)).eval()
-
-    class Pooled(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            h = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(h.dtype)
-            e = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(e, p=2, dim=1)
-
-    enc = tok(["an example", "another, longer example text"], padding=True, return_tensors="pt")
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    torch.onnx.export(Pooled(model), tuple(enc[n] for n in names), str(out), input_names=names,
-                      output_names=["embedding"], opset_version=17, dynamo=False,
-                      dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "embedding": {0: "batch"}})
-
-
-def onnx_embed(session, tok, texts: list[str], batch: int = 32) -> np.ndarray:
-    order = np.argsort([len(t) for t in texts])  # length-sorted batches, as sentence-transformers does
-    out = np.zeros((len(texts), 384), dtype=np.float32)
-    names = [i.name for i in session.get_inputs()]
-    for s in range(0, len(texts), batch):
-        idx = order[s:s + batch]
-        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="np")
-        out[idx] = session.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
-    return out
 
 
 def main() -> int:
@@ -140,27 +95,19 @@ def main() -> int:
         extra["compile_error"] = compiled_encoder.compile_error
         print(f"compiled backend skipped: {compiled_encoder.compile_error}", file=sys.stderr)
 
-    try:
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from transformers import AutoTokenizer
-    except ImportError:
-        print("onnx backends skipped: pip install -c constraints.txt -e '.[bench]'", file=sys.stderr)
-        tmp = None
-    else:
-        tok = AutoTokenizer.from_pretrained(str(path))
-        vnni = "avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags()
-        variant = "avx512_vnni" if vnni else "avx2"
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        tmp = tempfile.TemporaryDirectory()
-        fp32, int8 = Path(tmp.name) / "model.onnx", Path(tmp.name) / "model.int8.onnx"
-        export_onnx(path, fp32)
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=not vnni, op_types_to_quantize=["MatMul"])
-        for name, f in (("onnx fp32", fp32), (f"onnx int8 ({variant})", int8)):
-            sess = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
-            backends[name] = lambda ts, s=sess: onnx_embed(s, tok, ts)
+    tmp = tempfile.TemporaryDirectory()  # a fresh export cache: the export is part of what is measured
+    for backend in ("onnx", "onnx-int8"):
+        try:
+            t = time.perf_counter()
+            emb = Embedder.load(backend=backend, models_root=tmp.name)
+            emb.embed(["export"])
+            extra[f"{backend}_export_s"] = round(time.perf_counter() - t, 1)
+        except RuntimeError as exc:  # the onnx extra is not installed
+            print(f"{backend} skipped: {exc}", file=sys.stderr)
+            continue
+        from stream_sentinel.onnx_backend import int8_variant
+
+        backends["onnx fp32" if backend == "onnx" else f"onnx int8 ({int8_variant()})"] = emb.embed
     if torch.cuda.is_available():
         backends["torch cuda"] = Embedder.load(device="cuda", precision="fp32").embed
 
@@ -175,8 +122,7 @@ def main() -> int:
             vecs[name].append(fn(chunk))
             speed[name].append(len(chunk) / (time.perf_counter() - t))
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speed.items()), file=sys.stderr)
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
 
     base = np.vstack(vecs["torch fp32"])
     results: dict[str, dict] = {}

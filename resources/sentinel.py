@@ -70,6 +70,7 @@ class EmbedderResource(dg.ConfigurableResource):
     device: Optional[str] = None  # cpu | cuda
     batch_size: Optional[int] = None
     precision: Optional[str] = None  # auto (bf16 on CPUs with bf16 units, else fp32) | fp32 | bf16
+    backend: Optional[str] = None  # torch (default) | onnx | onnx-int8 (the `onnx` extra; exported once, cached)
     # a warm model shared by all runs (`stream-sentinel embed-server`, started by `up`);
     # default: $STREAM_SENTINEL_HOME/embedder.sock. Without a server runs embed in-process.
     server_socket: Optional[str] = None
@@ -82,7 +83,8 @@ class EmbedderResource(dg.ConfigurableResource):
         env = Settings.from_env()
         self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
                                        self.batch_size or env.embed_batch_size,
-                                       self.precision or env.embed_precision)
+                                       self.precision or env.embed_precision, self.backend or env.embed_backend,
+                                       Paths.from_env().models / "embedding")
 
     @property
     def embedder(self) -> Embedder:

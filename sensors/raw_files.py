@@ -18,6 +18,7 @@ from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
 
 TICK_LOCK_TIMEOUT_S = 20.0  # well under Dagster's 60 s sensor limit
+INGEST_RETRIES = 2
 
 
 def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
@@ -25,7 +26,10 @@ def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
         run_key=batch.run_key,
         partition_key=batch.partition_key,
         run_config=dg.RunConfig(ops={"raw_records": RawRecordsConfig(files=list(batch.files))}),
-        tags={"stream_sentinel/batch": str(batch.seq), "stream_sentinel/files": str(len(batch.files))},
+        # a failed micro-batch (a crash, a lock held too long) is retried from the failed step;
+        # every step is idempotent, and dagster.yaml enables retries (0 unless a run asks)
+        tags={"stream_sentinel/batch": str(batch.seq), "stream_sentinel/files": str(len(batch.files)),
+              "dagster/max_retries": str(INGEST_RETRIES)},
     )
 
 

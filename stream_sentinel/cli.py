@@ -35,7 +35,7 @@ def _model_id(settings: Settings) -> str:
     """The id the embeddings of this configuration are stored under (model, precision)."""
     from .embedding import model_id
 
-    return model_id(settings.model_path, settings.embed_precision, settings.device)
+    return model_id(settings.model_path, settings.embed_precision, settings.device, settings.embed_backend)
 
 
 def _emit(obj, as_json: bool, human) -> None:
@@ -111,7 +111,7 @@ def cmd_search(args) -> int:
              "(or `stream-sentinel run --once`)")
         return 1
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size,
-                             settings.embed_precision)
+                             settings.embed_precision, settings.embed_backend, paths.models / "embedding")
     if loaded.meta.model_id != embedder.model_id:
         _err(f"the index was built with {loaded.meta.model_id} but the configured model is "
              f"{embedder.model_id}; backfill embeddings and vector_index first")
@@ -588,8 +588,9 @@ def cmd_embed_server(args) -> int:
     paths = Paths.from_env().ensure()
     settings = Settings.from_env()
     sock = Path(args.socket) if args.socket else paths.embed_socket
-    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision)
-    compile_ = settings.embed_compile and not args.no_compile
+    embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision,
+                             settings.embed_backend, paths.models / "embedding")
+    compile_ = settings.embed_compile and not args.no_compile and embedder.backend == "torch"
 
     def stop(signum, frame):
         raise KeyboardInterrupt

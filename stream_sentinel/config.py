@@ -110,6 +110,7 @@ class Settings:
     device: str = "cpu"
     embed_batch_size: int = 16
     embed_precision: str = "auto"  # auto | fp32 | bf16 (see embedding.resolve_precision)
+    embed_backend: str = "torch"  # torch | onnx | onnx-int8 (see embedding.resolve_backend)
     embed_compile: bool = True  # the embedding server compiles the model at start (see encoder.py)
     feedback_topic: str = "stream-sentinel.feedback"
     labels: str = "ham,spam"  # allowed label values; empty = any string
@@ -151,6 +152,7 @@ class Settings:
             device=os.environ.get("STREAM_SENTINEL_DEVICE") or d.device,
             embed_batch_size=_env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
             embed_precision=os.environ.get("STREAM_SENTINEL_EMBED_PRECISION") or d.embed_precision,
+            embed_backend=os.environ.get("STREAM_SENTINEL_EMBED_BACKEND") or d.embed_backend,
             embed_compile=_env_bool("STREAM_SENTINEL_EMBED_COMPILE", d.embed_compile),
             feedback_topic=os.environ.get("STREAM_SENTINEL_FEEDBACK_TOPIC") or d.feedback_topic,
             labels=os.environ.get("STREAM_SENTINEL_LABELS", d.labels),

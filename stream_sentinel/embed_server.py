@@ -65,6 +65,8 @@ class _Handler(socketserver.BaseRequestHandler):
             head = {"ok": True, "model_id": server.embedder.model_id, "dim": server.embedder.dim,
                     "compiled": server.embedder.compiled}
             if req.get("ping"):
+                if server.embedder.compile_error:
+                    head["compile_error"] = server.embedder.compile_error
                 _send(self.request, json.dumps(head).encode())
                 return
             if req.get("model_id") != server.embedder.model_id:

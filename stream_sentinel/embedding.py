@@ -65,22 +65,45 @@ def cpu_has_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_precision(precision: str | None = None, device: str | None = None) -> str:
-    """fp32 or bf16: ``auto`` (the default) is bf16 on a CPU with bf16 units, else fp32."""
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def resolve_backend(backend: str | None = None, device: str | None = None) -> str:
+    """``torch`` (the default), or ``onnx`` / ``onnx-int8`` (onnxruntime on the CPU, onnx_backend.py)."""
+    backend = backend or os.environ.get("STREAM_SENTINEL_EMBED_BACKEND") or "torch"
+    device = device or os.environ.get("STREAM_SENTINEL_DEVICE") or "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"embedding backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "torch" and device != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU only, not on {device!r}")
+    return backend
+
+
+def resolve_precision(precision: str | None = None, device: str | None = None, backend: str | None = None) -> str:
+    """fp32 or bf16: ``auto`` (the default) is bf16 with torch on a CPU with bf16 units, else fp32."""
     precision = precision or os.environ.get("STREAM_SENTINEL_EMBED_PRECISION") or "auto"
     device = device or os.environ.get("STREAM_SENTINEL_DEVICE") or "cpu"
+    backend = resolve_backend(backend, device)
     if precision not in PRECISIONS:
         raise ValueError(f"embedding precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if backend != "torch":
+        if precision == "bf16":
+            raise ValueError(f"the {backend} backend runs in fp32 (or int8), not bf16")
+        return "fp32"
     if precision == "auto":
         return "bf16" if device == "cpu" and cpu_has_bf16() else "fp32"
     return precision
 
 
 def model_id(path: str | os.PathLike[str] | None = None, precision: str | None = None,
-             device: str | None = None) -> str:
-    """``name@sha256:<16 hex>`` over every file of the model folder (cached per mtime),
-    ``+bf16`` when the model runs in bf16."""
-    suffix = "+bf16" if resolve_precision(precision, device) == "bf16" else ""
+             device: str | None = None, backend: str | None = None) -> str:
+    """``name@sha256:<16 hex>`` over every file of the model folder (cached per mtime), then
+    ``+bf16`` (torch in bf16), ``+onnx`` or ``+onnx-int8``: vectors of different numerics
+    never share an id, so an index never mixes them."""
+    backend = resolve_backend(backend, device)
+    if backend != "torch":
+        return _files_id(path) + "+" + backend
+    suffix = "+bf16" if resolve_precision(precision, device, backend) == "bf16" else ""
     return _files_id(path) + suffix
 
 
@@ -125,32 +148,48 @@ class Embedder:
     device: str = "cpu"
     batch_size: int = DEFAULT_BATCH_SIZE
     precision: str = "fp32"  # resolved: fp32 | bf16
+    backend: str = "torch"  # resolved: torch | onnx | onnx-int8
+    models_root: Path | None = None  # where onnx exports are cached; default $STREAM_SENTINEL_HOME/models/embedding
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu",
-             batch_size: int = DEFAULT_BATCH_SIZE,
-             precision: str | None = None) -> "Embedder":
-        return cls(resolve_model_path(path), device, batch_size, resolve_precision(precision, device))
+             batch_size: int = DEFAULT_BATCH_SIZE, precision: str | None = None, backend: str | None = None,
+             models_root: str | os.PathLike[str] | None = None) -> "Embedder":
+        backend = resolve_backend(backend, device)
+        return cls(resolve_model_path(path), device, batch_size, resolve_precision(precision, device, backend),
+                   backend, Path(models_root) if models_root else None)
 
     @property
     def model_id(self) -> str:
-        return model_id(self.path, self.precision, self.device)
+        return model_id(self.path, self.precision, self.device, self.backend)
 
     @property
     def dim(self) -> int:
         return model_dimension(self.path)
 
     def _model(self):
+        """The loaded sentence-transformers model (torch backend)."""
         return self._encoder()._st
 
+    def _key(self) -> tuple:
+        return (str(self.path), self.device, self.precision, self.batch_size, self.backend, str(self.models_root))
+
     def _encoder(self):
-        key = (str(self.path), self.device, self.precision, self.batch_size)
+        key = self._key()
+        files_id = _files_id(self.path) if self.backend != "torch" else ""  # takes _LOCK itself
         with _LOCK:
             encoder = _MODEL_CACHE.get(key)
-            if encoder is None:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-                os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if encoder is None and self.backend != "torch":
+                from .config import Paths
+                from .onnx_backend import OnnxEncoder, exported
+
+                root = self.models_root or Paths.from_env().models / "embedding"
+                onnx_file = exported(self.path, files_id, self.backend, root)
+                encoder = _MODEL_CACHE[key] = OnnxEncoder(onnx_file, self.path, self.batch_size)
+            elif encoder is None:
                 from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as hf_logging
 
@@ -174,8 +213,7 @@ class Embedder:
 
     @property
     def compiled(self) -> bool:
-        key = (str(self.path), self.device, self.precision, self.batch_size)
-        encoder = _MODEL_CACHE.get(key)
+        encoder = _MODEL_CACHE.get(self._key())
         return bool(encoder is not None and encoder.compiled)
 
     @property

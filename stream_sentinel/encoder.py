@@ -136,28 +136,41 @@ class Encoder:
         """L2-normalized float32 vectors, one row per text, in input order."""
         import torch
 
-        ids = tokenize_truncated(self._st.tokenizer, texts, self._max_len)
         with self._lock:
             fn, fixed = self._fn, self.compiled
-        dim = self._st.get_embedding_dimension()
-        out = np.zeros((len(texts), dim), dtype=np.float32)
-        order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: little padding
-        pad_id = self._st.tokenizer.pad_token_id or 0
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                longest = len(ids[idx[0]])
-                # compiled graphs exist for whole granules and full batches only
-                length = min(self._max_len, -(-longest // GRANULE) * GRANULE) if fixed else longest
-                rows = self.batch_size if fixed else len(idx)
-                input_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-                mask = torch.zeros((rows, length), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[row, :len(ids[i])] = 1
-                input_ids[len(idx):], mask[len(idx):] = input_ids[0], mask[0]  # filler rows, dropped
-                dev = self._st.device
-                vecs = fn(input_ids.to(dev), mask.to(dev), torch.zeros_like(input_ids).to(dev))
-                out[idx] = vecs[:len(idx)].cpu().numpy()
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # in fp32: bf16 norms are ~3 digits
+        dev = self._st.device
+
+        def infer(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            ids_t = torch.from_numpy(input_ids).to(dev)
+            with torch.inference_mode():
+                return fn(ids_t, torch.from_numpy(mask).to(dev), torch.zeros_like(ids_t)).cpu().numpy()
+
+        return encode_in_batches(self._st.tokenizer, self._max_len, self.batch_size, texts,
+                                 self._st.get_embedding_dimension(), infer, fixed_shapes=fixed)
+
+
+def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[str], dim: int, infer,
+                      fixed_shapes: bool = False) -> np.ndarray:
+    """Texts sorted by token count, cut into batches, run through ``infer(input_ids, mask)``
+    (int64 arrays) and put back in input order, L2-normalized in fp32. ``fixed_shapes``: full
+    batches padded to whole granules (the shapes compiled graphs exist for)."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    if not texts:
         return out
+    ids = tokenize_truncated(tokenizer, texts, max_len)
+    order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: little padding
+    pad_id = tokenizer.pad_token_id or 0
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        longest = len(ids[idx[0]])
+        length = min(max_len, -(-longest // GRANULE) * GRANULE) if fixed_shapes else longest
+        rows = batch_size if fixed_shapes else len(idx)
+        input_ids = np.full((rows, length), pad_id, dtype=np.int64)
+        mask = np.zeros((rows, length), dtype=np.int64)
+        for row, i in enumerate(idx):
+            input_ids[row, :len(ids[i])] = ids[i]
+            mask[row, :len(ids[i])] = 1
+        input_ids[len(idx):], mask[len(idx):] = input_ids[0], mask[0]  # filler rows, dropped
+        out[idx] = infer(input_ids, mask)[:len(idx)]
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # in fp32: bf16 norms are ~3 digits
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -73,32 +74,45 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
                     SELECT 1 FROM embeddings e WHERE e.record_id = r.id AND e.model_id = ?)
                 ORDER BY r.vec_id""", params + [model_id]).fetchall()
         total = int(con.execute(f"SELECT count(*) FROM records r WHERE {where}", params).fetchone()[0])
+    # The model runs in a worker thread (torch and the server socket release the GIL) while
+    # this thread stores the previous chunk: the DuckDB writes hide behind the embedding.
+    # DuckDB is used from this thread only (registering frames from two threads races).
     done = 0
-    for start in range(0, len(todo), EMBED_CHUNK):
-        chunk = todo[start:start + EMBED_CHUNK]
+    chunks = [todo[i:i + EMBED_CHUNK] for i in range(0, len(todo), EMBED_CHUNK)]
+
+    def texts_of(chunk) -> list[str]:
         ids = [r[0] for r in chunk]
         with store.connect(read_only=True) as con:
             con.register("want", pd.DataFrame({"id": ids}))
             texts = dict(con.execute("SELECT r.id, r.text FROM records r JOIN want USING (id)").fetchall())
-        vecs = embedder.embed([texts[i] for i in ids])  # no database lock held while the model runs
-        if vecs.shape != (len(ids), dim):
-            raise ValueError(f"model returned vectors of shape {vecs.shape}, expected ({len(ids)}, {dim})")
-        df = pd.DataFrame({
-            "record_id": ids,
-            "model_id": model_id,
-            "vec_id": np.array([r[1] for r in chunk], dtype=np.int64),
-            "dim": dim,
-            "vector": list(vecs),
-            "created_at": pd.Timestamp.now(tz="UTC"),
-        })
-        with store.transaction() as con:
-            con.register("chunk_vecs", df)
-            con.execute("""INSERT INTO embeddings
-                           SELECT record_id, model_id, vec_id, dim, CAST(vector AS FLOAT[]), created_at
-                           FROM chunk_vecs ON CONFLICT DO NOTHING""")
-        done += len(chunk)
-        if progress:
-            progress(done, len(todo))
+            con.unregister("want")
+        return [texts[i] for i in ids]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed") as pool:
+        pending = pool.submit(embedder.embed, texts_of(chunks[0])) if chunks else None
+        for k, chunk in enumerate(chunks):
+            vecs = pending.result()  # no database lock is held while the model runs
+            pending = pool.submit(embedder.embed, texts_of(chunks[k + 1])) if k + 1 < len(chunks) else None
+            ids = [r[0] for r in chunk]
+            if vecs.shape != (len(ids), dim):
+                raise ValueError(f"model returned vectors of shape {vecs.shape}, expected ({len(ids)}, {dim})")
+            df = pd.DataFrame({
+                "record_id": ids,
+                "model_id": model_id,
+                "vec_id": np.array([r[1] for r in chunk], dtype=np.int64),
+                "dim": dim,
+                "vector": list(vecs),
+                "created_at": pd.Timestamp.now(tz="UTC"),
+            })
+            with store.transaction() as con:
+                con.register("chunk_vecs", df)
+                con.execute("""INSERT INTO embeddings
+                               SELECT record_id, model_id, vec_id, dim, CAST(vector AS FLOAT[]), created_at
+                               FROM chunk_vecs ON CONFLICT DO NOTHING""")
+                con.unregister("chunk_vecs")
+            done += len(chunk)
+            if progress:
+                progress(done, len(todo))
     return EmbedResult(model_id, done, total - len(todo), time.perf_counter() - started)
 
 

@@ -314,6 +314,8 @@ def vectors_from_arrow(column, n: int):
 # database files whose schema this process already created: sensors and assets make a new
 # Store per tick or run, and the DDL need not run again each time
 _SCHEMA_DONE: set[str] = set()
+# two sensor threads creating the schema at once conflict in DuckDB's catalog (seen at daemon start)
+_SCHEMA_LOCK = threading.Lock()
 
 
 _SESSIONS = threading.local()
@@ -389,9 +391,11 @@ class Store:
                 delay = min(delay * 2, 0.5)
         try:
             if not read_only and not self._schema_ready:
-                con.execute(SCHEMA)
+                with _SCHEMA_LOCK:
+                    if str(self.path.absolute()) not in _SCHEMA_DONE:
+                        con.execute(SCHEMA)
+                        _SCHEMA_DONE.add(str(self.path.absolute()))
                 self._schema_ready = True
-                _SCHEMA_DONE.add(str(self.path.absolute()))
             yield con
         finally:
             con.close()

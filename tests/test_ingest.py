@@ -185,3 +185,66 @@ def test_store_waits_for_another_process_holding_the_database(paths, store):
             assert con.execute("SELECT 1").fetchone() == (1,)
     finally:
         proc.join(30)
+
+
+def test_schema_is_created_once_when_threads_race(tmp_path):
+    import threading
+
+    db = tmp_path / "fresh.duckdb"
+    errors = []
+
+    def init():
+        try:
+            Store(db).init()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=init) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _count(Store(db)) == 0
+
+
+def test_embedding_overlaps_writes_and_a_failed_chunk_loses_nothing(paths, store, embedder, monkeypatch):
+    """The model runs in a worker thread while the previous chunk is written: each stored vector
+    must still belong to its own record, and a failure part-way keeps what was written."""
+    import numpy as np
+
+    from stream_sentinel import pipeline
+
+    drop(paths.raw, "a.jsonl", [record(i, text=f"message number {i} about {'spam' if i % 2 else 'linux'}")
+                                for i in range(11)])
+    _ingest_all(paths, store)
+    monkeypatch.setattr(pipeline, "EMBED_CHUNK", 3)
+
+    class FailsOnThirdChunk:
+        model_id, dim = embedder.model_id, embedder.dim
+
+        def __init__(self):
+            self.calls = 0
+
+        def embed(self, texts):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("the model crashed")
+            return embedder.embed(texts)
+
+    try:
+        pipeline.embed_partition(store, FailsOnThirdChunk(), None)
+    except RuntimeError as exc:
+        assert "crashed" in str(exc)
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert _count(store, "SELECT count(*) FROM embeddings") == 6  # chunks 1 and 2 are kept
+    result = pipeline.embed_partition(store, embedder, None)
+    assert (result.embedded, result.already) == (5, 6)
+    with store.connect(read_only=True) as con:
+        rows = con.execute("""SELECT r.text, e.vector FROM embeddings e JOIN records r ON r.id = e.record_id
+                              ORDER BY r.id""").fetchall()
+    assert len(rows) == 11
+    stored = np.array([v for _, v in rows], dtype=np.float32)
+    direct = embedder.embed([t for t, _ in rows])
+    assert np.sum(stored * direct, axis=1).min() > 0.999  # every vector is its own record's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -37,6 +38,12 @@ def test_new_files_become_one_run_per_micro_batch(paths, instance):
     assert json.loads(result.cursor) == {"batch_seq": 3}
     # run config carries file hashes only, never payloads
     assert "record number" not in json.dumps([r.run_config for r in reqs])
+    # a failed micro-batch is retried from the failed step, by the instance dagster.yaml configures
+    assert all(int(r.tags["dagster/max_retries"]) >= 1 for r in reqs)
+    import yaml
+
+    instance_yaml = yaml.safe_load((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    assert instance_yaml["run_retries"]["enabled"] is True
 
 
 def test_next_tick_with_saved_cursor_launches_nothing_new(paths, instance):
