@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=3000)
     ap.add_argument("--sensor-interval", type=int, default=1)
     ap.add_argument("--mode", choices=["both", "server", "in-process"], default="both")
-    ap.add_argument("--sustain", type=float, default=120.0,
+    ap.add_argument("--sustain", type=float, default=240.0,
                     help="seconds of files offered at 1.25x the embedding rate (0: skip)")
     args = ap.parse_args()
     drops, burst, sustain_s = (5, 200, 8.0) if args.quick else (args.drops, args.burst, args.sustain)

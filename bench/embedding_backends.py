@@ -57,7 +57,7 @@ def recall_at_10(ref: np.ndarray, got: np.ndarray) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds of 48 texts")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--texts", type=int, default=128, help="texts per round")
     args = ap.parse_args()
     rounds, n = (2, 48) if args.quick else (args.rounds, args.texts)

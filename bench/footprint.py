@@ -10,6 +10,8 @@
     retrain   a full retrain (model retrain --full)
     drift     today's drift report (drift backfill)
     status    stream-sentinel status --json
+    embed-server   the embedding server after compiling the model and embedding 256 texts
+                   (VmHWM: it keeps running)
 
     python bench/footprint.py [--quick] [--records 1000]
 
@@ -61,6 +63,40 @@ def run_measured(args: list[str], env: dict) -> dict:
             "exit": code}
 
 
+def embed_server_peak(env: dict, home: Path) -> dict:
+    """The embedding server from start until it has compiled the model and embedded a batch:
+    its VmHWM (it keeps running, so wait4 cannot tell)."""
+    import signal
+
+    from stream_sentinel.embed_server import RemoteEmbedder, connect
+    from stream_sentinel.embedding import model_dimension, model_id
+
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sock = home / "embedder.sock"
+    try:
+        deadline = time.monotonic() + 900
+        head: dict = {}
+        while time.monotonic() < deadline and not (head.get("compiled") or head.get("compile_error")):
+            time.sleep(1)
+            try:
+                head = RemoteEmbedder(sock, "", 0, timeout_s=5).ping() if sock.exists() else {}
+            except OSError:
+                head = {}
+        remote = connect(sock, model_id(), model_dimension())
+        recs, _, _ = common.corpus()
+        if remote is not None:
+            remote.embed([r["text"] for r in recs[:256]])
+        hwm = next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+        return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": hwm // 1024,
+                "compiled": bool(head.get("compiled")), "exit": 0}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="200 records")
@@ -86,6 +122,7 @@ def main() -> int:
         today = datetime.now(timezone.utc).date().isoformat()
         results["drift report"] = run_measured(["drift", "backfill", "--from", today, "--to", today], env)
         results["status"] = run_measured(["status", "--json"], env)
+        results["embed-server (compiled)"] = embed_server_peak(env, Path(tmp) / "home")
     print(f"\ncode location load: {results['load']['seconds']} s (heavy imports: {heavy or 'none'})\n")
     print(f"{'run kind':<22}{'seconds':>9}{'peak RSS MB':>13}")
     for name, r in results.items():

@@ -160,6 +160,8 @@ class OnnxEncoder:
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        # no busy-waiting between calls: the process shares its cores (daemon, server, other runs)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))

@@ -53,7 +53,12 @@ def test_compiled_shapes_match_eager_and_a_missing_compiler_keeps_eager(demo_rec
     enc = Encoder(st, batch_size=16)
     assert enc.lengths() == [32, 64]
     assert enc.warm() is True and enc.compiled and enc.compile_error is None
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     compiled = enc.encode(texts)
+    enc.encode(texts[:5])
+    assert counters["stats"]["unique_graphs"] == graphs  # served by the warm graphs, nothing recompiled
     assert compiled.shape == eager.shape and np.allclose(np.linalg.norm(compiled, axis=1), 1.0, atol=1e-5)
     cos = np.sum(compiled * eager, axis=1)
     assert cos.min() > 0.99, cos.min()
