@@ -14,10 +14,12 @@ time) with the sensors as deployed. These parts are measured:
   embedding rate, so runs follow each other as in a steady stream; the rate from the first
   index version holding them to the last (see ``sustained``), against embedding alone.
 
-Both are measured twice in the same run. Once with the shared embedding server, as
-`stream-sentinel up` runs it, and once with each run loading the model itself.
+All are measured twice in the same run. Once with the shared embedding server, as
+`stream-sentinel up` runs it (compiled before anything is measured), and once with each
+run loading the model itself. The sensor interval is set to 1 s, but the dagster-daemon
+evaluates sensors at most every 5 s (its sensor loop), so a drop waits 0-5 s for a tick.
 
-    python bench/drop_latency.py [--quick] [--drops 20] [--burst 3000] [--sustain 60]
+    python bench/drop_latency.py [--quick] [--drops 20] [--burst 3000] [--sustain 240]
                                  [--sensor-interval 1] [--mode both|server|in-process]
 
 Prints a table, ends with one JSON line, writes bench/results/drop_latency.json.

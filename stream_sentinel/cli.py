@@ -581,6 +581,26 @@ def cmd_up(args) -> int:
                 p.terminate()
 
 
+def cmd_embed_export(args) -> int:
+    """The ONNX export (and int8 quantization) done ahead of the first run that needs it."""
+    from .embedding import _files_id, model_id, resolve_model_path
+    from .onnx_backend import exported
+
+    paths = Paths.from_env().ensure()
+    settings = Settings.from_env()
+    started = time.perf_counter()
+    try:
+        path = exported(resolve_model_path(settings.model_path), _files_id(settings.model_path), args.backend,
+                        paths.models / "embedding")
+    except RuntimeError as exc:  # the onnx extra is missing
+        _err(str(exc))
+        return 1
+    out = {"backend": args.backend, "model_id": model_id(settings.model_path, "fp32", "cpu", args.backend),
+           "file": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}
+    print(json.dumps(out) if args.json else f"{out['model_id']}: {out['file']} ({out['bytes']:,} bytes)")
+    return 0
+
+
 def cmd_embed_server(args) -> int:
     from .embed_server import serve
     from .embedding import Embedder
@@ -696,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--no-compile", action="store_true",
                     help="serve the eager model only (default: compile at start, see STREAM_SENTINEL_EMBED_COMPILE)")
     es.set_defaults(func=cmd_embed_server)
+
+    ex = sub.add_parser("embed-export", help="export the embedding model for an onnx backend now (else on first use)")
+    ex.add_argument("--backend", choices=["onnx", "onnx-int8"], default="onnx-int8")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_embed_export)
 
     ck = sub.add_parser("check", help="run the asset checks on the current index; non-zero exit on failure")
     ck.add_argument("--json", action="store_true")

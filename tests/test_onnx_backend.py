@@ -51,3 +51,22 @@ def test_onnx_backends_export_once_and_keep_the_neighbours(tmp_path, demo_record
     again = Embedder.load(backend="onnx", models_root=tmp_path, batch_size=4)  # a new process would do this
     assert np.allclose(again.embed(texts[:5]), got[:5], atol=1e-5)
     assert exported.stat().st_mtime_ns == first_mtime
+
+
+def test_cli_exports_ahead_of_the_first_run(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STREAM_SENTINEL_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "embed-export", "--backend", "onnx", "--json"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["model_id"].endswith("+onnx") and info["bytes"] > 1_000_000
+    assert info["file"].startswith(str(tmp_path / "models" / "embedding"))
+    # the embedder of a later run finds it there and does not export again
+    mtime = os.stat(info["file"]).st_mtime_ns
+    Embedder.load(backend="onnx", models_root=tmp_path / "models" / "embedding").embed(["hello"])
+    assert os.stat(info["file"]).st_mtime_ns == mtime
