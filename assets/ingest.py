@@ -17,14 +17,6 @@ from .partitions import daily_arrivals
 FILES_PER_SESSION = 20
 
 
-def _in_sessions(store, shas):
-    """(n, sha) for each file, with one held DuckDB connection per group of files."""
-    for start in range(0, len(shas), FILES_PER_SESSION):
-        with store.session():
-            for n, sha in enumerate(shas[start:start + FILES_PER_SESSION], start=start + 1):
-                yield n, sha
-
-
 class RawRecordsConfig(dg.Config):
     files: list[str] = Field(
         default_factory=list,
@@ -53,15 +45,17 @@ def raw_records(
     totals = {"processed": 0, "quarantined": 0, "missing": 0}
     ingested = skipped = rejected = 0
     problems = []
-    for n, sha in _in_sessions(store, shas):
-        out = ingest.process_file(sentinel.paths, store, sha)
-        totals[out.status] += 1
-        ingested, skipped, rejected = ingested + out.ingested, skipped + out.skipped, rejected + out.rejected
-        if out.status != "processed":
-            context.log.warning(f"{out.path}: {out.status}: {out.error}")
-            problems.append(f"| `{out.path}` | {out.status} | {out.error} |")
-        if n % 20 == 0 or n == len(shas):
-            context.log.info(f"files {n}/{len(shas)}: {ingested} records ingested, {rejected} rejected")
+    for start in range(0, len(shas), FILES_PER_SESSION):
+        with store.session():  # one held DuckDB connection per group of files
+            for n, sha in enumerate(shas[start:start + FILES_PER_SESSION], start=start + 1):
+                out = ingest.process_file(sentinel.paths, store, sha)
+                totals[out.status] += 1
+                ingested, skipped, rejected = ingested + out.ingested, skipped + out.skipped, rejected + out.rejected
+                if out.status != "processed":
+                    context.log.warning(f"{out.path}: {out.status}: {out.error}")
+                    problems.append(f"| `{out.path}` | {out.status} | {out.error} |")
+                if n % 20 == 0 or n == len(shas):
+                    context.log.info(f"files {n}/{len(shas)}: {ingested} records ingested, {rejected} rejected")
     meta = {
         "files": len(shas),
         "files_processed": totals["processed"],
