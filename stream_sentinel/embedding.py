@@ -14,6 +14,7 @@ when the model is compiled is ``encoder.py``'s business.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -57,12 +58,20 @@ def model_name(path: Path) -> str:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_has_bf16() -> bool:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once per process (model ids are computed on every tick)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8")

@@ -32,21 +32,11 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import fsync_path
+from .embedding import cpu_flags
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
 OPSET = 17
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def int8_variant() -> str:
