@@ -20,6 +20,14 @@ setup() {
   stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
     echo "==> installing dependencies (first run downloads torch: a few minutes)"
+    # PyPI's Linux torch wheel brings CUDA libraries (the only torch on PyPI): .venv needs
+    # about 7.5 GB, and pip's cache up to 4 GB more on a first install. Say so up front
+    # rather than fail halfway with "No space left on device".
+    local free_gb
+    free_gb=$(df -Pk . | awk 'NR==2 {printf "%d", $4 / 1048576}')
+    if [ "${free_gb:-0}" -lt 12 ]; then
+      echo "warning: $free_gb GB free here; installing needs about 8 GB (12 GB with pip's cache)." >&2
+    fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
     echo "$stamp" > "$VENV/.installed"

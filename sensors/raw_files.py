@@ -8,6 +8,7 @@ a crash asks for the same keys and Dagster launches nothing twice.
 
 
 import json
+import time
 
 import dagster as dg
 
@@ -19,6 +20,10 @@ from stream_sentinel.store import StoreBusy
 
 TICK_LOCK_TIMEOUT_S = 20.0  # well under Dagster's 60 s sensor limit
 INGEST_RETRIES = 2
+# Plan the next batch once the running ingest run has about this long left: two sensor
+# loops of the daemon (5 s each) and a launch, so that the next run is queued before this
+# one ends. Until then new files keep joining the next batch.
+PLAN_LEAD_S = 12.0
 
 
 def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
@@ -29,7 +34,7 @@ def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
         # a failed micro-batch (a crash, a lock held too long) is retried from the failed step;
         # every step is idempotent, and dagster.yaml enables retries (0 unless a run asks)
         tags={"stream_sentinel/batch": str(batch.seq), "stream_sentinel/files": str(len(batch.files)),
-              "dagster/max_retries": str(INGEST_RETRIES)},
+              "stream_sentinel/records": str(batch.est_records), "dagster/max_retries": str(INGEST_RETRIES)},
     )
 
 
@@ -42,11 +47,44 @@ def ingest_run_waiting(instance: dg.DagsterInstance | None) -> bool:
         filters=dg.RunsFilter(job_name=ingest_job.name, statuses=waiting), limit=1))
 
 
+def seconds_left(running: list[tuple[int, float]], records_per_s: float | None, now: float) -> float:
+    """Expected seconds until the running ingest runs, ``(estimated records, started at)``,
+    are done at the embedding rate last measured; 0 when unknown (plan at once)."""
+    if not running or not records_per_s or records_per_s <= 0:
+        return 0.0
+    return max(0.0, max(est / records_per_s - (now - started) for est, started in running))
+
+
+def running_ingest_left(instance: dg.DagsterInstance | None) -> float:
+    """How long the ingest run in progress should still take. Planning the next batch right
+    when a run starts fixes that batch for the whole run ahead of it, and batch sizes then
+    swing between large and small; planning it shortly before the run ends lets it take
+    in everything that arrived meanwhile, so that under load every batch is a full one."""
+    if instance is None:
+        return 0.0
+    active = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    running = []
+    for rec in instance.get_run_records(filters=dg.RunsFilter(job_name=ingest_job.name, statuses=active), limit=5):
+        est = rec.dagster_run.tags.get("stream_sentinel/records")
+        if est is None:
+            return 0.0  # a backfill or a run launched by hand: no estimate, do not wait on it
+        running.append((int(est), rec.start_time or rec.create_timestamp.timestamp()))
+    if not running:
+        return 0.0
+    latest = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1).records
+    rate = None
+    if latest and latest[0].asset_materialization is not None:
+        value = latest[0].asset_materialization.metadata.get("texts_per_s")
+        rate = float(value.value) if value is not None else None
+    return seconds_left(running, rate, time.time())
+
+
 def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
              instance: dg.DagsterInstance | None = None) -> dg.SensorResult | dg.SkipReason:
     """One tick. Files are always registered (so their arrival day is exact), but while an
-    ingest run is still queued new files wait and join the next, larger batch instead of
-    queueing one small run per tick behind it."""
+    ingest run is still queued, or one is running that has more than ``PLAN_LEAD_S`` to go,
+    new files wait and join the next, larger batch instead of queueing one small run per
+    tick behind it."""
     state = json.loads(cursor) if cursor else {}
     last_seq = int(state.get("batch_seq", 0))
     s = sentinel.settings
@@ -54,8 +92,10 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
     try:
         scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
         held = ingest_run_waiting(instance)
-        if not held:
-            ingest.plan_batches(store, s.batch_max_files, s.batch_max_records, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+        left = 0.0 if held else running_ingest_left(instance)
+        if not held and left <= PLAN_LEAD_S:
+            ingest.plan_batches(store, s.batch_max_files, s.batch_max_records,
+                                   lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
         batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is held by a running ingest; will look again next tick")
@@ -68,6 +108,9 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
         notes.append(f"{len(scanned.skipped_links)} symlink(s) out of raw/ ignored")
     if held and scanned.registered:
         notes.append(f"{len(scanned.registered)} new file(s) wait for the queued ingest run to start")
+    if left > PLAN_LEAD_S and scanned.registered:
+        notes.append(f"{len(scanned.registered)} new file(s) join the next batch, planned about "
+                     f"{PLAN_LEAD_S:.0f} s before the running ingest run ends (in ~{left:.0f} s)")
     if not batches:
         return dg.SkipReason("no new batch" + (f" ({'; '.join(notes)})" if notes else ""))
     return dg.SensorResult(

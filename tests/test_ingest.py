@@ -155,6 +155,33 @@ def test_batches_respect_file_and_record_caps_and_have_stable_run_keys(paths, st
     assert [len(b.files) for b in ingest.plan_batches(store, max_files=100, max_records=25)] == [2, 1]
 
 
+
+def unplanned(store) -> int:
+    with store.connect(read_only=True) as con:
+        return con.execute("SELECT count(*) FROM files WHERE status = 'pending'").fetchone()[0]
+
+
+def test_under_a_backlog_the_sensor_plans_only_full_batches(paths, store):
+    """The partial tail of a backlog waits to grow (the sensor plans again once the full
+    batches have started), unless it is all there is or an older partition's remainder."""
+    day1, day2 = datetime(2025, 3, 4, 12, tzinfo=timezone.utc), datetime(2025, 3, 5, 12, tzinfo=timezone.utc)
+    for i in range(4):
+        drop(paths.raw, f"a{i}.jsonl", [record(f"a{i}-{j}") for j in range(10)])
+    ingest.scan(paths, store, debounce_s=1, now=day1)
+    for i in range(7):
+        drop(paths.raw, f"b{i}.jsonl", [record(f"b{i}-{j}") for j in range(10)])
+    ingest.scan(paths, store, debounce_s=1, now=day2)
+    planned = ingest.plan_batches(store, max_files=3, max_records=1000, tail_waits=True)
+    # day 1: 3 + its remainder 1 (no later file can join an older day); day 2: 3 + 3, tail of 1 waits
+    assert [(b.partition_key, len(b.files)) for b in planned] == [
+        ("2025-03-04", 3), ("2025-03-04", 1), ("2025-03-05", 3), ("2025-03-05", 3)]
+    assert unplanned(store) == 1
+    drop(paths.raw, "b7.jsonl", [record(f"b7-{j}") for j in range(10)])
+    ingest.scan(paths, store, debounce_s=1, now=day2)
+    (grown,) = ingest.plan_batches(store, max_files=3, max_records=1000, tail_waits=True)
+    assert (grown.partition_key, len(grown.files)) == ("2025-03-05", 2)  # the tail alone is planned
+    assert unplanned(store) == 0
+
 def test_arrival_date_is_the_partition(paths, store):
     drop(paths.raw, "old.jsonl", [record(1)])
     ingest.scan(paths, store, debounce_s=1, now=datetime(2025, 3, 4, 23, 59, tzinfo=timezone.utc))
@@ -248,3 +275,52 @@ def test_embedding_overlaps_writes_and_a_failed_chunk_loses_nothing(paths, store
     stored = np.array([v for _, v in rows], dtype=np.float32)
     direct = embedder.embed([t for t, _ in rows])
     assert np.sum(stored * direct, axis=1).min() > 0.999  # every vector is its own record's
+
+
+def test_a_group_of_files_lands_exactly_as_file_by_file(tmp_path, monkeypatch):
+    """process_files (one transaction per group) against process_file (one per file) on twin
+    data roots: same rows, vec_id order, rejects, statuses and quarantines; large and broken
+    files inside the group keep their place in the order."""
+    from stream_sentinel.config import Paths
+
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 4)  # "large" = over 4 records
+    day = datetime(2025, 3, 4, 12, tzinfo=timezone.utc)
+
+    def world(name):
+        paths = Paths.at(tmp_path / name)
+        drop(paths.raw, "a.jsonl", [record(1), {"id": "x", "text": "no time"}, record(2)])
+        drop(paths.raw, "b.jsonl", [record(2), record(3)])  # r2 again, same content: skipped
+        drop(paths.raw, "c.jsonl", [record(i) for i in range(10, 16)])  # large: streamed alone
+        drop(paths.raw, "d.jsonl", "{not json\n{nor this\n")  # unparseable: quarantined
+        drop(paths.raw, "e.jsonl", [record(3, text="other words"), record(11, text="changed")])  # conflicts
+        drop(paths.raw, "f.json", [record(20)])
+        store = Store(paths.home / "metrics.duckdb")
+        ingest.scan(paths, store, debounce_s=1, now=day)
+        with store.connect(read_only=True) as con:
+            shas = [r[0] for r in con.execute("SELECT sha256 FROM files ORDER BY path").fetchall()]
+        return paths, store, shas
+
+    p1, s1, shas = world("one_by_one")
+    p2, s2, shas2 = world("grouped")
+    assert shas == shas2
+    singles = [ingest.process_file(p1, s1, sha) for sha in shas]
+    grouped = ingest.process_files(p2, s2, shas)
+    assert [(o.path, o.status, o.ingested, o.skipped, o.rejected) for o in grouped] == \
+           [(o.path, o.status, o.ingested, o.skipped, o.rejected) for o in singles]
+    assert [o.status for o in grouped] == ["processed"] * 3 + ["quarantined"] + ["processed"] * 2
+
+    def tables(store):
+        with store.connect(read_only=True) as con:
+            return (con.execute("SELECT id, vec_id, text, file_sha256, position FROM records ORDER BY vec_id").fetchall(),
+                    con.execute("SELECT file_sha256, position, record_id, rule FROM rejects ORDER BY ALL").fetchall(),
+                    con.execute("SELECT sha256, status, records_ingested, records_rejected, records_skipped "
+                                "FROM files ORDER BY sha256").fetchall())
+
+    assert tables(s2) == tables(s1)
+    records, rejects, _ = tables(s2)
+    assert {r[3] for r in rejects} == {"missing_event_time", "duplicate_id"}
+    assert len(records) == 2 + 1 + 6 + 1
+    assert sorted(p.name for p in p2.failed.rglob("*") if p.is_file()) == ["d.jsonl", "d.jsonl.error.json"]
+    # replaying the group adds nothing
+    again = ingest.process_files(p2, s2, shas)
+    assert sum(o.ingested for o in again) == 0 and tables(s2)[0] == records

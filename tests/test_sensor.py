@@ -30,12 +30,19 @@ def test_new_files_become_one_run_per_micro_batch(paths, instance):
         drop(paths.raw, f"day/f{i}.jsonl", [record(f"{i}-{j}") for j in range(3)])
     result = _tick(paths, instance, batch_max_files=2)
     reqs = result.run_requests
-    assert [len(r.run_config["ops"]["raw_records"]["config"]["files"]) for r in reqs] == [2, 2, 1]
+    # the partial tail of the backlog waits for the next tick, which plans it (with whatever
+    # arrived meanwhile) once these have started
+    assert [len(r.run_config["ops"]["raw_records"]["config"]["files"]) for r in reqs] == [2, 2]
     today = dg.DailyPartitionsDefinition(start_date="2024-01-01", end_offset=1).get_last_partition_key()
     assert {r.partition_key for r in reqs} == {today}
     assert all(r.run_key.startswith(f"raw:{today}:") for r in reqs)
+    assert len({r.run_key for r in reqs}) == 2
+    assert json.loads(result.cursor) == {"batch_seq": 2}
+    tail = _tick(paths, instance, cursor=result.cursor, batch_max_files=2)
+    assert [len(r.run_config["ops"]["raw_records"]["config"]["files"]) for r in tail.run_requests] == [1]
+    assert json.loads(tail.cursor) == {"batch_seq": 3}
+    reqs = reqs + tail.run_requests
     assert len({r.run_key for r in reqs}) == 3
-    assert json.loads(result.cursor) == {"batch_seq": 3}
     # run config carries file hashes only, never payloads
     assert "record number" not in json.dumps([r.run_config for r in reqs])
     # a failed micro-batch is retried from the failed step, by the instance dagster.yaml configures
@@ -94,4 +101,38 @@ def test_new_files_wait_while_an_ingest_run_is_queued(paths, instance):
     instance.report_run_canceled(queued)  # the queue moves on
     released = _tick(paths, instance, cursor=first.cursor)
     (batch,) = released.run_requests
+    assert len(batch.run_config["ops"]["raw_records"]["config"]["files"]) == 2
+
+
+def test_next_batch_is_planned_shortly_before_the_running_ingest_run_ends(paths, instance):
+    """While an ingest run has far to go, new files keep joining the next batch; near its
+    expected end (its records at the last measured embedding rate) the batch is planned."""
+    from sensors.raw_files import PLAN_LEAD_S, seconds_left
+
+    assert seconds_left([], 100.0, now=1000.0) == 0.0
+    assert seconds_left([(5000, 1000.0)], None, now=1000.0) == 0.0  # no rate measured yet: plan at once
+    assert seconds_left([(5000, 1000.0)], 100.0, now=1010.0) == 40.0
+    assert seconds_left([(5000, 1000.0)], 100.0, now=1100.0) == 0.0
+
+    drop(paths.raw, "a.jsonl", [record(1)])
+    first = _tick(paths, instance)
+    (req,) = first.run_requests
+    assert req.tags["stream_sentinel/records"] == "1"
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    running = instance.create_run_for_job(
+        job, run_config=req.run_config, status=dg.DagsterRunStatus.STARTED,
+        tags={"dagster/partition": req.partition_key, "stream_sentinel/records": "4000"})
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        "embeddings", partition=req.partition_key, metadata={"texts_per_s": 100.0}))
+    drop(paths.raw, "b.jsonl", [record(2)])
+    held = _tick(paths, instance, cursor=first.cursor)  # ~40 s to go
+    assert held.run_requests == [] and "join the next batch" in held.skip_message
+    # the same run, estimated close to its end: the batch is planned now
+    instance.delete_run(running.run_id)
+    instance.create_run_for_job(
+        job, run_config=req.run_config, status=dg.DagsterRunStatus.STARTED,
+        tags={"dagster/partition": req.partition_key, "stream_sentinel/records": str(int(100 * PLAN_LEAD_S / 2))})
+    drop(paths.raw, "c.jsonl", [record(3)])
+    planned = _tick(paths, instance, cursor=first.cursor)
+    (batch,) = planned.run_requests
     assert len(batch.run_config["ops"]["raw_records"]["config"]["files"]) == 2
