@@ -71,12 +71,15 @@ def running_ingest_left(instance: dg.DagsterInstance | None) -> float:
         running.append((int(est), rec.start_time or rec.create_timestamp.timestamp()))
     if not running:
         return 0.0
-    latest = instance.fetch_materializations(dg.AssetKey("embeddings"), limit=1).records
-    rate = None
-    if latest and latest[0].asset_materialization is not None:
-        value = latest[0].asset_materialization.metadata.get("texts_per_s")
-        rate = float(value.value) if value is not None else None
-    return seconds_left(running, rate, time.time())
+    # The fastest of the last few runs: a small run's rate is diluted by fixed costs (a model
+    # load without the embedding server), and a rate too low would hold the plan past the
+    # run's end. Too high only plans early, as if there were no estimate.
+    rates = []
+    for rec in instance.fetch_materializations(dg.AssetKey("embeddings"), limit=5).records:
+        value = rec.asset_materialization.metadata.get("texts_per_s") if rec.asset_materialization else None
+        if value is not None and isinstance(value.value, (int, float)):
+            rates.append(float(value.value))
+    return seconds_left(running, max(rates, default=None), time.time())
 
 
 def evaluate(sentinel: StreamSentinelResource, cursor: str | None,

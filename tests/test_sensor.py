@@ -122,8 +122,9 @@ def test_next_batch_is_planned_shortly_before_the_running_ingest_run_ends(paths,
     running = instance.create_run_for_job(
         job, run_config=req.run_config, status=dg.DagsterRunStatus.STARTED,
         tags={"dagster/partition": req.partition_key, "stream_sentinel/records": "4000"})
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        "embeddings", partition=req.partition_key, metadata={"texts_per_s": 100.0}))
+    for rate in (100.0, 20.0):  # the fastest recent rate counts (the latest was a small run)
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "embeddings", partition=req.partition_key, metadata={"texts_per_s": rate}))
     drop(paths.raw, "b.jsonl", [record(2)])
     held = _tick(paths, instance, cursor=first.cursor)  # ~40 s to go
     assert held.run_requests == [] and "join the next batch" in held.skip_message
