@@ -230,7 +230,8 @@ def measure(recs: list[dict], drops: int, burst: int, sensor_interval: int, serv
             # The machine is shared and its speed drifts by tens of percent over minutes: the
             # embedding stage alone is measured on the stream's own texts right before and
             # right after the window, and the ratio uses their mean.
-            stream_texts = [recs[j * len(recs) // 2000] for j in range(2000)]
+            n_alone = min(2000, max(300, burst))  # --quick: a few seconds each
+            stream_texts = [recs[j * len(recs) // n_alone] for j in range(n_alone)]
             before = embedding_alone(home, stream_texts, server)
             since = time.time()
             sustain = sustained(raw, index_root, recs, 1.25 * before, sustain_s)
