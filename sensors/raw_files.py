@@ -98,7 +98,7 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
         left = 0.0 if held else running_ingest_left(instance)
         if not held and left <= PLAN_LEAD_S:
             ingest.plan_batches(store, s.batch_max_files, s.batch_max_records,
-                                   lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
+                                lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
         batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is held by a running ingest; will look again next tick")
