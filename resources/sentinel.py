@@ -84,7 +84,7 @@ class EmbedderResource(dg.ConfigurableResource):
         self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
                                        self.batch_size or env.embed_batch_size,
                                        self.precision or env.embed_precision, self.backend or env.embed_backend,
-                                       Paths.from_env().models / "embedding")
+                                       Paths.from_env().embedding_models)
 
     @property
     def embedder(self) -> Embedder:

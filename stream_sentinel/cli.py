@@ -111,7 +111,7 @@ def cmd_search(args) -> int:
              "(or `stream-sentinel run --once`)")
         return 1
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size,
-                             settings.embed_precision, settings.embed_backend, paths.models / "embedding")
+                             settings.embed_precision, settings.embed_backend, paths.embedding_models)
     if loaded.meta.model_id != embedder.model_id:
         _err(f"the index was built with {loaded.meta.model_id} but the configured model is "
              f"{embedder.model_id}; backfill embeddings and vector_index first")
@@ -591,7 +591,7 @@ def cmd_embed_export(args) -> int:
     started = time.perf_counter()
     try:
         path = exported(resolve_model_path(settings.model_path), _files_id(settings.model_path), args.backend,
-                        paths.models / "embedding")
+                        paths.embedding_models)
     except RuntimeError as exc:  # the onnx extra is missing
         _err(str(exc))
         return 1
@@ -609,7 +609,7 @@ def cmd_embed_server(args) -> int:
     settings = Settings.from_env()
     sock = Path(args.socket) if args.socket else paths.embed_socket
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision,
-                             settings.embed_backend, paths.models / "embedding")
+                             settings.embed_backend, paths.embedding_models)
     compile_ = settings.embed_compile and not args.no_compile and embedder.backend == "torch"
 
     def stop(signum, frame):

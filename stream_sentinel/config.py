@@ -51,6 +51,11 @@ class Paths:
         return self.home / "models"
 
     @property
+    def embedding_models(self) -> Path:
+        """Derived embedding models (ONNX exports, int8 variants), one folder per source model."""
+        return self.models / "embedding"
+
+    @property
     def reports(self) -> Path:
         return self.home / "reports"
 

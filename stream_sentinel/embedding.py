@@ -195,7 +195,7 @@ class Embedder:
                 from .config import Paths
                 from .onnx_backend import OnnxEncoder, exported
 
-                root = self.models_root or Paths.from_env().models / "embedding"
+                root = self.models_root or Paths.from_env().embedding_models
                 onnx_file = exported(self.path, files_id, self.backend, root)
                 encoder = _MODEL_CACHE[key] = OnnxEncoder(onnx_file, self.path, self.batch_size)
             elif encoder is None:

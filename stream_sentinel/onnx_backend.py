@@ -7,7 +7,7 @@ its recall is good enough for the user's data. The bench measures each backend's
 texts/s and recall@10 against torch fp32 on the machine at hand; pick from its output.
 
 The export runs once per model content and backend, never at import, and is cached under
-``$STREAM_SENTINEL_HOME/models/<model name>-<content hash>/``. It is written to a temporary
+``$STREAM_SENTINEL_HOME/models/embedding/<model name>-<content hash>/`` (``Paths.embedding_models``). It is written to a temporary
 name, fsynced and renamed, under a file lock, so two processes never export twice or read
 a half-written file. The graph holds the whole sentence-transformers pipeline (transformer,
 pooling, normalization), so any local sentence-transformers folder exports the same way.
