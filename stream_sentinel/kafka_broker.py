@@ -114,6 +114,16 @@ class BrokerState:
     data_dir: str
 
 
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id (16 random bytes, URL-safe base64), never starting with "-": the
+    storage tool's argument parser reads such an id as an option and refuses to format (one
+    start in 64 failed that way). Kafka's own Uuid.randomUuid() redraws for the same reason."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
 class KafkaBroker:
     """One broker process; ``start()`` formats the folder on first use and reuses it after."""
 
@@ -173,7 +183,7 @@ class KafkaBroker:
         jvm = [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
                f"-Dlog4j2.configurationFile={self.root / 'log4j2.xml'}", "-cp", cp]
         if not (self.root / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             for attempt in range(2):  # a half-formatted folder from a killed attempt is wiped and redone
                 shutil.rmtree(self.root / "data", ignore_errors=True)
                 fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],

@@ -274,3 +274,17 @@ def test_kafka_secrets_are_env_var_references_and_never_printed(monkeypatch):
     settings = KafkaSettings.from_env()
     assert "hunter2" not in repr(settings)
     assert redacted(settings.client_config())["sasl.password"] == "***"
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch):
+    """kafka-storage's parser reads an id starting with "-" as an option and refuses to
+    format: one broker start in 64 failed that way."""
+    import uuid
+
+    from stream_sentinel import kafka_broker
+
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(kafka_broker.uuid, "uuid4", lambda: next(draws))
+    cluster_id = kafka_broker.new_cluster_id()
+    assert not cluster_id.startswith("-") and len(cluster_id) == 22
+    assert cluster_id == "AQEBAQEBAQEBAQEBAQEBAQ"  # the second draw: the first began with "-"
