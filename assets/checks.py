@@ -1,4 +1,5 @@
-"""Asset checks on the vector index. Blocking: a failed check fails the run (and CI)."""
+"""Standalone asset checks: the vector index (blocking: a failed check fails the run and CI) and
+parked units (ERROR, not blocking)."""
 
 
 import dagster as dg
@@ -6,11 +7,12 @@ import numpy as np
 
 from resources import EmbedderResource, StreamSentinelResource
 
-from .ingest import vector_index
+from .feedback import feedback
+from .ingest import raw_records, vector_index
 
 
 def _embedded_count(sentinel: StreamSentinelResource, model_id: str) -> int:
-    with sentinel.store().connect(read_only=True) as con:
+    with sentinel.store().connect() as con:
         return int(con.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [model_id]).fetchone()[0])
 
 
@@ -59,11 +61,35 @@ def index_dimension_matches_model(sentinel: StreamSentinelResource, embedder: Em
     )
 
 
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec("no_parked_units", asset=raw_records,
+                             description="no raw-file micro-batch is parked after repeated failed runs"),
+           dg.AssetCheckSpec("no_parked_units", asset=feedback,
+                             description="no Kafka range or feedback file is parked after repeated failed runs")],
+    can_subset=True,
+)
+def no_parked_units(context: dg.AssetCheckExecutionContext, sentinel: StreamSentinelResource):
+    """ERROR (not blocking): parked work is still retried, slowly, but a person should look."""
+    from stream_sentinel import retry
+
+    parked = retry.parked(sentinel.store())
+    kinds = {"raw_records": ("raw_batch",), "feedback": ("kafka_range", "feedback_file")}
+    for key in context.selected_asset_check_keys:
+        mine = [p for p in parked if p["kind"] in kinds[key.asset_key.path[-1]]]
+        yield dg.AssetCheckResult(
+            asset_key=key.asset_key, check_name=key.name, passed=not mine, severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"parked": len(mine), "units": dg.MetadataValue.json(
+                [{k: str(v) for k, v in p.items()} for p in mine[:20]])},
+            description=None if not mine else f"{len(mine)} unit(s) parked; first: {mine[0]['unit_key']}: "
+            f"{mine[0]['last_error'][:200]}")
+
+
 index_checks = [index_matches_embeddings, index_ids_unique, index_dimension_matches_model]
 
 # What CI and `stream-sentinel check` run: every standalone check, without materializing.
 checks_job = dg.define_asset_job(
     "index_checks_job",
-    selection=dg.AssetSelection.checks(*index_checks),
-    description="Runs the vector_index asset checks against the current state (CI, `stream-sentinel check`).",
+    selection=dg.AssetSelection.checks(*index_checks, no_parked_units),
+    description="Runs the standalone asset checks (the vector index, parked units) against the current state "
+    "(CI, `stream-sentinel check`).",
 )

@@ -38,8 +38,13 @@ def feedback(context: dg.AssetExecutionContext, config: FeedbackConfig, sentinel
         res = fs.ingest_range(store, kafka.settings, rng, allowed)
         context.log.info(f"{rng.run_key}: read {res.read}, {res.events_new} new events, "
                          f"{res.rejects_new} new rejects ({res.dlq_sent} dead-lettered), lag {res.lag}")
+        if res.dlq_failed:
+            context.log.warning(f"{rng.run_key}: {res.dlq_failed} reject(s) could not be dead-lettered to "
+                                f"{rng.topic}.dlq ({res.dlq_error}); recorded with dlq_status 'failed', re-sent by "
+                                "the next attempt of this range")
         meta = {"source_kind": "kafka", "range": rng.run_key, "messages_read": res.read,
                 "events_new": res.events_new, "rejects_new": res.rejects_new, "dlq_sent": res.dlq_sent,
+                "dlq_references": res.dlq_references, "dlq_failed": res.dlq_failed,
                 "dlq_topic": f"{rng.topic}.dlq", "kafka_lag": res.lag,
                 "msg_per_s": round(res.read / res.seconds, 1) if res.seconds else 0.0}
     else:
@@ -51,7 +56,7 @@ def feedback(context: dg.AssetExecutionContext, config: FeedbackConfig, sentinel
         meta = {"source_kind": "file", "files": len(results),
                 "files_quarantined": sum(r["status"] == "quarantined" for r in results),
                 "events_new": sum(r["events"] for r in results), "rejects_new": sum(r["rejects"] for r in results)}
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         total_events, total_rejects = con.execute(
             "SELECT (SELECT count(*) FROM feedback_events), (SELECT count(*) FROM feedback_rejects)").fetchone()
     meta.update({"feedback_events": total_events, "feedback_rejects": total_rejects,

@@ -43,7 +43,7 @@ def raw_records(
     wrong = ingest.files_outside_partition(store, shas, part)
     if wrong:
         raise dg.Failure(f"files {wrong} did not arrive on {part}; run them in their own partition")
-    totals = {"processed": 0, "quarantined": 0, "missing": 0}
+    totals = {"processed": 0, "quarantined": 0, "missing": 0, "waiting": 0, "superseded": 0}
     ingested = skipped = rejected = 0
     problems = []
     for start in range(0, len(shas), FILES_PER_SESSION):
@@ -60,6 +60,10 @@ def raw_records(
         "files_processed": totals["processed"],
         "files_quarantined": totals["quarantined"],
         "files_missing": totals["missing"],
+        # unfinished-looking files inside the settle window (re-planned later), and files that
+        # changed after they were registered (their new content is a new file)
+        "files_waiting": totals["waiting"],
+        "files_superseded": totals["superseded"],
         "records_ingested": ingested,
         "records_skipped_identical": skipped,
         "records_rejected": rejected,

@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources import EmbedderResource, StreamSentinelResource
-from stream_sentinel import learning
+from stream_sentinel import drift, learning, run_facts
 from stream_sentinel.models import TrainParams, load_training_set
 
 from .feedback import labels
@@ -15,11 +15,22 @@ class ModelConfig(dg.Config):
     full: bool = Field(False, description="retrain from scratch instead of continuing the champion")
 
 
-def _latest_meta(context, key: str) -> dict:
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+DRIFT_TAG = "stream_sentinel/drift_report"  # set by drift_retrain_sensor: the report's day
+DRIFT_TRIGGER_TAG = "stream_sentinel/drift_trigger"  # ... and the trigger, as JSON
+
+
+def _lineage(context) -> list[str | None]:
+    """This run, then the runs it retries: where an earlier step of this run left its facts."""
+    run = context.run
+    return [run.run_id, run.parent_run_id, run.root_run_id]
+
+
+def _build_training_set(sentinel: StreamSentinelResource, embedder: EmbedderResource):
+    s = sentinel.settings
+    store = sentinel.store()
+    ts = load_training_set(store, embedder.model_id, s.positive_label, s.valid_share, s.golden_share, s.valid_max)
+    learning.persist_training_set(store, ts, embedder.model_id)
+    return ts
 
 
 @dg.asset(deps=[labels, embeddings], group_name="learning", kinds={"duckdb"},
@@ -29,9 +40,8 @@ def _latest_meta(context, key: str) -> dict:
 def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource,
                  embedder: EmbedderResource) -> dg.MaterializeResult:
     s = sentinel.settings
-    store = sentinel.store()
-    ts = load_training_set(store, embedder.model_id, s.positive_label, s.valid_share, s.golden_share, s.valid_max)
-    learning.persist_training_set(store, ts, embedder.model_id)
+    ts = _build_training_set(sentinel, embedder)
+    run_facts.put(sentinel.store(), context.run_id, "training_set", ts.data_version)
     counts = ts.frame["split"].value_counts().to_dict()
     return dg.MaterializeResult(
         metadata={"data_version": ts.data_version, "rows": len(ts.frame), "train": counts.get("train", 0),
@@ -53,10 +63,18 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
     s = sentinel.settings
     store = sentinel.store()
     registry = sentinel.registry()
-    version = _latest_meta(context, "training_set")["data_version"]
-    ts = learning.training_set_for_version(store, version, embedder.model_id)
-    drift_day = context.run.tags.get("stream_sentinel/drift_report")
+    version = run_facts.get(store, _lineage(context), "training_set")
+    if version is None:  # the model step materialized alone: its training set is today's labels
+        ts = _build_training_set(sentinel, embedder)
+        version = ts.data_version
+        run_facts.put(store, context.run_id, "training_set", version)
+    else:
+        ts = learning.training_set_for_version(store, version, embedder.model_id)
+    drift_day = context.run.tags.get(DRIFT_TAG)
     cause = f"drift_report:{drift_day}" if drift_day else None
+    trigger = context.run.tags.get(DRIFT_TRIGGER_TAG)
+    if trigger:  # the drift retrain's bookmark and audit record, written by the run it caused
+        drift.record_retrain(registry, drift.RetrainTrigger.from_json(trigger))
     res = learning.train_candidate(registry, store, ts, embedder.model_id,
                                    TrainParams(replay=s.replay_size), full=config.full, cause=cause)
     cand = res.version
@@ -68,6 +86,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
                      "path": dg.MetadataValue.path(cand.path)})
         meta.update({f"valid_{k}": v for k, v in cand.metrics.get("valid", {}).items()})
     context.log.info(f"candidate: {meta['candidate'] or 'none'} ({res.strategy}: {res.reason})")
+    run_facts.put(store, context.run_id, "candidate", cand.version if cand else "")
     yield dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(cand.sha256[:16] if cand else "none"))
     if cand is None:
         yield dg.AssetCheckResult(check_name="candidate_beats_champion", passed=True,
@@ -91,7 +110,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
           "candidate_beats_champion passed (the check blocks this step otherwise).")
 def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) -> dg.MaterializeResult:
     registry = sentinel.registry()
-    cand = _latest_meta(context, "model").get("candidate", "")
+    cand = run_facts.get(sentinel.store(), _lineage(context), "candidate") or ""
     current = registry.reconcile()
     v = registry.get(cand) if cand else None
     ab_share = sentinel.settings.ab_share
@@ -164,7 +183,7 @@ def learning_alerts(context: dg.AssetCheckExecutionContext, sentinel: StreamSent
     store = sentinel.store()
     m = learning_metrics(store, sentinel.registry().reconcile())
     rate = m["failed_updates"] / m["total_updates"] if m["total_updates"] else 0.0
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         scores = [r[0] for r in con.execute(
             "SELECT promoted_score FROM model_versions WHERE promoted_score IS NOT NULL ORDER BY promoted_at"
         ).fetchall()]

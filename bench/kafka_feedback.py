@@ -88,7 +88,7 @@ def main() -> int:
             t1 = time.perf_counter()
             [fs.ingest_range(store, settings, r, frozenset({"spam", "ham"})) for r in plan.to_request]
             ingest_s = time.perf_counter() - t1
-            with store.connect(read_only=True) as con:
+            with store.connect() as con:
                 rows = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]
             t2 = time.perf_counter()
             again = [fs.ingest_range(store, settings, r, frozenset({"spam", "ham"})) for r in plan.to_request]

@@ -90,7 +90,7 @@ class ProductLoop:
         self.update_seconds += time.perf_counter() - started
         if champion is None:
             return np.full(len(ids), np.nan), np.full(len(ids), np.nan)
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             rows = {r: (p, lab == POS) for r, p, lab in con.execute(
                 "SELECT record_id, probability, label FROM predictions WHERE model_version = ?",
                 [champion]).fetchall()}

@@ -13,6 +13,9 @@ from typing import Optional
 import dagster as dg
 from pydantic import PrivateAttr
 
+WORKER_TAG = "stream_sentinel/worker"  # read by sensors/liveness.py
+
+from stream_sentinel import procs
 from stream_sentinel.config import Paths, Settings
 from stream_sentinel.embedding import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
@@ -44,6 +47,10 @@ class StreamSentinelResource(dg.ConfigurableResource):
             keep_backups=env.keep_backups if self.keep_backups is None else self.keep_backups,
         )
         self._paths = (Paths.at(self.home) if self.home else Paths.from_env()).ensure()
+        run = context.run
+        if run is not None and context.instance is not None and run.tags.get(WORKER_TAG) != (me := procs.identity()):
+            # who runs this run: run_liveness_sensor fails the run if this process dies mid-run
+            context.instance.add_run_tags(run.run_id, {WORKER_TAG: me})
 
     @property
     def paths(self) -> Paths:

@@ -2,7 +2,9 @@
 
 from .drift import build_drift_retrain_sensor
 from .feedback import build_feedback_sensors
+from .liveness import build_run_liveness_sensor
 from .raw_files import build_raw_files_sensor
 from .training import build_retrain_sensor
 
-__all__ = ["build_drift_retrain_sensor", "build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor"]
+__all__ = ["build_drift_retrain_sensor", "build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor",
+           "build_run_liveness_sensor"]

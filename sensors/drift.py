@@ -1,37 +1,42 @@
 """drift_retrain_sensor: a drifting day requests a full retrain, once per drift episode.
 
-The retrain is recorded in learning_events (the episode's bookmark and the audit trail)
-and its run carries the drift report's day in its tags; the model asset copies them into
-the candidate's metadata, so the lineage shows which report caused which version.
+The sensor writes nothing: the request itself is the bookmark (the cursor, which Dagster
+saves with the run request; a tick replayed after a crash asks for the same run key and
+Dagster drops the copy). The retrain run records the ``drift_retrain`` event in
+learning_events when it starts training and carries the drift report's day in its tags;
+the model asset copies them into the candidate's metadata, so the lineage shows which
+report caused which version.
 """
+
+from datetime import datetime, timezone
 
 import dagster as dg
 
-from assets.models import training_job
+from assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job
 from resources import StreamSentinelResource
 from stream_sentinel import drift
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
 
-DRIFT_TAG = "stream_sentinel/drift_report"
 
-
-def evaluate_drift_retrain(sentinel: StreamSentinelResource) -> dg.RunRequest | dg.SkipReason:
+def evaluate_drift_retrain(sentinel: StreamSentinelResource, cursor: str | None = None,
+                           ) -> dg.SensorResult | dg.SkipReason:
     cfg = drift.DriftConfig.from_env()
+    requested = drift.RetrainTrigger.from_json(cursor) if cursor else None
     try:
-        store = sentinel.store(lock_timeout_s=20)
-        trigger = drift.retrain_due(store, cfg.cooldown_s)
-        if trigger is None:
-            return dg.SkipReason("no new drift episode")
-        drift.record_retrain(sentinel.registry(), trigger)
+        trigger = drift.retrain_due(sentinel.store(lock_timeout_s=20), cfg.cooldown_s, requested=requested)
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
-    return dg.RunRequest(
+    if trigger is None:
+        return dg.SkipReason("no new drift episode")
+    trigger = drift.RetrainTrigger(**{**trigger.__dict__, "requested_at": datetime.now(timezone.utc).isoformat()})
+    request = dg.RunRequest(
         run_key=trigger.run_key,
         run_config={"ops": {"model": {"config": {"full": True}}}},
-        tags={DRIFT_TAG: trigger.window_key, "stream_sentinel/trigger": "drift",
+        tags={DRIFT_TAG: trigger.window_key, DRIFT_TRIGGER_TAG: trigger.to_json(), "stream_sentinel/trigger": "drift",
               "stream_sentinel/share_drifted": f"{trigger.share_drifted}",
               "stream_sentinel/embedding_drift": f"{trigger.embedding_drift}"})
+    return dg.SensorResult(run_requests=[request], cursor=trigger.to_json())
 
 
 def build_drift_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
@@ -40,6 +45,6 @@ def build_drift_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
                description="A drift report over the threshold -> a full retrain (training_job with full: true), "
                "once per drift episode (cooldown STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS).")
     def drift_retrain_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
-        return evaluate_drift_retrain(sentinel)
+        return evaluate_drift_retrain(sentinel, context.cursor)
 
     return drift_retrain_sensor

@@ -15,21 +15,45 @@ from confluent_kafka import KafkaException
 from assets.feedback import FeedbackConfig, feedback_job
 from resources import KafkaResource, StreamSentinelResource
 from stream_sentinel import feedback_sources as fs
+from stream_sentinel import retry
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
 
+from .units import retry_requests
 
-def range_run_request(rng: fs.OffsetRange) -> dg.RunRequest:
+
+def range_run_request(rng: fs.OffsetRange, run_key: str | None = None) -> dg.RunRequest:
+    """The run of one offset range; ``run_key`` names a retry (``<range key>#<attempt>``)."""
     return dg.RunRequest(
-        run_key=rng.run_key,
+        run_key=run_key or rng.run_key,
         run_config=dg.RunConfig(ops={"feedback": FeedbackConfig(
             topic=rng.topic, partition=rng.partition, start_offset=rng.start, end_offset=rng.end)}),
-        tags={"stream_sentinel/kafka_range": rng.run_key, "stream_sentinel/messages": str(rng.size)},
+        tags={retry.UNIT_TAG: rng.run_key, "stream_sentinel/kafka_range": rng.run_key,
+              "stream_sentinel/messages": str(rng.size)},
     )
 
 
+def file_run_request(batch: fs.FileBatch, run_key: str | None = None) -> dg.RunRequest:
+    """The run of one batch of drop-folder files; ``run_key`` names a retry."""
+    return dg.RunRequest(run_key=run_key or batch.run_key,
+                         run_config=dg.RunConfig(ops={"feedback": FeedbackConfig(files=list(batch.files))}),
+                         tags={retry.UNIT_TAG: batch.run_key, "stream_sentinel/files": str(len(batch.files))})
+
+
+def feedback_run_waiting(instance: dg.DagsterInstance | None) -> bool:
+    """True while a feedback_job run is queued but not started. New work then waits and joins
+    the next, larger run instead of queueing one small run per tick behind it (each run pays
+    a process start)."""
+    if instance is None:
+        return False
+    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    return bool(instance.get_run_records(filters=dg.RunsFilter(job_name=feedback_job.name, statuses=waiting),
+                                         limit=1))
+
+
 def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, cursor: str | None,
-                   flush: bool = False) -> dg.SensorResult | dg.SkipReason:
+                   flush: bool = False, instance: dg.DagsterInstance | None = None,
+                   ) -> dg.SensorResult | dg.SkipReason:
     if not kafka.configured:
         return dg.SkipReason("Kafka is not configured (KAFKA_BOOTSTRAP_SERVERS); feedback_files_sensor reads "
                              "the feedback/ drop folder instead")
@@ -38,38 +62,51 @@ def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, curso
     state = {str(k): int(v) for k, v in json.loads(cursor).items()} if cursor else {}
     from stream_sentinel import kafka as kf
 
+    store = sentinel.store(lock_timeout_s=20)
+    held = feedback_run_waiting(instance)
     cons = kf.consumer(kafka.settings)
     try:
-        plan = fs.plan_ranges(sentinel.store(lock_timeout_s=20), cons, s.feedback_topic, state, policy, flush)
+        plan = fs.plan_ranges(store, cons, s.feedback_topic, state, policy, flush, plan_new=not held)
+        retries, notes = retry_requests(instance, store, "kafka_range", plan.unfinished, lambda r: r.run_key,
+                                        range_run_request, s.retry_policy())
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
     except KafkaException as exc:  # broker down or unreachable: every call above has a timeout
         return dg.SkipReason(f"Kafka unreachable at {kafka.settings.bootstrap_servers}: {exc}")
     finally:
         cons.close()
-    if not plan.to_request:
+    notes = plan.notes + notes + (["new messages wait for the queued feedback run to start"] if held else [])
+    if not plan.to_request and not retries:
         lag = sum(plan.lag.values())
-        return dg.SkipReason(f"no range due (lag {lag})" + (f": {'; '.join(plan.notes)}" if plan.notes else ""))
-    return dg.SensorResult(run_requests=[range_run_request(r) for r in plan.to_request],
+        return dg.SkipReason(f"no range due (lag {lag})" + (f": {'; '.join(notes)}" if notes else ""))
+    return dg.SensorResult(run_requests=[range_run_request(r) for r in plan.to_request] + retries,
                            cursor=json.dumps(plan.cursor, sort_keys=True))
 
 
-def evaluate_files(sentinel: StreamSentinelResource, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
+def evaluate_files(sentinel: StreamSentinelResource, cursor: str | None,
+                   instance: dg.DagsterInstance | None = None) -> dg.SensorResult | dg.SkipReason:
+    """Register stable files, cut the new ones into batches (durable, like raw batches) unless a
+    feedback run is still queued, request the batches the cursor has not, and retry batches
+    whose runs ended with a file still pending. The cursor is the last batch requested."""
+    store = sentinel.store(lock_timeout_s=20)
     try:
-        pending = fs.scan_files(sentinel.paths, sentinel.store(lock_timeout_s=20), sentinel.settings.debounce_s)
+        last = int(json.loads(cursor).get("batch_seq", 0)) if cursor and cursor.startswith("{") else 0
+        fs.scan_files(sentinel.paths, store, sentinel.settings.debounce_s)
+        held = feedback_run_waiting(instance)
+        if not held:
+            fs.plan_file_batches(store, sentinel.settings.batch_max_files)
+        batches = fs.file_batches(store, after_seq=last)
+        stale = [b for b in fs.file_batches(store) if b.seq <= last]
+        retries, notes = retry_requests(instance, store, "feedback_file", stale, lambda b: b.run_key,
+                                        file_run_request, sentinel.settings.retry_policy())
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
-    requested = set(json.loads(cursor)) if cursor else set()
-    new = [sha for sha in pending if sha not in requested]
-    if not new:
-        return dg.SkipReason("no new feedback files")
-    key = "feedback-files:" + ",".join(sorted(s[:12] for s in new))
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=key, run_config=dg.RunConfig(
-            ops={"feedback": FeedbackConfig(files=new)}))],
-        # only still-pending files need remembering: the durable record is DuckDB
-        cursor=json.dumps(sorted(set(pending))),
-    )
+    if held:
+        notes.append("new files wait for the queued feedback run to start")
+    if not batches and not retries:
+        return dg.SkipReason("no new feedback files" + (f" ({'; '.join(notes)})" if notes else ""))
+    return dg.SensorResult(run_requests=[file_run_request(b) for b in batches] + retries,
+                           cursor=json.dumps({"batch_seq": max([last] + [b.seq for b in batches])}))
 
 
 def build_feedback_sensors(settings: Settings) -> list[dg.SensorDefinition]:
@@ -78,12 +115,12 @@ def build_feedback_sensors(settings: Settings) -> list[dg.SensorDefinition]:
                description="Kafka feedback topic -> one feedback_job run per offset range (exactly once).")
     def feedback_kafka_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource,
                               kafka: KafkaResource):
-        return evaluate_kafka(sentinel, kafka, context.cursor)
+        return evaluate_kafka(sentinel, kafka, context.cursor, instance=context.instance)
 
     @dg.sensor(name="feedback_files_sensor", job=feedback_job, minimum_interval_seconds=settings.sensor_interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="JSONL files in feedback/ (the drop folder used without Kafka) -> feedback_job.")
     def feedback_files_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
-        return evaluate_files(sentinel, context.cursor)
+        return evaluate_files(sentinel, context.cursor, context.instance)
 
     return [feedback_kafka_sensor, feedback_files_sensor]

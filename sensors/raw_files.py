@@ -14,9 +14,11 @@ import dagster as dg
 
 from assets.ingest import RawRecordsConfig, ingest_job
 from resources import StreamSentinelResource
-from stream_sentinel import ingest
+from stream_sentinel import ingest, retry
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
+
+from .units import retry_requests
 
 TICK_LOCK_TIMEOUT_S = 20.0  # well under Dagster's 60 s sensor limit
 INGEST_RETRIES = 2
@@ -26,14 +28,16 @@ INGEST_RETRIES = 2
 PLAN_LEAD_S = 12.0
 
 
-def batch_run_request(batch: ingest.Batch) -> dg.RunRequest:
+def batch_run_request(batch: ingest.Batch, run_key: str | None = None) -> dg.RunRequest:
+    """The run of one micro-batch; ``run_key`` names a retry (``<batch key>#<attempt>``)."""
     return dg.RunRequest(
-        run_key=batch.run_key,
+        run_key=run_key or batch.run_key,
         partition_key=batch.partition_key,
         run_config=dg.RunConfig(ops={"raw_records": RawRecordsConfig(files=list(batch.files))}),
         # a failed micro-batch (a crash, a lock held too long) is retried from the failed step;
         # every step is idempotent, and dagster.yaml enables retries (0 unless a run asks)
-        tags={"stream_sentinel/batch": str(batch.seq), "stream_sentinel/files": str(len(batch.files)),
+        tags={retry.UNIT_TAG: batch.run_key,
+              "stream_sentinel/batch": str(batch.seq), "stream_sentinel/files": str(len(batch.files)),
               "stream_sentinel/records": str(batch.est_records), "dagster/max_retries": str(INGEST_RETRIES)},
     )
 
@@ -100,25 +104,40 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
             ingest.plan_batches(store, s.batch_max_files, s.batch_max_records,
                                 lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
         batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+        # batches requested before whose files are not all done: their runs failed or vanished
+        stale = [b for b in ingest.unfinished_batches(store, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+                 if b.seq <= last_seq]
+        retries, retry_notes = retry_requests(instance, store, "raw_batch", stale, lambda b: b.run_key,
+                                              batch_run_request, s.retry_policy())
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is held by a running ingest; will look again next tick")
-    notes = []
+    notes = list(retry_notes)
     if scanned.duplicates:
         notes.append(f"{len(scanned.duplicates)} duplicate file(s) recorded, no rows added")
     if scanned.unstable:
         notes.append(f"{len(scanned.unstable)} file(s) still being written")
     if scanned.skipped_links:
         notes.append(f"{len(scanned.skipped_links)} symlink(s) out of raw/ ignored")
+    if scanned.problems:
+        first, why = scanned.problems[0]
+        notes.append(f"{len(scanned.problems)} entr(y/ies) cannot be read and are skipped (e.g. {first}: {why}); "
+                     "see `stream-sentinel status`")
+    if scanned.waiting:
+        notes.append(f"{len(scanned.waiting)} file(s) look unfinished and wait for their writer")
+    if scanned.superseded:
+        notes.append(f"{len(scanned.superseded)} file(s) changed after they were picked up; re-registered")
+    if scanned.quarantined:
+        notes.append(f"{len(scanned.quarantined)} copy(ies) of quarantined content quarantined too")
     if held and scanned.registered:
         notes.append(f"{len(scanned.registered)} new file(s) wait for the queued ingest run to start")
     if left > PLAN_LEAD_S and scanned.registered:
         notes.append(f"{len(scanned.registered)} new file(s) join the next batch, planned about "
                      f"{PLAN_LEAD_S:.0f} s before the running ingest run ends (in ~{left:.0f} s)")
-    if not batches:
+    if not batches and not retries:
         return dg.SkipReason("no new batch" + (f" ({'; '.join(notes)})" if notes else ""))
     return dg.SensorResult(
-        run_requests=[batch_run_request(b) for b in batches],
-        cursor=json.dumps({"batch_seq": max(b.seq for b in batches)}),
+        run_requests=[batch_run_request(b) for b in batches] + retries,
+        cursor=json.dumps({"batch_seq": max([last_seq] + [b.seq for b in batches])}),
     )
 
 

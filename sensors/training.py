@@ -26,7 +26,11 @@ def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False) -> d
     if not due:
         return dg.SkipReason(f"{new} new label(s); waiting for {s.retrain_min_labels} or "
                              f"{s.retrain_max_wait_s:.0f}s since the last training set")
-    return dg.RunRequest(run_key=f"train:{digest}", tags={"stream_sentinel/new_labels": str(new)})
+    return dg.RunRequest(run_key=f"train:{digest}", tags={
+        "stream_sentinel/new_labels": str(new),
+        # a run whose worker died (run_liveness_sensor fails it) is retried; a candidate
+        # rejected by its gate is a verdict, not a crash, and is not
+        "dagster/max_retries": "2", "dagster/retry_on_asset_or_op_failure": "false"})
 
 
 def build_retrain_sensor(settings: Settings) -> dg.SensorDefinition:

@@ -57,7 +57,7 @@ def collect_status(paths: Paths) -> dict:
     store = Store(paths.db)
     out: dict = {"home": str(paths.home), "model_id": mid}
     out.update(store.status())
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         out["embedded"] = int(con.execute(
             "SELECT count(*) FROM embeddings WHERE model_id = ?", [mid]).fetchone()[0])
     meta = IndexStore(paths.index).read_meta()
@@ -65,10 +65,14 @@ def collect_status(paths: Paths) -> dict:
     out["index_version"] = meta.version if meta else None
     out["index_model_id"] = meta.model_id if meta else None
     out["unembedded"] = out["records"] - out["embedded"]
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         one = lambda q: int(con.execute(q).fetchall()[0][0])  # noqa: E731
         out["feedback_events"] = one("SELECT count(*) FROM feedback_events")
         out["feedback_rejects"] = one("SELECT count(*) FROM feedback_rejects")
+        out["quarantined_feedback_files"] = one("SELECT count(*) FROM feedback_files WHERE status = 'quarantined'")
+        # entries of raw/ and feedback/ the scans cannot read (what, and why), 20 at most
+        out["scan_problem_paths"] = {f"{area}/{path}": reason for area, path, reason in con.execute(
+            "SELECT area, path, reason FROM scan_problems ORDER BY area, path LIMIT 20").fetchall()}
         out["labels"] = {status: n for status, n in con.execute(
             "SELECT status, count(*) FROM labels GROUP BY 1 ORDER BY 1").fetchall()}
         out["labels"]["total"] = sum(out["labels"].values())
@@ -119,7 +123,7 @@ def cmd_search(args) -> int:
     hits = loaded.search(embedder.embed([args.query]), args.k)[0]
     snippets: dict[str, str] = {}
     if hits:
-        with Store(paths.db).connect(read_only=True) as con:
+        with Store(paths.db).connect() as con:
             ids = [h[0] for h in hits]
             rows = con.execute("SELECT id, text FROM records WHERE id IN (SELECT unnest(?))", [ids]).fetchall()
         snippets = {i: " ".join(t.split())[: args.snippet] for i, t in rows}
@@ -158,10 +162,21 @@ def cmd_run(args) -> int:
     settings = Settings.from_env()
     store = Store(paths.db)
     scanned = ingest.scan(paths, store, settings.debounce_s)
+    # a cron or CI job that just wrote its files expects them in this run: wait out the
+    # debounce of files already there (bounded, for a file that never stops growing)
+    deadline = time.monotonic() + args.wait_seconds
+    while scanned.unstable and time.monotonic() < deadline:
+        _err(f"waiting for {len(scanned.unstable)} file(s) still being written (unchanged for "
+             f"{settings.debounce_s:g} s counts as done; at most {args.wait_seconds:g} s)")
+        time.sleep(max(0.1, min(settings.debounce_s / 2, deadline - time.monotonic())))
+        scanned = ingest.scan(paths, store, settings.debounce_s)
     ingest.plan_batches(store, settings.batch_max_files, settings.batch_max_records)
     batches = ingest.unfinished_batches(store)
     if scanned.unstable:
-        _err(f"{len(scanned.unstable)} file(s) still being written; they wait for the next run")
+        _err(f"{len(scanned.unstable)} file(s) still being written after {args.wait_seconds:g} s; "
+             "they wait for the next run")
+    for rel, why in scanned.problems:
+        _err(f"raw/{rel}: {why}")
     batch_days = {b.partition_key for b in batches}
     # days whose records miss vectors for the current model: a failed run, or a new model
     catch_up = [d for d in pipeline.partitions_with_unembedded(store, _model_id(settings))
@@ -555,30 +570,77 @@ def cmd_up(args) -> int:
              "--limit", str(args.demo_limit), "--rate", str(args.demo_rate * 2), "--per-file", "100",
              "--reviewers", "2", "--noise", "0.05"], env=env))
     # the warm model every run shares (saves each run the ~5 s of importing torch and loading it)
-    procs.append(subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
-                                  start_new_session=True))
+    embed_cmd = [sys.executable, "-m", "stream_sentinel.cli", "embed-server"]
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    cmd = [dagster or "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
-    # dagster dev shuts its webserver, daemon and code servers down on SIGINT; forward
-    # SIGTERM as SIGINT so `kill` and service managers stop the whole stack cleanly
-    server = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, start_new_session=True)
-    procs.append(server)
+    dagster_cmd = [dagster or "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host,
+                   "-p", str(args.port)]
+    # `up` supervises what it starts: `dagster dev` exits when its daemon or webserver dies,
+    # and the embedding server can be killed on its own; each is started again (with
+    # backoff), so a killed process heals without a human. Runs killed with them are failed
+    # by run_liveness_sensor and retried.
+    children = {
+        "dagster dev": Supervised(dagster_cmd, env, cwd=REPO_ROOT),
+        "embedding server": Supervised(embed_cmd, env),
+    }
 
     def forward(signum, frame):
         raise KeyboardInterrupt
 
+    # dagster dev shuts its webserver, daemon and code servers down on SIGINT; forward
+    # SIGTERM as SIGINT so `kill` and service managers stop the whole stack cleanly
     signal.signal(signal.SIGTERM, forward)
     try:
-        return server.wait()
+        while True:
+            for name, child in children.items():
+                note = child.tend()
+                if note:
+                    _err(f"{name}: {note}")
+            time.sleep(1.0)
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop_group(server)
+        for child in children.values():
+            child.stop()
         for p in procs:
-            if p is not server and p.poll() is None:
+            if p.poll() is None:
                 p.terminate()
+
+
+class Supervised:
+    """A child process of `up` that is started again when it exits, with backoff (1 s,
+    doubling to 30 s; back to 1 s after a minute of health)."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd: Path | None = None):
+        self.cmd, self.env, self.cwd = cmd, env, cwd
+        self.proc: subprocess.Popen | None = None
+        self.delay = 1.0
+        self.started = 0.0
+        self.due = 0.0  # when to start again after an exit
+
+    def tend(self) -> str:
+        now = time.monotonic()
+        if self.proc is None:
+            if now < self.due:
+                return ""
+            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True)
+            self.started = now
+            return "started" if self.due == 0.0 else "started again"
+        code = self.proc.poll()
+        if code is None:
+            if now - self.started > 60:
+                self.delay = 1.0
+            return ""
+        _stop_group(self.proc, grace_s=10)  # what it left running in its process group
+        self.proc = None
+        self.due = now + self.delay
+        self.delay = min(30.0, self.delay * 2)
+        return f"exited with code {code}; starting it again in {self.due - now:.0f} s"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_group(self.proc)
 
 
 def cmd_embed_export(args) -> int:
@@ -626,7 +688,19 @@ def cmd_embed_server(args) -> int:
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a process started in its own session and everything in its process group. A
+    leader that is already gone (killed) may have left members behind, e.g. the webserver
+    of a `dagster dev` whose daemon died: they are stopped too."""
     if proc.poll() is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            deadline = time.monotonic() + min(grace_s, 10.0)
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                os.killpg(proc.pid, 0)  # raises once the group is empty
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         return
     try:
         os.killpg(proc.pid, signal.SIGINT)
@@ -655,6 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="evaluate the sensors once and execute the runs in-process")
     run.add_argument("--once", action="store_true", required=True)
+    run.add_argument("--wait-seconds", type=float, default=30.0,
+                     help="wait at most this long for files still being written (default 30)")
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="counts of records, embeddings, index, quarantine, rejects")

@@ -140,6 +140,9 @@ class Settings:
     ab_routing: str = "hash"  # hash (consistent hashing of record id) | thompson
     ab_alpha: float = 0.05
     ab_min_samples: int = 100
+    retry_max_attempts: int = 4  # failed runs of a unit (batch, range, feedback file) before it is parked
+    retry_base_delay_s: float = 20.0  # backoff after the first failed run; doubles, up to 5 min
+    retry_parked_s: float = 900.0  # a parked unit is still tried this often
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -182,7 +185,16 @@ class Settings:
             ab_routing=os.environ.get("STREAM_SENTINEL_AB_ROUTING") or d.ab_routing,
             ab_alpha=_env_num("STREAM_SENTINEL_AB_ALPHA", d.ab_alpha),
             ab_min_samples=_env_num("STREAM_SENTINEL_AB_MIN_SAMPLES", d.ab_min_samples, int),
+            retry_max_attempts=_env_num("STREAM_SENTINEL_RETRY_MAX_ATTEMPTS", d.retry_max_attempts, int),
+            retry_base_delay_s=_env_num("STREAM_SENTINEL_RETRY_BASE_SECONDS", d.retry_base_delay_s),
+            retry_parked_s=_env_num("STREAM_SENTINEL_RETRY_PARKED_SECONDS", d.retry_parked_s),
         )
+
+    def retry_policy(self):
+        from .retry import RetryPolicy
+
+        return RetryPolicy(max_attempts=self.retry_max_attempts, base_delay_s=self.retry_base_delay_s,
+                           max_delay_s=max(self.retry_base_delay_s, 300.0), parked_retry_s=self.retry_parked_s)
 
     @property
     def allowed_labels(self) -> frozenset[str] | None:

@@ -135,7 +135,7 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
                LEFT JOIN labels l ON l.record_id = r.id AND l.status = 'resolved'
                WHERE {where}"""
     args = [embedding_model_id, champion or ""] + list(params)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         n, n_lab, acc = con.execute(
             f"""SELECT count(*), count(l.label),
                        avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
@@ -158,7 +158,7 @@ def load_reference(store: Store, embedding_model_id: str, champion: str, trainin
               LEFT JOIN predictions p ON p.record_id = r.id AND p.model_version = ?
               WHERE t.data_version = ?"""
     args = [embedding_model_id, champion, training_set_version]
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         n = con.execute(f"SELECT count(*) {base}", args).fetchall()[0][0]
         table = con.sql(
             f"""SELECT r.id AS record_id, r.features, e.vector, p.probability, p.label AS predicted_label,
@@ -578,7 +578,7 @@ def latest(store: Store, window_key: str | None = None, kind: str | None = None)
     if kind:
         where.append("kind = ?")
         params.append(kind)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         cur = con.execute(f"""SELECT * FROM drift_reports {'WHERE ' + ' AND '.join(where) if where else ''}
                               ORDER BY created_at DESC LIMIT 1""", params)
         cols = [d[0] for d in cur.description]
@@ -604,21 +604,34 @@ class RetrainTrigger:
     report_created_at: str
     share_drifted: float | None
     embedding_drift: float | None
+    requested_at: str = ""  # when the sensor asked for the retrain (ISO-8601)
 
     @property
     def run_key(self) -> str:
         return f"drift-retrain:{self.window_key}:{self.report_created_at}"
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
-def retrain_due(store: Store, cooldown_s: float, now: datetime | None = None) -> RetrainTrigger | None:
+    @classmethod
+    def from_json(cls, text: str) -> "RetrainTrigger":
+        return cls(**json.loads(text))
+
+
+def retrain_due(store: Store, cooldown_s: float, now: datetime | None = None,
+                requested: RetrainTrigger | None = None) -> RetrainTrigger | None:
     """A full retrain is due when the newest daily report shows drift and opens a new episode.
 
     Only the newest day counts, so re-running old partitions in a backfill retrains nothing.
     An episode runs from a drifted day until a day without drift, and it gets one full
     retrain. If it is still drifting after ``cooldown_s``, that retrain did not fix it, and
-    one more is due."""
+    one more is due.
+
+    The bookmark is the last retrain recorded by a run (``learning_events``) or, newer, the
+    last one the sensor requested (``requested``, from its cursor, which Dagster stores
+    with the run request), so a request whose run has not started yet is not made twice."""
     now = now or datetime.now(timezone.utc)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         newest = con.execute("""SELECT window_key, start, created_at, share_drifted, embedding_drift, drifted
                                 FROM drift_reports WHERE kind = 'partition' AND status = 'ok'
                                 ORDER BY start DESC, created_at DESC LIMIT 1""").fetchall()
@@ -627,6 +640,9 @@ def retrain_due(store: Store, cooldown_s: float, now: datetime | None = None) ->
         key, start, created, share, emb, _ = newest[0]
         last = con.execute("""SELECT created_at, json_extract_string(detail, '$.start') FROM learning_events
                               WHERE event_type = 'drift_retrain' ORDER BY created_at DESC LIMIT 1""").fetchall()
+        if requested is not None:
+            asked = (datetime.fromisoformat(requested.requested_at or requested.report_created_at), requested.start)
+            last = [max([*last, asked], key=lambda x: x[0])]
         if last:
             last_at, last_start = last[0]
             if created <= last_at:
@@ -639,7 +655,12 @@ def retrain_due(store: Store, cooldown_s: float, now: datetime | None = None) ->
 
 
 def record_retrain(registry, trigger: RetrainTrigger) -> None:
-    """The drift retrain in learning_events: the episode's bookmark and the audit trail."""
+    """The drift retrain in learning_events: the episode's bookmark and the audit trail.
+    Written by the retrain run itself, once (a retried run does not record it twice)."""
+    with registry.store.connect() as con:
+        if con.execute("""SELECT count(*) FROM learning_events WHERE event_type = 'drift_retrain'
+                          AND json_extract_string(detail, '$.run_key') = ?""", [trigger.run_key]).fetchone()[0]:
+            return
     registry.event("drift_retrain", registry.champion_version(), window_key=trigger.window_key,
                    start=trigger.start, share_drifted=trigger.share_drifted, embedding_drift=trigger.embedding_drift,
                    run_key=trigger.run_key)

@@ -13,7 +13,6 @@ replayed range or a retried run adds nothing twice. Invalid messages go to
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .records import parse_event_time
+from .records import JSONProblem, TimeOutOfRange, is_utf8, loads, parse_event_time, safe_text, show
 from .store import Store
 
 
@@ -47,62 +46,96 @@ class Event:
 @dataclass(frozen=True)
 class Rejected:
     pos: Position
-    key: str | None
-    raw: str
+    key: str | None  # readable text of the key, for the table (bytes decoded with U+FFFD)
+    raw: str  # readable text of the value, for the table
     rule: str
     error: str
+    # the original message, exactly, for the dead-letter copy and feedback_rejects.raw_bytes:
+    raw_bytes: bytes | None = None  # the value (None: a null value, a tombstone)
+    key_bytes: bytes | None = None  # the key (None: no key)
+    headers: tuple[tuple[str, bytes | None], ...] = ()  # Kafka headers, in order
+    timestamp_ms: int | None = None  # Kafka timestamp of the source message
+
+
+def _as_bytes(x: bytes | str | None) -> bytes | None:
+    # surrogatepass: a str holding a lone surrogate has no UTF-8 form; keep its code units
+    return x.encode("utf-8", "surrogatepass") if isinstance(x, str) else x
 
 
 def validate(pos: Position, value: bytes | str | None, key: bytes | str | None,
              allowed_labels: frozenset[str] | None) -> Event | Rejected:
-    """One message against the feedback contract."""
+    """One message against the feedback contract.
+
+    Never raises: a poison value (nesting deeper than ``MAX_DEPTH``, a 5000-digit number, a
+    lone surrogate, a ts pandas cannot hold, a 400-digit confidence) is a :class:`Rejected`
+    with its rule, and every field of a Rejected is valid UTF-8, so it can be stored."""
     key_s = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    key_safe = None if key_s is None else safe_text(key_s)
     if isinstance(value, bytes):
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
-            return Rejected(pos, key_s, value.decode("utf-8", "replace"), "not_utf8", "value is not UTF-8")
+            return Rejected(pos, key_safe, value.decode("utf-8", "replace"), "not_utf8", "value is not UTF-8",
+                            value, _as_bytes(key))
     else:
         text = value or ""
 
     def bad(rule: str, error: str) -> Rejected:
-        return Rejected(pos, key_s, text, rule, error)
+        return Rejected(pos, key_safe, safe_text(text), rule, safe_text(error), _as_bytes(value), _as_bytes(key))
 
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        return bad("invalid_json", f"value is not JSON: {exc}")
+        obj = loads(text, constants=True)  # a leading byte order mark is ignored
+    except JSONProblem as exc:
+        return bad(exc.rule, f"value is not JSON: {exc.message}" if exc.rule == "invalid_json" else exc.message)
     if not isinstance(obj, dict):
         return bad("not_an_object", "value must be a JSON object")
     rid = obj.get("record_id")
     if not isinstance(rid, str) or not rid.strip():
         return bad("bad_record_id", "record_id must be a non-empty string")
+    if not is_utf8(rid):
+        return bad("invalid_unicode", f"record_id {show(rid)} holds a lone surrogate, which is not valid Unicode")
     if key_s is not None and key_s != "" and key_s != rid:
-        return bad("key_mismatch", f"message key {key_s!r} differs from record_id {rid!r}")
+        return bad("key_mismatch", f"message key {show(key_s)} differs from record_id {show(rid)}")
     label = obj.get("label")
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         return bad("bad_label", "label must be a string (or integer)")
-    label = str(label)
+    if isinstance(label, int) and not -(1 << 63) <= label < (1 << 63):
+        return bad("bad_label", f"label {show(label)} is an integer outside the signed 64-bit range")
+    if not is_utf8(label := str(label)):
+        return bad("invalid_unicode", f"label {show(label)} holds a lone surrogate, which is not valid Unicode")
     if allowed_labels is not None and label not in allowed_labels:
-        return bad("unknown_label", f"label {label!r} is not one of {sorted(allowed_labels)}")
+        return bad("unknown_label", f"label {show(label)} is not one of {sorted(allowed_labels)}")
     source = obj.get("source", "unknown")
     if not isinstance(source, str) or not source.strip():
         return bad("bad_source", "source must be a non-empty string")
+    if not is_utf8(source):
+        return bad("invalid_unicode", f"source {show(source)} holds a lone surrogate, which is not valid Unicode")
     conf = obj.get("confidence", 1.0)
-    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not math.isfinite(conf):
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)):
         return bad("bad_confidence", "confidence must be a number")
-    if not 0.0 <= conf <= 1.0:
-        return bad("confidence_out_of_range", f"confidence {conf} is outside 0..1")
     try:
-        ts = parse_event_time(obj.get("ts"))
+        conf_f = float(conf)  # a 400-digit integer overflows a double
+    except OverflowError:
+        return bad("confidence_out_of_range", f"confidence {show(conf)} is outside 0..1")
+    if not math.isfinite(conf_f):
+        return bad("bad_confidence", "confidence must be a number")
+    if not 0.0 <= conf_f <= 1.0:
+        return bad("confidence_out_of_range", f"confidence {show(conf)} is outside 0..1")
+    try:
+        ts = parse_event_time(obj.get("ts"), "ts")
+    except TimeOutOfRange as exc:
+        return bad("ts_out_of_range", str(exc))
     except ValueError as exc:
-        return bad("bad_ts", str(exc).replace("event_time", "ts"))
-    return Event(pos, rid, label, source, float(conf), ts)
+        return bad("bad_ts", str(exc))
+    return Event(pos, rid, label, source, conf_f, ts)
 
 
 def write(store: Store, events: list[Event], rejects: list[Rejected], source_kind: str,
           dlq_topic: str | None = None) -> tuple[int, int]:
-    """Insert idempotently; returns (new events, new rejects)."""
+    """Insert events and rejects in one transaction, idempotently; returns (new events, new rejects).
+
+    Rejects keep the original bytes (``raw_bytes``, ``key_bytes``); with a ``dlq_topic`` they
+    are recorded ``dlq_status = 'pending'`` and dead-lettered afterwards (:func:`mark_dlq`)."""
     now = pd.Timestamp.now(tz="UTC")
     with store.transaction() as con:
         before_e = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]
@@ -124,20 +157,44 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
             con.execute("INSERT INTO feedback_events SELECT * FROM fb_chunk ON CONFLICT DO NOTHING")
             con.unregister("fb_chunk")
         if rejects:
+            status = "pending" if dlq_topic else None
             con.executemany(
-                "INSERT INTO feedback_rejects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                """INSERT INTO feedback_rejects (topic, "partition", "offset", msg_key, raw, rule, error,
+                       source_kind, dlq_topic, rejected_at, raw_bytes, key_bytes, dlq_status)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
                 [[r.pos.topic, r.pos.partition, r.pos.offset, r.key, r.raw, r.rule, r.error, source_kind,
-                  dlq_topic, now] for r in rejects])
+                  dlq_topic, now, r.raw_bytes, r.key_bytes, status] for r in rejects])
         after_e = con.execute("SELECT count(*) FROM feedback_events").fetchone()[0]
         after_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchone()[0]
     return after_e - before_e, after_r - before_r
 
 
-def known_rejects(store: Store, topic: str, partition: int, start: int, end: int) -> set[int]:
-    with store.connect(read_only=True) as con:
-        return {r[0] for r in con.execute(
-            """SELECT "offset" FROM feedback_rejects WHERE topic = ? AND "partition" = ?
-               AND "offset" BETWEEN ? AND ?""", [topic, partition, start, end]).fetchall()}
+def known_rejects(store: Store, topic: str, partition: int, start: int, end: int) -> dict[int, str | None]:
+    """The range's recorded rejects: offset -> dlq_status (``pending``, ``sent``, ``reference``,
+    ``failed: <reason>``; NULL for rows recorded before the DLQ status was tracked)."""
+    with store.connect() as con:
+        return dict(con.execute(
+            """SELECT "offset", dlq_status FROM feedback_rejects WHERE topic = ? AND "partition" = ?
+               AND "offset" BETWEEN ? AND ?""", [topic, partition, start, end]).fetchall())
+
+
+def dlq_due(status: str | None) -> bool:
+    """A reject still to dead-letter: recorded but not (successfully) sent yet."""
+    return status is not None and (status == "pending" or status.startswith("failed"))
+
+
+def mark_dlq(store: Store, topic: str, partition: int, statuses: dict[int, str]) -> None:
+    """Record the dead-letter outcome per offset (``sent`` | ``reference`` | ``failed: ...``)."""
+    if not statuses:
+        return
+    df = pd.DataFrame({"offset": np.array(list(statuses), dtype=np.int64),
+                       "dlq_status": [str(v) for v in statuses.values()]})
+    with store.transaction() as con:
+        con.register("dlq_marks", df)
+        con.execute("""UPDATE feedback_rejects SET dlq_status = m.dlq_status FROM dlq_marks m
+                       WHERE feedback_rejects.topic = ? AND feedback_rejects."partition" = ?
+                         AND feedback_rejects."offset" = m."offset" """, [topic, partition])
+        con.unregister("dlq_marks")
 
 
 # ------------------------------------------------------------------------------ consensus
@@ -222,7 +279,7 @@ def consensus(votes: pd.DataFrame, existing_records: Iterable[str], cfg: Consens
 
 def resolve_labels(store: Store, cfg: ConsensusConfig) -> dict[str, int]:
     """Recompute ``labels`` and ``reviewer_reliability`` from all feedback (idempotent)."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         votes = con.execute("""SELECT topic, "partition", "offset", record_id, label, source, confidence, ts
                                FROM feedback_events""").df()
         existing = [r[0] for r in con.execute(

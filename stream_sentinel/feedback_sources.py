@@ -11,16 +11,15 @@ record file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from . import feedback as fb
 from . import kafka as kf
-from .atomic import pause_point, write_json_atomic
+from .atomic import pause_point
 from .config import Paths
 from .store import Store
 
@@ -52,28 +51,57 @@ class OffsetRange:
 class Plan:
     to_request: list[OffsetRange]
     cursor: dict[str, int]
-    lag: dict[int, int]  # per partition: high watermark - next offset not yet requested
+    lag: dict[int, int]  # per partition: offsets not recorded yet (see partition_lag)
     notes: list[str]
+    unfinished: list[OffsetRange] = field(default_factory=list)  # requested before, not recorded yet
+
+
+_DONE_RANGES = """SELECT r."partition", r.start_offset FROM feedback_ranges r WHERE r.topic = ? AND
+       (SELECT count(*) FROM feedback_events e WHERE e.topic = r.topic AND e."partition" = r."partition"
+          AND e."offset" BETWEEN r.start_offset AND r.end_offset)
+     + (SELECT count(*) FROM feedback_rejects j WHERE j.topic = r.topic AND j."partition" = r."partition"
+          AND j."offset" BETWEEN r.start_offset AND r.end_offset) > 0"""
+
+
+def partition_lag(con, topic: str, partition: int, low: int, high: int) -> int:
+    """Offsets of a partition not recorded yet: those never planned into a range, plus every
+    planned range that is not recorded (queued, running, failed or parked). A range counts
+    as recorded once its offsets are written (events and rejects land in one transaction)."""
+    planned_next = con.execute(
+        """SELECT max(end_offset) + 1 FROM feedback_ranges WHERE topic = ? AND "partition" = ?""",
+        [topic, partition]).fetchone()[0]
+    lag = max(0, high - max(planned_next if planned_next is not None else low, low))
+    done = {s for p, s in con.execute(_DONE_RANGES, [topic]).fetchall() if p == partition}
+    for start, end in con.execute(
+            """SELECT start_offset, end_offset FROM feedback_ranges WHERE topic = ? AND "partition" = ?""",
+            [topic, partition]).fetchall():
+        if start not in done:
+            lag += max(0, min(end + 1, high) - max(start, low))
+    return lag
 
 
 def plan_ranges(store: Store, cons, topic: str, cursor: dict[str, int], policy: Policy,
-                flush: bool = False, now: float | None = None, timeout_s: float = 5.0) -> Plan:
+                flush: bool = False, now: float | None = None, timeout_s: float = 5.0,
+                plan_new: bool = True) -> Plan:
+    """Cut due offsets into ranges (stored before they are requested), and say which ranges
+    the cursor has not requested yet and which requested ones are still not recorded.
+    ``plan_new=False`` (a feedback run is still queued) cuts nothing new: the offsets join a
+    larger range later."""
     now = time.time() if now is None else now
     states = kf.watermarks(cons, topic, timeout_s)
     notes: list[str] = []
-    with store.connect(read_only=True, timeout_s=20) as con:
+    with store.connect(timeout_s=20) as con:
         planned = dict(con.execute(
             """SELECT "partition", max(end_offset) + 1 FROM feedback_ranges WHERE topic = ? GROUP BY 1""",
             [topic]).fetchall())
     new: list[OffsetRange] = []
-    lag: dict[int, int] = {}
     for st in states:
         nxt = planned.get(st.partition, st.low)
         if nxt < st.low:
             notes.append(f"partition {st.partition}: offsets {nxt}..{st.low - 1} expired before they were read")
             nxt = st.low
         pending = st.high - nxt
-        if pending <= 0:
+        if pending <= 0 or not plan_new:
             continue
         due = flush or pending >= policy.min_batch
         if not due:
@@ -84,6 +112,7 @@ def plan_ranges(store: Store, cons, topic: str, cursor: dict[str, int], policy: 
             continue
         for start in range(nxt, st.high, policy.max_range):
             new.append(OffsetRange(topic, st.partition, start, min(st.high, start + policy.max_range) - 1))
+    lag: dict[int, int] = {}
     with store.transaction(timeout_s=20) as con:
         if new:
             con.executemany("INSERT INTO feedback_ranges VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -92,21 +121,21 @@ def plan_ranges(store: Store, cons, topic: str, cursor: dict[str, int], policy: 
         rows = con.execute(
             """SELECT "partition", start_offset, end_offset FROM feedback_ranges
                WHERE topic = ? ORDER BY "partition", start_offset""", [topic]).fetchall()
-        done = {(p, s) for p, s in con.execute(
-            """SELECT r."partition", r.start_offset FROM feedback_ranges r WHERE r.topic = ? AND
-               (SELECT count(*) FROM feedback_events e WHERE e.topic = r.topic AND e."partition" = r."partition"
-                  AND e."offset" BETWEEN r.start_offset AND r.end_offset)
-             + (SELECT count(*) FROM feedback_rejects j WHERE j.topic = r.topic AND j."partition" = r."partition"
-                  AND j."offset" BETWEEN r.start_offset AND r.end_offset) > 0""", [topic]).fetchall()}
-    to_request = []
+        done = set(con.execute(_DONE_RANGES, [topic]).fetchall())
+        # every partition, including those with nothing to read: lag 0 is a fact too
+        observed = datetime.now(timezone.utc)
+        for st in states:
+            lag[st.partition] = partition_lag(con, topic, st.partition, st.low, st.high)
+            con.execute("INSERT OR REPLACE INTO kafka_lag VALUES (?, ?, ?, ?, ?, ?)",
+                        [topic, st.partition, st.high, st.high - lag[st.partition], lag[st.partition], observed])
+    to_request: list[OffsetRange] = []
+    unfinished: list[OffsetRange] = []
     new_cursor = dict(cursor)
     for p, s, e in rows:
-        if s >= cursor.get(str(p), 0) and (p, s) not in done:
-            to_request.append(OffsetRange(topic, p, s, e))
+        if (p, s) not in done:
+            (to_request if s >= cursor.get(str(p), 0) else unfinished).append(OffsetRange(topic, p, s, e))
         new_cursor[str(p)] = max(new_cursor.get(str(p), 0), e + 1)
-    for st in states:
-        lag[st.partition] = max(0, st.high - new_cursor.get(str(st.partition), st.low))
-    return Plan(to_request, new_cursor, lag, notes)
+    return Plan(to_request, new_cursor, lag, notes, unfinished)
 
 
 @dataclass
@@ -114,20 +143,36 @@ class RangeResult:
     read: int
     events_new: int
     rejects_new: int
-    dlq_sent: int
+    dlq_sent: int  # dead-letter messages delivered by this attempt (exact copies + references)
     lag: int
     seconds: float
+    dlq_references: int = 0  # of which references to feedback_rejects.raw_bytes (too large to copy)
+    dlq_failed: int = 0  # rejects the DLQ refused or timed out on: recorded, dlq_status 'failed: ...'
+    dlq_error: str | None = None  # the first failure, for the run log
 
 
-def record_lag(store: Store, topic: str, partition: int, high: int, next_offset: int) -> None:
+def record_lag(store: Store, topic: str, partition: int, high: int, next_offset: int | None = None) -> None:
+    """Refresh one partition's row of ``kafka_lag`` after a run (see :func:`partition_lag`)."""
     with store.transaction() as con:
-        con.execute("""INSERT OR REPLACE INTO kafka_lag VALUES (?, ?, ?, ?, ?, ?)""",
-                    [topic, partition, high, next_offset, max(0, high - next_offset), datetime.now(timezone.utc)])
+        low = 0 if next_offset is None else min(next_offset, high)
+        first = con.execute("""SELECT min(start_offset) FROM feedback_ranges WHERE topic = ? AND "partition" = ?""",
+                            [topic, partition]).fetchone()[0]
+        lag = partition_lag(con, topic, partition, first if first is not None else low, high)
+        con.execute("INSERT OR REPLACE INTO kafka_lag VALUES (?, ?, ?, ?, ?, ?)",
+                    [topic, partition, high, high - lag, lag, datetime.now(timezone.utc)])
 
 
 def ingest_range(store: Store, settings: kf.KafkaSettings, rng: OffsetRange,
-                 allowed_labels: frozenset[str] | None, timeout_s: float = 120.0) -> RangeResult:
-    """Read exactly ``rng`` and record it; a retry of the same range adds nothing."""
+                 allowed_labels: frozenset[str] | None, timeout_s: float = 120.0,
+                 dlq_timeout_s: float = 30.0) -> RangeResult:
+    """Read exactly ``rng`` and record it; a retry of the same range adds nothing.
+
+    Events and rejects (with the original bytes, ``dlq_status='pending'``) are recorded in
+    one transaction first; then the rejects are dead-lettered to ``<topic>.dlq`` and marked
+    ``sent`` / ``reference`` / ``failed: ...``. A DLQ failure never blocks the valid messages:
+    the range counts as recorded, and the rejects still pending or failed are re-sent by the
+    next attempt of the same range. So the table is exactly once and the DLQ at least once
+    (a crash between sending and marking re-sends a copy)."""
     started = time.perf_counter()
     cons = kf.consumer(settings)
     try:
@@ -138,16 +183,23 @@ def ingest_range(store: Store, settings: kf.KafkaSettings, rng: OffsetRange,
             n += 1
             item = fb.validate(fb.Position(rng.topic, rng.partition, msg.offset()), msg.value(), msg.key(),
                                allowed_labels)
-            (events if isinstance(item, fb.Event) else rejects).append(item)
+            if isinstance(item, fb.Event):
+                events.append(item)
+            else:
+                rejects.append(_with_original(item, msg))
         dlq = f"{rng.topic}.dlq"
-        known = fb.known_rejects(store, rng.topic, rng.partition, rng.start, rng.end) if rejects else set()
-        fresh_rejects = [r for r in rejects if r.pos.offset not in known]
-        if fresh_rejects:  # dead-letter first, then record: a crash in between re-sends, never loses
-            prod = kf.producer(settings)
-            kf.send_dlq(prod, dlq, fresh_rejects, rng.topic)
         pause_point("feedback_before_write")
         new_e, new_r = fb.write(store, events, rejects, "kafka", dlq)
         pause_point("feedback_after_write")
+        statuses: list[str] = []
+        if rejects:
+            known = fb.known_rejects(store, rng.topic, rng.partition, rng.start, rng.end)
+            due = [r for r in rejects if fb.dlq_due(known.get(r.pos.offset))]
+            if due:
+                statuses = kf.send_dlq(kf.dlq_producer(settings, dlq_timeout_s), dlq, due, rng.topic,
+                                       dlq_timeout_s)
+                pause_point("feedback_after_dlq")
+                fb.mark_dlq(store, rng.topic, rng.partition, {r.pos.offset: st for r, st in zip(due, statuses)})
         kf.commit_for_lag(cons, rng.topic, rng.partition, rng.end + 1)
         # the high watermark the last fetch reported; ask the broker only if there was none
         _, high = cons.get_watermark_offsets(_tp(rng.topic, rng.partition), cached=True)
@@ -156,7 +208,18 @@ def ingest_range(store: Store, settings: kf.KafkaSettings, rng: OffsetRange,
     finally:
         cons.close()
     record_lag(store, rng.topic, rng.partition, high, rng.end + 1)
-    return RangeResult(n, new_e, new_r, len(fresh_rejects), max(0, high - rng.end - 1), time.perf_counter() - started)
+    failed = [st for st in statuses if st.startswith("failed")]
+    return RangeResult(n, new_e, new_r, len(statuses) - len(failed), max(0, high - rng.end - 1),
+                       time.perf_counter() - started, dlq_references=statuses.count("reference"),
+                       dlq_failed=len(failed), dlq_error=failed[0] if failed else None)
+
+
+def _with_original(item: fb.Rejected, msg) -> fb.Rejected:
+    """The reject with the Kafka message's exact value, key, headers and timestamp."""
+    ts_type, ts = msg.timestamp()
+    return dataclasses.replace(item, raw_bytes=msg.value(), key_bytes=msg.key(),
+                               headers=tuple(msg.headers() or ()),
+                               timestamp_ms=ts if ts_type and ts >= 0 else None)
 
 
 def _tp(topic: str, partition: int):
@@ -169,43 +232,78 @@ def _tp(topic: str, partition: int):
 
 
 def scan_files(paths: Paths, store: Store, debounce_s: float = 2.0) -> list[str]:
-    """Register stable ``feedback/**/*.jsonl`` files by sha256; returns the pending ones."""
+    """Register stable ``feedback/**/*.jsonl`` files by sha256; returns the pending ones.
+
+    Nothing but regular files is opened, and they are hashed streaming. Entries that cannot be
+    read (a FIFO, socket or device, a broken or looping symlink, a file without read
+    permission) are skipped and listed in ``scan_problems`` (area ``feedback``); other symlinks
+    are ignored. A copy of a quarantined file's content is quarantined too."""
+    from .ingest import hash_file, quarantine_file, read_problem, record_scan_problems, walk_files
+
     wall = time.time()
-    with store.connect(read_only=True, timeout_s=20) as con:
+    walk = walk_files(paths.feedback, lambda name: name.endswith(".jsonl"), follow_links=False)
+    problems = list(walk.problems)
+    with store.connect(timeout_s=20) as con:
         # (path, size, mtime) already hashed: a tick re-reads only new or changed files
         seen = set(con.execute("SELECT path, size, mtime_ns FROM feedback_files").fetchall())
+        quarantined = {sha: (p, err) for sha, p, err in con.execute(
+            "SELECT sha256, path, error FROM feedback_files WHERE status = 'quarantined'").fetchall()}
     found = []
-    for path in sorted(paths.feedback.rglob("*.jsonl")):
-        rel = str(path.relative_to(paths.feedback))
-        if any(part.startswith(".") for part in path.relative_to(paths.feedback).parts) or path.is_symlink():
-            continue
-        st = path.stat()
+    for path, rel, st in sorted(walk.files, key=lambda f: f[1]):
         if wall - st.st_mtime < debounce_s or (rel, st.st_size, st.st_mtime_ns) in seen:
             continue
-        found.append((rel, st, hashlib.sha256(path.read_bytes()).hexdigest()))
+        try:
+            sha, _ = hash_file(path)
+            after = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # unreadable, or a special file put in its place since the walk
+            problems.append((rel, read_problem(exc)))
+            continue
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            continue  # still being written
+        if sha in quarantined:
+            first, reason = quarantined[sha]
+            now = datetime.now(timezone.utc)
+            quarantine_file(paths.failed / "feedback" / now.date().isoformat(), path, sha, {
+                "file": f"feedback/{rel}", "sha256": sha, "rule": "copy_of_quarantined", "copy_of": f"feedback/{first}",
+                "message": f"same content as feedback/{first}, which was quarantined because: {reason}",
+                "quarantined_at": now.isoformat()}, paths.home)
+            continue
+        found.append((rel, st, sha))
     with store.transaction(timeout_s=20) as con:
         for rel, st, sha in found:
             con.execute("INSERT INTO feedback_files (sha256, path, size, mtime_ns, status, arrived_at) "
                         "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
                         [sha, rel, st.st_size, st.st_mtime_ns, datetime.now(timezone.utc)])
+        record_scan_problems(con, "feedback", problems, datetime.now(timezone.utc))
         return [r[0] for r in con.execute(
             "SELECT sha256 FROM feedback_files WHERE status = 'pending' ORDER BY arrived_at, path").fetchall()]
 
 
 def ingest_file(paths: Paths, store: Store, sha: str, allowed_labels: frozenset[str] | None) -> dict:
-    with store.connect(read_only=True) as con:
+    from .ingest import open_regular, quarantine_file
+
+    with store.connect() as con:
         row = con.execute("SELECT path, status FROM feedback_files WHERE sha256 = ?", [sha]).fetchone()
     if row is None:
         raise KeyError(f"feedback file {sha} is not registered")
     rel, status = row
-    if status == "quarantined":
+    if status in ("quarantined", "missing"):
         return {"file": rel, "status": status, "events": 0, "rejects": 0}
     src = paths.feedback / rel
     topic = f"file:{sha}"
     events: list[fb.Event] = []
     rejects: list[fb.Rejected] = []
     good = 0
-    with open(src, "rb") as fh:
+    try:
+        fh = open_regular(src)
+    except FileNotFoundError:
+        with store.transaction() as con:
+            con.execute("UPDATE feedback_files SET status='missing', error=?, processed_at=? WHERE sha256=?",
+                        ["file vanished from feedback/ before it was processed", datetime.now(timezone.utc), sha])
+        return {"file": rel, "status": "missing", "events": 0, "rejects": 0}
+    with fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -217,13 +315,10 @@ def ingest_file(paths: Paths, store: Store, sha: str, allowed_labels: frozenset[
                 rejects.append(item)
     now = datetime.now(timezone.utc)
     if good == 0 and rejects and all(r.rule in ("invalid_json", "not_utf8") for r in rejects):
-        dest = paths.failed / "feedback" / now.date().isoformat() / Path(rel).name
-        dest.parent.mkdir(parents=True, exist_ok=True)
         first = rejects[0]
-        write_json_atomic(dest.with_name(dest.name + ".error.json"), {
+        quarantine_file(paths.failed / "feedback" / now.date().isoformat(), src, sha, {
             "file": f"feedback/{rel}", "sha256": sha, "rule": first.rule, "line": first.pos.offset,
-            "message": first.error, "quarantined_at": now.isoformat()})
-        os.replace(src, dest)
+            "message": first.error, "quarantined_at": now.isoformat()}, paths.home)
         with store.transaction() as con:
             con.execute("UPDATE feedback_files SET status='quarantined', error=?, processed_at=? WHERE sha256=?",
                         [f"{first.rule} at line {first.pos.offset}: {first.error}", now, sha])
@@ -233,3 +328,44 @@ def ingest_file(paths: Paths, store: Store, sha: str, allowed_labels: frozenset[
         con.execute("UPDATE feedback_files SET status='processed', events=?, rejects=?, processed_at=? WHERE sha256=?",
                     [len(events), len(rejects), now, sha])
     return {"file": rel, "status": "processed", "events": new_e, "rejects": new_r}
+
+
+# ------------------------------------------------------------------ drop-folder batches
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    seq: int
+    run_key: str
+    files: tuple[str, ...]  # sha256s
+
+
+def plan_file_batches(store: Store, max_files: int = 100) -> list[FileBatch]:
+    """Cut pending feedback files that are in no batch yet into batches, stored before any
+    run is requested (as :func:`ingest.plan_batches` does for raw files)."""
+    new: list[FileBatch] = []
+    with store.transaction(timeout_s=20) as con:
+        shas = [r[0] for r in con.execute(
+            """SELECT sha256 FROM feedback_files WHERE status = 'pending' AND batch_seq IS NULL
+               ORDER BY arrived_at, path""").fetchall()]
+        for start in range(0, len(shas), max_files):
+            group = tuple(sorted(shas[start:start + max_files]))
+            run_key = "feedback-files:" + hashlib.sha256("\n".join(group).encode()).hexdigest()[:16]
+            seq = con.execute("SELECT nextval('feedback_batch_seq')").fetchone()[0]
+            con.execute("INSERT INTO feedback_file_batches VALUES (?, ?, ?, ?)",
+                        [seq, run_key, len(group), datetime.now(timezone.utc)])
+            con.executemany("UPDATE feedback_files SET batch_seq = ? WHERE sha256 = ?", [[seq, s] for s in group])
+            new.append(FileBatch(seq, run_key, group))
+    return new
+
+
+def file_batches(store: Store, after_seq: int = 0) -> list[FileBatch]:
+    """Batches cut after ``after_seq`` that still have a pending file: what a cursor has not
+    requested yet (``after_seq`` = the cursor), or what is not done (``after_seq`` = 0)."""
+    with store.connect(timeout_s=20) as con:
+        rows = con.execute(
+            """SELECT b.seq, b.run_key, list(f.sha256 ORDER BY f.sha256) FROM feedback_file_batches b
+               JOIN feedback_files f ON f.batch_seq = b.seq
+               WHERE b.seq > ? GROUP BY ALL HAVING bool_or(f.status = 'pending') ORDER BY b.seq""",
+            [after_seq]).fetchall()
+    return [FileBatch(seq, key, tuple(files)) for seq, key, files in rows]

@@ -9,6 +9,7 @@ dashboards work. Every broker call has a timeout, so a sensor tick never hangs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,8 +58,11 @@ def redacted(cfg: dict) -> dict:
 
 
 def _quiet_logger() -> logging.Logger:
+    """librdkafka's own log. Its connection errors (level ERROR, once a second per client
+    while a broker is down) are not news: every call here has a timeout, and a broker that
+    stays away shows as a sensor skip reason or a failed, retried run. Only CRITICAL passes."""
     lg = logging.getLogger("stream_sentinel.librdkafka")
-    lg.setLevel(logging.ERROR)
+    lg.setLevel(logging.CRITICAL)
     return lg
 
 
@@ -162,25 +166,118 @@ def commit_for_lag(cons, topic: str, partition: int, next_offset: int) -> None:
         log.warning("kafka: could not commit lag offsets: %s", exc)
 
 
-def send_dlq(prod, dlq_topic: str, rejected: list, source_topic: str) -> None:
-    """Dead-letter the rejected messages with the reason in headers; waits for delivery."""
-    errors: list[str] = []
+# The dead-letter queue is at least once: a message is recorded in ``feedback_rejects``
+# (dlq_status 'pending') before it is dead-lettered, and marked afterwards, so a crash in
+# between re-sends it. The DLQ copy keeps the original value, key and headers byte for byte
+# (a null value stays a tombstone, a null key stays null) and adds ours; a message too large
+# for the DLQ is replaced by a small JSON reference, its bytes kept in DuckDB.
+DLQ_MAX_BYTES = 1_000_000  # the producer's message.max.bytes (librdkafka's default), set explicitly
+DLQ_STORED_IN = "feedback_rejects.raw_bytes"
+_REFERENCE_KEEP_BYTES = 64 << 10  # a reference carries the original key/headers only up to this size
 
-    def delivered(err, msg):
-        if err is not None:
-            errors.append(str(err))
 
-    for r in rejected:
-        prod.produce(dlq_topic, value=r.raw.encode("utf-8"), key=(r.key or "").encode("utf-8") or None,
-                     headers=[("error", r.error.encode()), ("rule", r.rule.encode()),
-                              ("source_topic", source_topic.encode()),
-                              ("source_partition", str(r.pos.partition).encode()),
-                              ("source_offset", str(r.pos.offset).encode())],
-                     on_delivery=delivered)
-        prod.poll(0)
-    remaining = prod.flush(30)
-    if remaining or errors:
-        raise RuntimeError(f"dead-letter delivery to {dlq_topic} failed: {errors[:3] or f'{remaining} undelivered'}")
+def dlq_producer(settings: KafkaSettings, timeout_s: float = 30.0, **extra):
+    """A producer for the dead-letter topic whose every message gets a delivery report
+    (success or failure) within ``timeout_s``."""
+    return producer(settings, **{"message.max.bytes": DLQ_MAX_BYTES,
+                                 "message.timeout.ms": max(1000, int(timeout_s * 1000)), **extra})
+
+
+def dlq_headers(r, source_topic: str) -> list[tuple[str, bytes | None]]:
+    """The original headers, in order, then ours (a reader building a dict sees ours)."""
+    ours = [("error", r.error.encode("utf-8", "replace")), ("rule", r.rule.encode("utf-8", "replace")),
+            ("source_topic", source_topic.encode()), ("source_partition", str(r.pos.partition).encode()),
+            ("source_offset", str(r.pos.offset).encode())]
+    if r.timestamp_ms is not None:
+        ours.append(("source_timestamp", str(r.timestamp_ms).encode()))  # ms since the epoch
+    return [*r.headers, *ours]
+
+
+def dlq_reference(r, source_topic: str) -> tuple[bytes, bytes | None, list[tuple[str, bytes | None]]]:
+    """(value, key, headers) of the small message sent instead of one too large for the DLQ."""
+    value = r.raw_bytes if r.raw_bytes is not None else b""
+    body = {"too_large": True, "size": len(value), "sha256": hashlib.sha256(value).hexdigest(),
+            "source": {"topic": source_topic, "partition": r.pos.partition, "offset": r.pos.offset},
+            "stored_in": DLQ_STORED_IN, "rule": r.rule, "error": r.error[:500]}
+    key = r.key_bytes
+    if key is not None:
+        body["key_size"], body["key_sha256"] = len(key), hashlib.sha256(key).hexdigest()
+        if len(key) > _REFERENCE_KEEP_BYTES:
+            key = None
+    headers = dlq_headers(r, source_topic)
+    original = list(r.headers)
+    if sum(len(k) + len(v or b"") for k, v in original) > _REFERENCE_KEEP_BYTES:
+        body["headers_omitted"] = len(original)
+        headers = headers[len(original):]
+    return json.dumps(body).encode(), key, [*headers, ("too_large", b"true"), ("stored_in", DLQ_STORED_IN.encode())]
+
+
+def send_dlq(prod, dlq_topic: str, rejected: list, source_topic: str, timeout_s: float = 30.0) -> list[str]:
+    """Dead-letter ``rejected`` (items with ``raw_bytes``, ``key_bytes``, ``headers``, ...);
+    never raises for a delivery problem. Returns one status per item, in order: ``sent``
+    (exact copy), ``reference`` (too large for the DLQ: a JSON reference, the bytes stay in
+    DuckDB) or ``failed: <reason>``."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    status: list[str | None] = [None] * len(rejected)
+    refused_locally: set[int] = set()  # this round's produce() refusals (e.g. over message.max.bytes)
+
+    def attempt(indices: list[int], build) -> dict[int, object]:
+        """Produce one message per index and wait; the error (None = delivered) per index."""
+        errors: dict[int, object] = {}
+        for i in indices:
+            value, key, headers = build(rejected[i])
+            for _ in range(100):  # a full local queue drains while we poll
+                try:
+                    prod.produce(dlq_topic, value=value, key=key, headers=headers,
+                                 on_delivery=lambda err, msg, i=i: errors.__setitem__(i, err))
+                    break
+                except BufferError:
+                    prod.poll(0.1)
+                except KafkaException as exc:
+                    errors[i] = exc.args[0] if exc.args else exc
+                    refused_locally.add(i)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a bad argument fails this message only
+                    errors[i] = exc
+                    break
+            else:
+                errors[i] = "local producer queue stayed full"
+            prod.poll(0)
+        if prod.flush(timeout_s + 5) > 0:  # message.timeout.ms should have reported them all
+            prod.purge()
+            prod.flush(1)
+        return {i: errors.get(i, f"no delivery report within {timeout_s:.0f}s") for i in indices}
+
+    def reason(err) -> str:
+        if isinstance(err, KafkaError):
+            return f"{err.name()}: {err.str()}"[:300]
+        return (str(err) or type(err).__name__)[:300]
+
+    def too_large(err) -> bool:
+        return isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+    def deliver(indices: list[int], build) -> dict[int, object]:
+        refused_locally.clear()
+        errors = attempt(indices, build)
+        if len(indices) > 1:  # the broker refuses a whole batch as too large: retry its messages alone
+            for i in [i for i in indices if too_large(errors[i]) and i not in refused_locally]:
+                errors.update(attempt([i], build))
+        return errors
+
+    first = deliver(list(range(len(rejected))), lambda r: (r.raw_bytes, r.key_bytes, dlq_headers(r, source_topic)))
+    refs = [i for i, err in first.items() if too_large(err)]
+    for i, err in first.items():
+        if i not in refs:
+            status[i] = "sent" if err is None else f"failed: {reason(err)}"
+    if refs:
+        for i, err in deliver(refs, lambda r: dlq_reference(r, source_topic)).items():
+            status[i] = "reference" if err is None else f"failed: {reason(err)}"
+    failed = sum(s.startswith("failed") for s in status)
+    if failed:
+        log.warning("kafka: %d of %d dead-letter message(s) to %s failed, e.g. %s", failed, len(status),
+                    dlq_topic, next(s for s in status if s.startswith("failed")))
+    return status  # type: ignore[return-value]
 
 
 def produce_json(prod, topic: str, key: str, value: dict) -> None:

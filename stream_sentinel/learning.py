@@ -36,7 +36,7 @@ def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str)
 
 def training_set_for_version(store: Store, data_version: str, embedding_model_id: str) -> TrainingSet:
     """Exactly the rows a training set version named, joined with their features and vectors."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         pos = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
                           [data_version]).fetchall()
         if not pos:
@@ -73,7 +73,7 @@ class CandidateResult:
 
 
 def _prior_ids(store: Store, data_version: str) -> set[str]:
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         return {r[0] for r in con.execute("SELECT record_id FROM training_set_rows WHERE data_version = ?",
                                           [data_version]).fetchall()}
 
@@ -110,7 +110,7 @@ def predict(booster, spec: FeatureSpec, frame: pd.DataFrame, ref: Reference, lea
 def current_reference(store: Store, embedding_model_id: str, positive_label: str) -> Reference:
     """Every resolved label right now: the neighbours a record is scored against. New labels
     change predictions at once, before any retraining (the trees stay those of the version)."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         table = con.sql(
             """SELECT l.record_id, l.label = ? AS y, e.vector FROM labels l
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
@@ -230,11 +230,11 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
                    role: str, router) -> int:
     v = registry.get(version)
     booster, spec = registry.load(version)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         positive = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
                                [v.training_set_version]).fetchall()[0][0]
     ref = current_reference(store, embedding_model_id, positive)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         table = con.sql(
             """SELECT r.id AS record_id, r.features, e.vector FROM records r
                JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
@@ -291,7 +291,7 @@ def ab_arms(registry: ModelRegistry, store: Store):
     if champion is None or challenger is None:
         return arms
     start = registry.get(challenger).promoted_at
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         for role, ok, n in con.execute(
                 """SELECT p.role, sum(CASE WHEN p.label = l.label THEN 1 ELSE 0 END), count(*)
                    FROM predictions p JOIN labels l ON l.record_id = p.record_id
@@ -329,7 +329,7 @@ def ab_step(registry: ModelRegistry, store: Store, alpha: float = 0.05, min_samp
 
 def new_labels_since_last_training(store: Store) -> tuple[int, float | None]:
     """(resolved labels not in the newest training set, seconds since that set was made)."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         last = con.execute("SELECT data_version, epoch(now() - created_at) FROM training_sets "
                            "ORDER BY created_at DESC LIMIT 1").fetchall()
         if not last:
@@ -347,14 +347,14 @@ __all__ = ["load_training_set", "persist_training_set", "train_candidate", "judg
 def resolved_labels_digest(store: Store) -> str:
     import hashlib
 
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         n, h = con.execute("SELECT count(*), coalesce(sum(hash(record_id, label)), 0) FROM labels "
                            "WHERE status = 'resolved'").fetchall()[0]
     return hashlib.sha256(f"{n}:{h}".encode()).hexdigest()[:16]
 
 
 def learning_metrics(store: Store, champion: str | None) -> dict:
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         row = con.execute("""SELECT
               count(*) FILTER (WHERE event_type IN ('update', 'update_failed')),
               count(*) FILTER (WHERE event_type = 'update'),
@@ -398,7 +398,7 @@ def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, m
         return LiveAccuracy(None, 0, None, None, False)
     v = registry.get(champion)
     promised = v.metrics.get("valid", {}).get("accuracy")
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         n, acc = con.execute(
             """SELECT count(*), avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
                FROM predictions p JOIN labels l ON l.record_id = p.record_id

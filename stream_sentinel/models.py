@@ -61,7 +61,7 @@ def _golden(record_id: str, share: float) -> bool:
 def load_training_set(store: Store, model_id: str, positive_label: str, valid_share: float = 0.2,
                       golden_share: float = 0.1, valid_max: int = 200) -> TrainingSet:
     """Resolved (non-conflicting) labels joined with records and their current embeddings."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         table = con.sql(
             """SELECT l.record_id, l.label, r.event_time, r.features, e.vector
                FROM labels l JOIN records r ON r.id = l.record_id

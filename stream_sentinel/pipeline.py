@@ -52,7 +52,7 @@ def _partition_filter(partition_key: str | None) -> tuple[str, list]:
 
 def unembedded_count(store: Store, model_id: str, partition_key: str | None = None) -> int:
     where, params = _partition_filter(partition_key)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         return int(con.execute(
             f"""SELECT count(*) FROM records r
                 WHERE {where} AND NOT EXISTS (
@@ -67,7 +67,7 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
     model_id = embedder.model_id
     dim = embedder.dim
     where, params = _partition_filter(partition_key)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         todo = con.execute(
             f"""SELECT r.id, r.vec_id FROM records r
                 WHERE {where} AND NOT EXISTS (
@@ -82,7 +82,7 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
 
     def texts_of(chunk) -> list[str]:
         ids = [r[0] for r in chunk]
-        with store.connect(read_only=True) as con:
+        with store.connect() as con:
             con.register("want", pd.DataFrame({"id": ids}))
             texts = dict(con.execute("SELECT r.id, r.text FROM records r JOIN want USING (id)").fetchall())
             con.unregister("want")
@@ -118,7 +118,7 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
 
 def embeddings_data_version(store: Store, model_id: str, partition_key: str | None) -> str:
     where, params = _partition_filter(partition_key)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         n, s = con.execute(
             f"""SELECT count(*), coalesce(sum(hash(e.vec_id)), 0) FROM embeddings e
                 JOIN records r ON r.id = e.record_id WHERE e.model_id = ? AND {where}""",
@@ -128,7 +128,7 @@ def embeddings_data_version(store: Store, model_id: str, partition_key: str | No
 
 def _fetch_vectors(store: Store, model_id: str, dim: int, only: np.ndarray | None = None
                    ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         if only is None:
             rel = con.sql(
                 "SELECT vec_id, record_id, vector FROM embeddings WHERE model_id = ? ORDER BY vec_id",
@@ -146,7 +146,7 @@ def _fetch_vectors(store: Store, model_id: str, dim: int, only: np.ndarray | Non
 
 
 def embedded_vec_ids(store: Store, model_id: str) -> np.ndarray:
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         table = con.sql("SELECT vec_id FROM embeddings WHERE model_id = ?", params=[model_id]).to_arrow_table()
     return table.column("vec_id").to_numpy().astype(np.int64)
 
@@ -205,7 +205,7 @@ def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
 
 def partitions_with_unembedded(store: Store, model_id: str) -> list[str]:
     """Arrival days holding records without a vector for ``model_id`` (failed or pre-model-change runs)."""
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         return [r[0] for r in con.execute(
             """SELECT DISTINCT CAST(r.arrival_date AS VARCHAR) AS d FROM records r
                WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.record_id = r.id AND e.model_id = ?)

@@ -72,7 +72,7 @@ class ModelRegistry:
             return None
 
     def get(self, version: str) -> Version | None:
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             row = con.execute("SELECT * FROM model_versions WHERE version = ?", [version]).fetchall()
             cols = [d[0] for d in con.description]
         if not row:
@@ -83,7 +83,7 @@ class ModelRegistry:
         return Version(**d)
 
     def list(self) -> list[Version]:
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             names = [r[0] for r in con.execute("SELECT version FROM model_versions ORDER BY version").fetchall()]
         return [self.get(v) for v in names]  # type: ignore[misc]
 
@@ -100,7 +100,7 @@ class ModelRegistry:
     # --------------------------------------------------------------- writing
     def _next(self) -> str:
         nums = [int(p.name[1:]) for p in self.root.glob("m*") if p.is_dir() and p.name[1:].isdigit()]
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             nums += [int(r[0][1:]) for r in con.execute("SELECT version FROM model_versions").fetchall()]
         return f"m{(max(nums) + 1) if nums else 1:06d}"
 
@@ -178,7 +178,7 @@ class ModelRegistry:
                            WHERE version = ?""", [reason, _now(), score, champion])
 
     def challenger_version(self) -> str | None:
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             rows = con.execute("SELECT version FROM model_versions WHERE status = 'challenger' "
                                "ORDER BY promoted_at DESC").fetchall()
         return rows[0][0] if rows else None
@@ -200,7 +200,7 @@ class ModelRegistry:
     def reconcile(self) -> str | None:
         """Repair the database mirror from the pointer (after a crash mid-promotion)."""
         champion = self.champion_version()
-        with self.store.connect(read_only=True) as con:
+        with self.store.connect() as con:
             rows = [r[0] for r in con.execute("SELECT version FROM model_versions WHERE status='champion'").fetchall()]
         if champion is not None and rows != [champion]:
             self._mirror(champion, None, None)
@@ -214,7 +214,7 @@ class ModelRegistry:
         self.reconcile()
         current = self.champion_version()
         if to is None:
-            with self.store.connect(read_only=True) as con:
+            with self.store.connect() as con:
                 rows = con.execute(
                     """SELECT version FROM model_versions WHERE promoted_at IS NOT NULL AND version <> ?
                        AND status <> 'rejected' ORDER BY promoted_at DESC LIMIT 1""", [current or ""]).fetchall()

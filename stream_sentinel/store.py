@@ -298,6 +298,66 @@ CREATE TABLE IF NOT EXISTS drift_metrics (
     created_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (window_key, column_name)
 );
+-- units of work (a raw batch, a Kafka range, a feedback file) whose runs kept failing; still
+-- retried slowly, listed until done (stream_sentinel/retry.py)
+CREATE TABLE IF NOT EXISTS parked_units (
+    unit_key VARCHAR PRIMARY KEY,
+    kind VARCHAR NOT NULL,               -- raw_batch | kafka_range | feedback_file
+    attempts INTEGER NOT NULL,
+    last_error VARCHAR,
+    last_run_id VARCHAR,
+    parked_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+-- drop-folder feedback files cut into runs, like raw batches (the plan is durable, the
+-- run key deterministic, so a replayed tick asks for the same run and retries know the files)
+CREATE SEQUENCE IF NOT EXISTS feedback_batch_seq START 1;
+CREATE TABLE IF NOT EXISTS feedback_file_batches (
+    seq BIGINT PRIMARY KEY,
+    run_key VARCHAR UNIQUE NOT NULL,
+    n_files BIGINT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);
+ALTER TABLE feedback_files ADD COLUMN IF NOT EXISTS batch_seq BIGINT;
+-- facts a run hands from one step to the next (e.g. the training set version for the model
+-- step), keyed by the run: never "the latest materialization event"
+CREATE TABLE IF NOT EXISTS run_facts (
+    run_id VARCHAR NOT NULL,
+    fact VARCHAR NOT NULL,
+    value VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, fact)
+);
+-- feedback_rejects keeps the original message bytes (null value / null key stay NULL) and
+-- the dead-letter outcome: pending | sent | reference (too large: the DLQ got a reference to
+-- raw_bytes) | failed: <reason>; NULL = no DLQ (file rows, or recorded before this column)
+ALTER TABLE feedback_rejects ADD COLUMN IF NOT EXISTS raw_bytes BLOB;
+ALTER TABLE feedback_rejects ADD COLUMN IF NOT EXISTS key_bytes BLOB;
+ALTER TABLE feedback_rejects ADD COLUMN IF NOT EXISTS dlq_status VARCHAR;
+-- entries the scans of raw/ and feedback/ cannot read (a FIFO, socket or device, a broken or
+-- looping symlink, a file or folder without read permission): upserted by every scan, removed
+-- once the path scans fine or is gone. files.status has two more values besides those above:
+-- waiting (its end looks unfinished and it is younger than the settle window; the scan
+-- re-examines it) and superseded (it changed after it was registered; the new content is
+-- registered as a new file, these records stay, these rejects are dropped); feedback_files.status
+-- also has missing (the file vanished before it was read)
+CREATE TABLE IF NOT EXISTS scan_problems (
+    area VARCHAR NOT NULL,               -- raw | feedback
+    path VARCHAR NOT NULL,               -- relative to raw/ or feedback/
+    reason VARCHAR NOT NULL,
+    first_seen TIMESTAMPTZ NOT NULL,
+    last_seen TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (area, path)
+);
+-- a file is committed chunk by chunk; how far it got (items of read_records done, counts so
+-- far), written in each chunk's transaction so a replay resumes there; deleted when it is done
+CREATE TABLE IF NOT EXISTS file_progress (
+    sha256 VARCHAR PRIMARY KEY,
+    items_done BIGINT NOT NULL,
+    ingested BIGINT NOT NULL,
+    skipped BIGINT NOT NULL,
+    rejected BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
 """
 
 
@@ -314,18 +374,6 @@ def vectors_from_arrow(column, n: int):
 # database files whose schema this process already created: sensors and assets make a new
 # Store per tick or run, and the DDL need not run again each time
 _SCHEMA_DONE: set[str] = set()
-# two sensor threads creating the schema at once conflict in DuckDB's catalog (seen at daemon start)
-_SCHEMA_LOCK = threading.Lock()
-
-
-_SESSIONS = threading.local()
-
-
-def _held() -> dict:
-    """This thread's open session connections, by database path (shared by every Store on it)."""
-    if not hasattr(_SESSIONS, "held"):
-        _SESSIONS.held = {}
-    return _SESSIONS.held
 
 
 class StoreBusy(RuntimeError):
@@ -337,50 +385,77 @@ def _is_lock_error(exc: BaseException) -> bool:
     return "lock" in msg and ("conflicting" in msg or "could not set" in msg)
 
 
+class _Shared:
+    """One open DuckDB database per file and process, shared by its threads through cursors.
+
+    DuckDB's model is one database instance per process with a cursor per thread: two
+    threads that each ``duckdb.connect`` the same file race in DuckDB's instance cache
+    (``Unique file handle conflict: Cannot attach "metrics"``, seen from sensors running in
+    the daemon's threads). Across processes the file has one writer at a time, so the
+    instance is closed as soon as its last user in this process leaves."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards opening and closing, never held during queries
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.users = 0
+
+
+_SHARED: dict[str, _Shared] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(key: str) -> _Shared:
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, _Shared())
+
+
 class Store:
     def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
-        self._schema_ready = str(self.path.absolute()) in _SCHEMA_DONE
+        self._key = str(self.path.absolute())
 
     @contextlib.contextmanager
     def session(self, timeout_s: float | None = None) -> Iterator["Store"]:
-        """Hold one connection for a block of work in this thread (a learning step opens the file
-        dozens of times, at ~10 ms each); ``connect`` inside the block hands out cursors of it.
-        Other processes wait for the block, so keep it to one run's step."""
-        key = str(self.path.absolute())
-        held = _held()
-        if key in held:
+        """Keep the file open for a block of work (a learning step opens it dozens of times,
+        at ~10 ms each); every ``connect`` inside it, from any thread of this process, is a
+        cursor of the same instance. Other processes wait for the block, so keep it to one
+        run's step."""
+        self._acquire(timeout_s)
+        try:
             yield self
-            return
-        with self.connect(timeout_s=timeout_s) as con:
-            held[key] = con
-            try:
-                yield self
-            finally:
-                held.pop(key, None)
+        finally:
+            self._release()
 
-    @contextlib.contextmanager
-    def connect(self, read_only: bool = False, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits while another process holds the file."""
-        held = _held().get(str(self.path.absolute()))
-        if held is not None:
-            cur = held.cursor()
-            try:
-                yield cur
-            finally:
-                cur.close()
-            return
+    def _acquire(self, timeout_s: float | None) -> duckdb.DuckDBPyConnection:
+        """Register a user of this process's instance, opening the file if needed."""
+        shared = _shared(self._key)
         deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
+        if not shared.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise StoreBusy(f"{self.path} is being opened by another thread for too long")
+        try:
+            if shared.con is None:
+                shared.con = self._open(deadline)
+            shared.users += 1
+            return shared.con
+        finally:
+            shared.lock.release()
+
+    def _release(self) -> None:
+        shared = _shared(self._key)
+        with shared.lock:
+            shared.users -= 1
+            if shared.users == 0 and shared.con is not None:
+                con, shared.con = shared.con, None
+                con.close()
+
+    def _open(self, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open the file read-write, waiting (with backoff) while another process holds it."""
         delay = 0.02
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Always open read-write: DuckDB refuses a read-only and a read-write handle on the same
-        # file inside one process (sensor threads, in-process runs), and across processes the
-        # lock wait below serializes access anyway. `read_only` documents intent for callers.
-        read_only = False
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path))
                 break
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc):
@@ -389,16 +464,30 @@ class Store:
                     raise StoreBusy(f"{self.path} is locked by another process") from exc
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)
+        if self._key not in _SCHEMA_DONE:
+            try:
+                con.execute(SCHEMA)
+            except BaseException:
+                con.close()
+                raise
+            _SCHEMA_DONE.add(self._key)
+        return con
+
+    @contextlib.contextmanager
+    def connect(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of this process's instance of the file (opened on demand, closed after
+        its last user); waits while another process holds the file. Connections are always
+        read-write: DuckDB opens a file in one mode per process, and every caller in a
+        process shares that one instance."""
+        con = self._acquire(timeout_s)
         try:
-            if not read_only and not self._schema_ready:
-                with _SCHEMA_LOCK:
-                    if str(self.path.absolute()) not in _SCHEMA_DONE:
-                        con.execute(SCHEMA)
-                        _SCHEMA_DONE.add(str(self.path.absolute()))
-                self._schema_ready = True
-            yield con
+            cur = con.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
         finally:
-            con.close()
+            self._release()
 
     @contextlib.contextmanager
     def transaction(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -419,11 +508,12 @@ class Store:
     # ---- read helpers shared by the CLI, asset checks and tests ---------------------
 
     def status(self) -> dict[str, int]:
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             if not _has_table(con, "records"):
                 return {k: 0 for k in (
                     "records", "embedded", "files", "duplicate_files", "pending_files",
-                    "quarantined_files", "rejected_records")}
+                    "quarantined_files", "rejected_records", "parked_units", "waiting_files",
+                    "superseded_files", "scan_problems")}
             one = lambda q: int(con.execute(q).fetchone()[0])  # noqa: E731
             return {
                 "records": one("SELECT count(*) FROM records"),
@@ -433,6 +523,10 @@ class Store:
                 "pending_files": one("SELECT count(*) FROM files WHERE status IN ('pending','batched')"),
                 "quarantined_files": one("SELECT count(*) FROM files WHERE status = 'quarantined'"),
                 "rejected_records": one("SELECT count(*) FROM rejects"),
+                "parked_units": one("SELECT count(*) FROM parked_units"),
+                "waiting_files": one("SELECT count(*) FROM files WHERE status = 'waiting'"),
+                "superseded_files": one("SELECT count(*) FROM files WHERE status = 'superseded'"),
+                "scan_problems": one("SELECT count(*) FROM scan_problems"),
             }
 
 

@@ -73,14 +73,14 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, embedder, 
     registry.start_challenger(challenger, "test")
     scored = learning.score_new_records(registry, store, embedder.model_id, ab_share=0.5)
     assert scored == 2 * 700
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         served = dict(con.execute("SELECT role, count(*) FROM predictions WHERE served GROUP BY 1").fetchall())
         total = con.execute("SELECT count(DISTINCT record_id) FROM predictions WHERE served").fetchall()[0][0]
     assert total == 700 and 250 < served["challenger"] < 450  # each record served by exactly one model
 
     # feedback after the challenger started: the challenger's answers turn out right, the champion's wrong
     now = pd.Timestamp.now(tz="UTC").to_pydatetime()
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         preds = con.execute("SELECT record_id, role, label FROM predictions WHERE served").fetchall()
     flip = {"spam": "ham", "ham": "spam"}
     events = [fb.Event(fb.Position("ab", 0, i), rid, lab if role == "challenger" else flip[lab], "oracle", 1.0, now)
@@ -90,6 +90,6 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, embedder, 
     decision = learning.ab_step(registry, store, alpha=0.05, min_samples=100)
     assert decision.winner == "challenger"
     assert registry.champion_version() == challenger and registry.challenger_version() is None
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'ab_decision'"
                            ).fetchall()[0][0] == 1

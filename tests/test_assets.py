@@ -55,7 +55,7 @@ def _sensor_batches(paths):
 
 
 ALL_CHECKS = {"no_unembedded_records": True, "index_matches_embeddings": True,
-              "index_ids_unique": True, "index_dimension_matches_model": True}
+              "index_ids_unique": True, "index_dimension_matches_model": True, "no_parked_units": True}
 
 
 def test_micro_batch_end_to_end_then_rerun_then_incremental(paths, instance, demo_records, embedder):

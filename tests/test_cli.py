@@ -80,7 +80,7 @@ def test_run_once_status_search_check(paths, demo_records):
     assert "nothing to do" in cli("run", "--once").stdout
     checks = json.loads(cli("check", "--json").stdout)
     assert {c["check"] for c in checks} == {"index_matches_embeddings", "index_ids_unique",
-                                            "index_dimension_matches_model"}
+                                            "index_dimension_matches_model", "no_parked_units"}
     assert all(c["passed"] for c in checks)
     with Store(paths.db).transaction() as con:
         con.execute("DELETE FROM embeddings WHERE record_id = ?", [target["id"]])
@@ -107,3 +107,14 @@ def test_run_once_exits_non_zero_when_a_run_fails(paths, demo_records, tmp_path)
 def test_search_without_an_index_explains_what_to_do(paths):
     out = cli("search", "anything", check=False)
     assert out.returncode == 1 and "no index yet" in out.stderr
+
+
+def test_run_once_waits_out_the_debounce_of_files_just_written(paths):
+    """A cron or CI job writes its files and runs `run --once` at once: before, the run said
+    "still being written", did nothing and exited 0."""
+    (paths.raw / "fresh.jsonl").write_text("".join(json.dumps(
+        {"id": f"fresh-{i}", "text": f"fresh record {i}", "event_time": "2024-05-01T00:00:00Z"}) + "\n"
+        for i in range(3)))
+    run = cli("run", "--once", "--wait-seconds", "30", env={"STREAM_SENTINEL_DEBOUNCE_SECONDS": "8"})
+    assert "waiting for 1 file(s) still being written" in run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1])["records"] == 3

@@ -94,7 +94,7 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
     drop(paths.feedback, "votes.jsonl", "".join(json.dumps(v) + "\n" for v in votes), age=0)
 
     def label_status():
-        with Store(paths.db).connect(read_only=True) as con:
+        with Store(paths.db).connect() as con:
             return dict(con.execute("SELECT record_id, status FROM labels").fetchall())
 
     _wait_for(lambda: label_status().get("late-1") == "pending", "labels with late-1 pending", log)

@@ -281,12 +281,17 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
     from stream_sentinel.config import Settings
 
     sensor = build_drift_retrain_sensor(Settings())
+    cursor: dict = {"value": None}
 
     def evaluate():
         from sensors.drift import evaluate_drift_retrain
 
         with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
-            return evaluate_drift_retrain(res.sentinel)
+            out = evaluate_drift_retrain(res.sentinel, cursor["value"])
+        if isinstance(out, dg.SkipReason):
+            return out
+        cursor["value"] = out.cursor  # Dagster stores it with the run request
+        return out.run_requests[0]
 
     assert isinstance(evaluate(), dg.SkipReason)  # no reports
     drift.record(store, _report("2024-03-01", False))
@@ -309,14 +314,33 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
     assert isinstance(evaluate(), dg.SkipReason)
     monkeypatch.setenv("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", "0")  # still drifting after the cooldown
     assert evaluate().tags[DRIFT_TAG] == "2024-03-06"
+    # the sensor wrote nothing: a crash between its tick and the run request loses no retrain
     with store.connect() as con:
-        events = con.execute("""SELECT json_extract_string(detail, '$.window_key') FROM learning_events
-                                WHERE event_type = 'drift_retrain' ORDER BY event_id""").fetchall()
-    assert [e[0] for e in events] == ["2024-03-02", "2024-03-05", "2024-03-06"]
+        assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'drift_retrain'").fetchone()[0] == 0
     # through the sensor definition too
     with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
-        out = sensor(dg.build_sensor_context(resources={"sentinel": res.sentinel}))
+        out = sensor(dg.build_sensor_context(resources={"sentinel": res.sentinel}, cursor=cursor["value"]))
     assert isinstance(out, dg.SkipReason)
+
+
+def test_drift_retrain_bookmark_survives_a_lost_cursor(paths, store):
+    """The run records the retrain: with the sensor's cursor gone, the episode is still known."""
+    from resources import StreamSentinelResource
+    from sensors.drift import evaluate_drift_retrain
+
+    drift.record(store, _report("2024-04-02", True))
+    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+        first = evaluate_drift_retrain(res.sentinel, None)
+        assert isinstance(first, dg.SensorResult)
+        trigger = drift.RetrainTrigger.from_json(first.cursor)
+        # lost cursor before the run started: the same run key again (Dagster drops the copy)
+        again = evaluate_drift_retrain(res.sentinel, None)
+        assert again.run_requests[0].run_key == first.run_requests[0].run_key
+        drift.record_retrain(res.sentinel.registry(), trigger)  # what the retrain run does
+        drift.record_retrain(res.sentinel.registry(), trigger)  # a retried run: recorded once
+        assert isinstance(evaluate_drift_retrain(res.sentinel, None), dg.SkipReason)
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'drift_retrain'").fetchone()[0] == 1
 
 
 def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
@@ -326,8 +350,12 @@ def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
 
     paths, store, registry, emb = home
     job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
+    from assets.models import DRIFT_TRIGGER_TAG
+
+    trigger = drift.RetrainTrigger(DAYS[1], DAYS[1], "2024-03-02T00:00:00+00:00", 0.5, 0.3)
     result = job.execute_in_process(instance=instance, run_config={"ops": {"model": {"config": {"full": True}}}},
-                                    tags={DRIFT_TAG: DAYS[1]}, raise_on_error=False)
+                                    tags={DRIFT_TAG: DAYS[1], DRIFT_TRIGGER_TAG: trigger.to_json()},
+                                    raise_on_error=False)
     mat = result.asset_materializations_for_node("model")[0]
     assert mat.metadata["caused_by"].value == f"drift_report:{DAYS[1]}"
     assert mat.metadata["strategy"].value == "full"
@@ -335,6 +363,10 @@ def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
         cause = con.execute("""SELECT json_extract_string(detail, '$.cause') FROM learning_events
                                WHERE event_type = 'update' ORDER BY event_id DESC LIMIT 1""").fetchall()[0][0]
     assert cause == f"drift_report:{DAYS[1]}"
+    with store.connect() as con:  # the run recorded the retrain it was asked for
+        recorded = con.execute("""SELECT json_extract_string(detail, '$.run_key') FROM learning_events
+                                  WHERE event_type = 'drift_retrain'""").fetchall()
+    assert recorded == [(trigger.run_key,)]
 
 
 def test_daily_schedule_requests_yesterdays_partition():

@@ -66,7 +66,7 @@ def execute(paths, instance, request):
 
 
 def count(paths, table="feedback_events"):
-    with Store(paths.db).connect(read_only=True) as con:
+    with Store(paths.db).connect() as con:
         return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
@@ -113,7 +113,7 @@ def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, in
     for r in reqs:
         execute(paths, instance, r)
     assert count(paths) == 10_000
-    with Store(paths.db).connect(read_only=True) as con:
+    with Store(paths.db).connect() as con:
         assert con.execute('SELECT count(DISTINCT (topic, "partition", "offset")) FROM feedback_events'
                            ).fetchone()[0] == 10_000
         lag = con.execute("SELECT sum(lag) FROM kafka_lag WHERE topic = ?", [topic]).fetchone()[0]
@@ -180,7 +180,7 @@ def test_malformed_messages_reach_the_dlq_and_the_rejects_table(paths, instance,
     for r in tick(paths, instance, flush=True).run_requests:
         execute(paths, instance, r)
     assert count(paths) == 2
-    with Store(paths.db).connect(read_only=True) as con:
+    with Store(paths.db).connect() as con:
         rules = sorted(r[0] for r in con.execute("SELECT rule FROM feedback_rejects").fetchall())
     assert rules == ["confidence_out_of_range", "invalid_json", "unknown_label"]
     cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "dlq-reader", "auto.offset.reset": "earliest"})
@@ -220,7 +220,7 @@ def test_broker_restart_mid_stream_loses_and_duplicates_nothing(paths, instance,
         for r in after.run_requests:
             execute(paths, instance, r)
         assert count(paths) == 3000
-        with Store(paths.db).connect(read_only=True) as con:
+        with Store(paths.db).connect() as con:
             assert con.execute("SELECT count(DISTINCT record_id) FROM feedback_events").fetchone()[0] == 3000
     finally:
         broker.stop()

@@ -57,7 +57,7 @@ def test_first_build_then_incremental_under_ratio_then_rebuild(paths, store):
     loaded = ist.load()
     assert sorted(loaded.vec_ids.tolist()) == list(range(1, 150))
     assert len(set(loaded.record_ids)) == 149
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT list(mode ORDER BY version) FROM index_versions").fetchone()[0] == [
             "rebuild", "incremental", "rebuild"]
 

@@ -25,7 +25,7 @@ def _ingest_all(paths, store):
 
 
 def _count(store, sql="SELECT count(*) FROM records"):
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         return con.execute(sql).fetchone()[0]
 
 
@@ -33,7 +33,7 @@ def test_valid_and_invalid_records_land_in_their_tables(paths, store):
     drop(paths.raw, "a.jsonl", [record(1), {"id": "x", "text": "t"}, record(2, label="spam", source="crm")])
     (out,) = _ingest_all(paths, store)
     assert (out.status, out.ingested, out.rejected) == ("processed", 2, 1)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         rows = con.execute("SELECT id, vec_id, label, extra FROM records ORDER BY id").fetchall()
         rej = con.execute("SELECT file_path, position, record_id, rule FROM rejects").fetchall()
     assert [r[0] for r in rows] == ["r1", "r2"]
@@ -78,7 +78,7 @@ def test_hidden_temp_files_and_symlinks_out_of_raw_are_ignored(paths, store, tmp
     assert sorted(scan.skipped_links) == ["link.jsonl", "linkdir"]
     assert len(scan.registered) == 1
     assert len(scan.duplicates) == 1 and scan.duplicates[0] in ("real.jsonl", "alias.jsonl")
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT count(*) FROM file_paths WHERE path LIKE '%secret%' OR path LIKE '.%'"
                            ).fetchone()[0] == 0
 
@@ -98,7 +98,7 @@ def test_duplicate_id_with_other_content_is_rejected_and_identical_one_skipped(p
     drop(paths.raw, "b.jsonl", [record(1), record(2, text="changed"), record(3), record(3, text="changed too")])
     (out,) = _ingest_all(paths, store)
     assert (out.ingested, out.skipped, out.rejected) == (1, 1, 2)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         rules = con.execute("SELECT record_id, rule FROM rejects ORDER BY position").fetchall()
         text = con.execute("SELECT text FROM records WHERE id='r2'").fetchone()[0]
     assert rules == [("r2", "duplicate_id"), ("r3", "duplicate_id")]
@@ -107,7 +107,9 @@ def test_duplicate_id_with_other_content_is_rejected_and_identical_one_skipped(p
 
 def test_unparseable_file_is_quarantined_with_a_readable_error(paths, store):
     drop(paths.raw, "good.jsonl", [record(1)])
-    drop(paths.raw, "sub/broken.json", '[{"id": "a", "text": "t", "event_time": "2024-01-01"},\n{"id": ')
+    # cut short at the end, and older than the settle window: its writer is long gone
+    drop(paths.raw, "sub/broken.json", '[{"id": "a", "text": "t", "event_time": "2024-01-01"},\n{"id": ',
+         age=3600)
     outcomes = {o.path: o for o in _ingest_all(paths, store)}
     assert outcomes["good.jsonl"].status == "processed"
     bad = outcomes["sub/broken.json"]
@@ -157,7 +159,7 @@ def test_batches_respect_file_and_record_caps_and_have_stable_run_keys(paths, st
 
 
 def unplanned(store) -> int:
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         return con.execute("SELECT count(*) FROM files WHERE status = 'pending'").fetchone()[0]
 
 
@@ -268,7 +270,7 @@ def test_embedding_overlaps_writes_and_a_failed_chunk_loses_nothing(paths, store
     assert _count(store, "SELECT count(*) FROM embeddings") == 6  # chunks 1 and 2 are kept
     result = pipeline.embed_partition(store, embedder, None)
     assert (result.embedded, result.already) == (5, 6)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         rows = con.execute("""SELECT r.text, e.vector FROM embeddings e JOIN records r ON r.id = e.record_id
                               ORDER BY r.id""").fetchall()
     assert len(rows) == 11
@@ -296,7 +298,7 @@ def test_a_group_of_files_lands_exactly_as_file_by_file(tmp_path, monkeypatch):
         drop(paths.raw, "f.json", [record(20)])
         store = Store(paths.home / "metrics.duckdb")
         ingest.scan(paths, store, debounce_s=1, now=day)
-        with store.connect(read_only=True) as con:
+        with store.connect() as con:
             shas = [r[0] for r in con.execute("SELECT sha256 FROM files ORDER BY path").fetchall()]
         return paths, store, shas
 
@@ -310,7 +312,7 @@ def test_a_group_of_files_lands_exactly_as_file_by_file(tmp_path, monkeypatch):
     assert [o.status for o in grouped] == ["processed"] * 3 + ["quarantined"] + ["processed"] * 2
 
     def tables(store):
-        with store.connect(read_only=True) as con:
+        with store.connect() as con:
             return (con.execute("SELECT id, vec_id, text, file_sha256, position FROM records ORDER BY vec_id").fetchall(),
                     con.execute("SELECT file_sha256, position, record_id, rule FROM rejects ORDER BY ALL").fetchall(),
                     con.execute("SELECT sha256, status, records_ingested, records_rejected, records_skipped "
@@ -324,3 +326,111 @@ def test_a_group_of_files_lands_exactly_as_file_by_file(tmp_path, monkeypatch):
     # replaying the group adds nothing
     again = ingest.process_files(p2, s2, shas)
     assert sum(o.ingested for o in again) == 0 and tables(s2)[0] == records
+
+
+def test_a_large_file_is_committed_chunk_by_chunk_and_a_crash_resumes_exactly_once(paths, store, monkeypatch):
+    """Killed between two chunk commits, twice, then run to the end: every record and every
+    reject exactly once, with the file's counts as if nothing had happened."""
+    import subprocess
+    import sys
+
+    from .conftest import kill_when_paused
+
+    items = []
+    for i in range(23):
+        items.append(record(i) if i % 5 else {"id": f"bad{i}", "text": "no time"})  # 5 rejects, 18 records
+    drop(paths.raw, "big.jsonl", items)
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    (sha,) = batch.files
+    child = [sys.executable, "-c",
+             "import sys; from stream_sentinel import ingest; from stream_sentinel.config import Paths; "
+             "from stream_sentinel.store import Store; ingest.CHUNK_RECORDS = 4; p = Paths.from_env(); "
+             f"ingest.process_file(p, Store(p.db), {sha!r})"]
+
+    def progress():
+        with store.connect() as con:
+            return (con.execute("SELECT items_done FROM file_progress").fetchall(),
+                    con.execute("SELECT count(*) FROM records").fetchone()[0],
+                    con.execute("SELECT count(*) FROM rejects").fetchone()[0])
+
+    kill_when_paused(child, "ingest_between_chunks", paths.home / "paused-1")
+    assert progress() == ([(4,)], 3, 1)  # one chunk of 4 items committed, with its resume point
+    kill_when_paused(child, "ingest_between_chunks", paths.home / "paused-2")
+    assert progress() == ([(8,)], 6, 2)  # resumed after it, killed after the next one
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 4)
+    out = ingest.process_file(paths, store, sha)
+    assert (out.status, out.ingested, out.skipped, out.rejected) == ("processed", 18, 0, 5)
+    assert progress() == ([], 18, 5)
+    with store.connect() as con:
+        assert con.execute("SELECT count(DISTINCT id) FROM records").fetchone()[0] == 18
+        assert con.execute("SELECT records_ingested, records_rejected, records_skipped FROM files").fetchone() == \
+            (18, 5, 0)
+    again = ingest.process_file(paths, store, sha)  # a replay of the whole file adds nothing
+    assert (again.ingested, again.skipped, again.rejected) == (0, 18, 5)
+    assert progress() == ([], 18, 5)
+    assert subprocess.run(child, capture_output=True).returncode == 0  # and neither does a new process
+
+
+def test_a_large_file_found_unparseable_after_some_chunks_adds_nothing(paths, store, monkeypatch):
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 3)
+    body = json.dumps([record(i) for i in range(10)])[:-1] + ', {"id": oops}]'  # broken after 10 good items
+    drop(paths.raw, "big.json", body, age=3600)
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    (out,) = ingest.process_files(paths, store, list(batch.files))
+    assert out.status == "quarantined"
+    assert _count(store) == 0 and _count(store, "SELECT count(*) FROM file_progress") == 0
+    assert (paths.failed / datetime.now(timezone.utc).date().isoformat() / "big.json").read_text() == body
+
+
+def test_duckdb_out_of_memory_under_the_ingest_cap_lifts_the_cap_and_counts_stay_exact(paths, store, monkeypatch,
+                                                                                    caplog):
+    monkeypatch.setenv(ingest.DB_MEMORY_ENV, "1MB")  # far too small: DuckDB runs out at once
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 3)
+    drop(paths.raw, "a.jsonl", [record(i) for i in range(8)] + [{"id": "bad"}])
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    (out,) = ingest.process_files(paths, store, list(batch.files))
+    assert "processing it again, from its last commit, without that cap" in caplog.text
+    assert (out.status, out.ingested, out.skipped, out.rejected) == ("processed", 8, 0, 1)
+    assert _count(store) == 8 and _count(store, "SELECT count(*) FROM rejects") == 1
+    with store.connect() as con:
+        assert con.execute("SELECT records_ingested, records_rejected FROM files").fetchone() == (8, 1)
+        # and the limit is DuckDB's own again once the file is done
+        assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != "1.0 MiB"
+
+
+def test_a_bad_memory_cap_setting_is_a_clear_error(paths, store, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv(ingest.DB_MEMORY_ENV, "lots; DROP TABLE records")
+    drop(paths.raw, "a.jsonl", [record(1)])
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    with pytest.raises(ValueError, match="STREAM_SENTINEL_INGEST_DB_MEMORY"):
+        ingest.process_file(paths, store, batch.files[0])
+    assert _count(store, "SELECT count(*) FROM files WHERE status = 'batched'") == 1
+
+
+def test_out_of_memory_in_the_middle_of_a_file_resumes_from_the_last_commit(paths, store, monkeypatch, caplog):
+    import duckdb as ddb
+
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 3)
+    drop(paths.raw, "a.jsonl", [record(i) for i in range(10)] + [{"id": "bad"}])
+    ingest.scan(paths, store, debounce_s=1)
+    (batch,) = ingest.plan_batches(store)
+    real, calls = ingest._save_progress, []
+
+    def second_chunk_runs_out(con, out, items_done):
+        calls.append(items_done)
+        if len(calls) == 2:
+            raise ddb.OutOfMemoryException("Out of Memory Error: injected")
+        real(con, out, items_done)
+
+    monkeypatch.setattr(ingest, "_save_progress", second_chunk_runs_out)
+    out = ingest.process_file(paths, store, batch.files[0])
+    assert calls == [3, 6, 6, 9]  # the second chunk rolled back and was written again, once
+    assert "without that cap" in caplog.text
+    assert (out.status, out.ingested, out.skipped, out.rejected) == ("processed", 10, 0, 1)
+    assert _count(store) == 10 and _count(store, "SELECT count(*) FROM rejects") == 1

@@ -96,7 +96,7 @@ def test_drop_folder_feedback_resolves_when_the_record_lands(paths, store, insta
     meta = result.asset_materializations_for_node("feedback")[0].metadata
     assert (meta["events_new"].value, meta["rejects_new"].value, meta["files_quarantined"].value) == (2, 2, 1)
     assert list(paths.failed.glob("feedback/*/garbage.jsonl.error.json"))
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         status = dict(con.execute("SELECT record_id, status FROM labels").fetchall())
         kinds = {r[0] for r in con.execute("SELECT DISTINCT source_kind FROM feedback_events").fetchall()}
     assert status == {"r1": "resolved", "r2": "pending"} and kinds == {"file"}
@@ -108,11 +108,11 @@ def test_drop_folder_feedback_resolves_when_the_record_lands(paths, store, insta
             ingest.process_file(paths, store, sha)
     job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
     assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("labels")]).success
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert dict(con.execute("SELECT record_id, status FROM labels").fetchall()) == {
             "r1": "resolved", "r2": "resolved"}
     # the same file again (a replay) adds nothing
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         processed = [r[0] for r in con.execute("SELECT sha256 FROM feedback_files WHERE status='processed'").fetchall()]
     again = _run_feedback(paths, instance, files=processed)
     assert again.asset_materializations_for_node("feedback")[0].metadata["events_new"].value == 0

@@ -58,7 +58,7 @@ def test_first_full_version_then_continued_child_with_exact_lineage(paths, store
     v = child.version
     assert (child.strategy, v.parent_version, v.semver) == ("incremental", first.version.version, "1.0.1")
     assert v.training_set_version != first.version.training_set_version
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT count(*) FROM training_set_rows WHERE data_version = ?",
                            [v.training_set_version]).fetchall()[0][0] == 700
     # the parent's trees are inside the child (continued, not retrained)
@@ -94,7 +94,7 @@ def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, sto
     registry = ModelRegistry(paths.models, store)
     champion = registry.champion_version()
     assert champion and registry.get(champion).status == "champion"
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT count(*) FROM current_predictions").fetchall()[0][0] == 500
 
     # a deliberately worse candidate: every label shuffled
@@ -112,9 +112,30 @@ def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, sto
     rejected = [v for v in registry.list() if v.status == "rejected"]
     assert len(rejected) == 1 and rejected[0].parent_version == champion
     assert not bad.asset_materializations_for_node("champion")
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         kinds = [r[0] for r in con.execute("SELECT event_type FROM learning_events ORDER BY event_id").fetchall()]
     assert kinds == ["update", "promotion", "update", "rejection"]
+
+
+def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, embedder, demo_records, demo_labels):
+    """Before: `model` found its training set through the instance's latest `training_set`
+    materialization (KeyError on a fresh instance) and `champion` its candidate through the
+    latest `model` one. Each step now reads what its own run made; a step materialized alone
+    on a fresh instance builds its training set itself."""
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    with dg.instance_for_test() as fresh:  # no training_set materialization anywhere
+        alone = job.execute_in_process(instance=fresh, raise_on_error=False,
+                                       asset_selection=[dg.AssetKey("model"), dg.AssetKey("champion")])
+    assert alone.success
+    meta = alone.asset_materializations_for_node("model")[0].metadata
+    registry = ModelRegistry(paths.models, store)
+    assert registry.champion_version() == meta["candidate"].value
+    version = meta["training_set_version"].value
+    with store.connect() as con:
+        assert con.execute("SELECT count(*) FROM training_set_rows WHERE data_version = ?", [version]).fetchone()[0]
+        facts = dict(con.execute("SELECT fact, value FROM run_facts WHERE run_id = ?", [alone.run_id]).fetchall())
+    assert facts == {"training_set": version, "candidate": meta["candidate"].value}
 
 
 def test_rollback_restores_the_previous_champion_and_its_predictions(paths, store, embedder, demo_records,
@@ -124,13 +145,13 @@ def test_rollback_restores_the_previous_champion_and_its_predictions(paths, stor
     m1 = candidate(registry, store, embedder).version.version
     registry.promote(m1, None, "test")
     learning.score_new_records(registry, store, embedder.model_id)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         before = dict(con.execute("SELECT record_id, probability FROM current_predictions").fetchall())
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
     m2 = candidate(registry, store, embedder).version.version
     registry.promote(m2, None, "test")
     learning.score_new_records(registry, store, embedder.model_id)
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT DISTINCT model_version FROM current_predictions").fetchall() == [(m2,)]
 
     out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "model", "rollback", "--json"],
@@ -138,7 +159,7 @@ def test_rollback_restores_the_previous_champion_and_its_predictions(paths, stor
     assert json.loads(out.stdout) == {"champion": m1, "previous": m2}
     assert registry.champion_version() == m1
     assert {v.version: v.status for v in registry.list()} == {m1: "champion", m2: "archived"}
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         restored = dict(con.execute("SELECT record_id, probability FROM current_predictions").fetchall())
         kinds = [r[0] for r in con.execute("SELECT event_type FROM learning_events ORDER BY event_id").fetchall()]
     assert {k: restored[k] for k in before} == before  # m1's own predictions serve again
@@ -216,7 +237,7 @@ def test_live_accuracy_drop_rolls_the_champion_back(paths, store, embedder, demo
     assert res.champion == second.version and res.n >= 50 and res.degraded
     assert res.accuracy < res.promoted_accuracy - 0.05
     assert res.rolled_back_to == first.version and registry.champion_version() == first.version
-    with store.connect(read_only=True) as con:
+    with store.connect() as con:
         assert con.execute("SELECT event_type FROM learning_events ORDER BY event_id DESC LIMIT 1").fetchall() == [
             ("auto_rollback",)]
     # the restored champion is judged from its return on: no ping-pong on the same old feedback
