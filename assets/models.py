@@ -41,7 +41,7 @@ def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
                  embedder: EmbedderResource) -> dg.MaterializeResult:
     s = sentinel.settings
     ts = _build_training_set(sentinel, embedder)
-    run_facts.put(sentinel.store(), context.run_id, "training_set", ts.data_version)
+    run_facts.put(sentinel.store(), context.run.run_id, "training_set", ts.data_version)
     counts = ts.frame["split"].value_counts().to_dict()
     return dg.MaterializeResult(
         metadata={"data_version": ts.data_version, "rows": len(ts.frame), "train": counts.get("train", 0),
@@ -67,7 +67,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
     if version is None:  # the model step materialized alone: its training set is today's labels
         ts = _build_training_set(sentinel, embedder)
         version = ts.data_version
-        run_facts.put(store, context.run_id, "training_set", version)
+        run_facts.put(store, context.run.run_id, "training_set", version)
     else:
         ts = learning.training_set_for_version(store, version, embedder.model_id)
     drift_day = context.run.tags.get(DRIFT_TAG)
@@ -86,7 +86,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
                      "path": dg.MetadataValue.path(cand.path)})
         meta.update({f"valid_{k}": v for k, v in cand.metrics.get("valid", {}).items()})
     context.log.info(f"candidate: {meta['candidate'] or 'none'} ({res.strategy}: {res.reason})")
-    run_facts.put(store, context.run_id, "candidate", cand.version if cand else "")
+    run_facts.put(store, context.run.run_id, "candidate", cand.version if cand else "")
     yield dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(cand.sha256[:16] if cand else "none"))
     if cand is None:
         yield dg.AssetCheckResult(check_name="candidate_beats_champion", passed=True,

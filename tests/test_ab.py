@@ -63,7 +63,8 @@ def test_thompson_sampling_sends_more_traffic_to_the_better_arm_and_picks_it():
     assert arms["challenger"].trials > arms["champion"].trials
 
 
-def test_challenger_on_real_models_wins_and_is_promoted(paths, store, embedder, demo_records, demo_labels):
+def test_challenger_on_real_models_wins_and_is_promoted(paths, store, demo_embedder, demo_records, demo_labels):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     champion = candidate(registry, store, embedder).version.version

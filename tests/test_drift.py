@@ -27,18 +27,8 @@ DAYS = ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]
 CFG = drift.DriftConfig()
 
 
-class Precomputed:
-    """The real model's vectors, computed once for the module (the product's embed path runs on them)."""
-
-    def __init__(self, embedder, by_text: dict):
-        self.model_id, self.dim, self.by_text = embedder.model_id, embedder.dim, by_text
-
-    def embed(self, texts):
-        return np.stack([self.by_text[t] for t in texts])
-
-
 @pytest.fixture(scope="module")
-def corpus(embedder, demo_records, demo_labels):
+def corpus(demo_embedder, demo_records, demo_labels):
     """Period 1 (groups *-1) and period 2 (groups *-2) samples with their real embeddings."""
     rng = np.random.default_rng(11)
     by_group: dict[str, list[dict]] = {}
@@ -53,8 +43,8 @@ def corpus(embedder, demo_records, demo_labels):
     period2 = pick("easy-ham-2", 110) + pick("spam-2", 110)
     rng.shuffle(period1)
     texts = [r["text"] for r in period1 + period2]
-    vectors = embedder.embed(texts)
-    return period1, period2, Precomputed(embedder, dict(zip(texts, vectors)))
+    demo_embedder.embed(texts)  # the real model's vectors, once (see conftest.PrecomputedEmbedder)
+    return period1, period2, demo_embedder
 
 
 def ingest_day(paths, store, emb, recs, day: str, labels: dict | None) -> None:

@@ -43,8 +43,9 @@ def candidate(registry, store, embedder, full=False):
     return learning.train_candidate(registry, store, ts, embedder.model_id, TrainParams(), full=full)
 
 
-def test_first_full_version_then_continued_child_with_exact_lineage(paths, store, embedder, demo_records,
+def test_first_full_version_then_continued_child_with_exact_lineage(paths, store, demo_embedder, demo_records,
                                                                    demo_labels):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     first = candidate(registry, store, embedder)
@@ -82,8 +83,9 @@ def _training_run(paths, instance, full=False):
                                   raise_on_error=False)
 
 
-def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, store, embedder, demo_records,
+def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, store, demo_embedder, demo_records,
                                                                      demo_labels, instance):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     good = _training_run(paths, instance)
     assert good.success
@@ -117,11 +119,12 @@ def test_shuffled_labels_candidate_is_rejected_and_the_champion_stays(paths, sto
     assert kinds == ["update", "promotion", "update", "rejection"]
 
 
-def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, embedder, demo_records, demo_labels):
+def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, demo_embedder, demo_records, demo_labels):
     """Before: `model` found its training set through the instance's latest `training_set`
     materialization (KeyError on a fresh instance) and `champion` its candidate through the
     latest `model` one. Each step now reads what its own run made; a step materialized alone
     on a fresh instance builds its training set itself."""
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
     with dg.instance_for_test() as fresh:  # no training_set materialization anywhere
@@ -138,8 +141,9 @@ def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, embedde
     assert facts == {"training_set": version, "candidate": meta["candidate"].value}
 
 
-def test_rollback_restores_the_previous_champion_and_its_predictions(paths, store, embedder, demo_records,
+def test_rollback_restores_the_previous_champion_and_its_predictions(paths, store, demo_embedder, demo_records,
                                                                     demo_labels):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     m1 = candidate(registry, store, embedder).version.version
@@ -174,8 +178,9 @@ PROMOTER = textwrap.dedent("""
 """)
 
 
-def test_process_killed_during_promotion_leaves_exactly_one_consistent_champion(paths, store, embedder,
+def test_process_killed_during_promotion_leaves_exactly_one_consistent_champion(paths, store, demo_embedder,
                                                                                demo_records, demo_labels, tmp_path):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     m1 = candidate(registry, store, embedder).version.version
@@ -193,7 +198,8 @@ def test_process_killed_during_promotion_leaves_exactly_one_consistent_champion(
     assert booster.num_trees() > 0
 
 
-def test_retrain_policy_waits_for_enough_new_labels(paths, store, embedder, demo_records, demo_labels, monkeypatch):
+def test_retrain_policy_waits_for_enough_new_labels(paths, store, demo_embedder, demo_records, demo_labels, monkeypatch):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     import dagster as dg
 
     from resources import StreamSentinelResource
@@ -214,7 +220,8 @@ def test_retrain_policy_waits_for_enough_new_labels(paths, store, embedder, demo
     assert isinstance(due, dg.RunRequest) and due.run_key == flushed.run_key  # same labels, same key
 
 
-def test_live_accuracy_drop_rolls_the_champion_back(paths, store, embedder, demo_records, demo_labels):
+def test_live_accuracy_drop_rolls_the_champion_back(paths, store, demo_embedder, demo_records, demo_labels):
+    embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
     first = candidate(registry, store, embedder).version
