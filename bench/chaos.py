@@ -197,6 +197,8 @@ class Harness:
             if kind == "worker" and not self.worker_pids():
                 kind = "daemon"  # no run in flight at this moment
             event = self.strike(kind)
+            if not event["killed"]:  # that process was not up (being restarted): hit the whole stack
+                event = self.strike("stack")
             self.kills.append(event)
             log(f"kill #{len(self.kills)}: {event}")
 
@@ -277,7 +279,8 @@ class Harness:
                 drained_at = time.monotonic()
                 break
         books.update({
-            "kills": len(self.kills), "kills_by_kind": {k: sum(e["kind"] == k for e in self.kills) for k in KINDS},
+            "kills": sum(1 for e in self.kills if e["killed"]),
+            "kills_by_kind": {k: sum(e["kind"] == k and e["killed"] > 0 for e in self.kills) for k in KINDS},
             "harness_restarts_of_up": self.harness_restarts,
             "drained": drained_at is not None,
             "drain_s_after_last_kill": round(drained_at - last_kill, 1) if drained_at else None,
