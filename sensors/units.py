@@ -26,13 +26,15 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagste
 ENDED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS)
 
 
-def unit_history(instance: dg.DagsterInstance, unit_key: str) -> retry.UnitHistory:
+def unit_history(instance: dg.DagsterInstance, unit_key: str, with_error: bool = False) -> retry.UnitHistory:
+    """The unit's runs; ``with_error`` also reads the last failed run's error from its event log
+    (only needed when the unit is parked, so a tick does not read event logs it will not use)."""
     records = instance.get_run_records(filters=dg.RunsFilter(tags={retry.UNIT_TAG: unit_key}), limit=100)
     failed = [r for r in records if r.dagster_run.status in ENDED]
     active = [r for r in records if r.dagster_run.status in ACTIVE]
     last = max(failed, key=lambda r: r.end_time or r.update_timestamp.timestamp(), default=None)
     error = ""
-    if last is not None:  # the step's exception says most; the run's failure message otherwise
+    if with_error and last is not None:  # the step's exception says most; the run's failure message otherwise
         kinds = {dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}
         for entry in instance.all_logs(last.dagster_run.run_id, of_type=kinds):
             event = entry.dagster_event
@@ -74,7 +76,7 @@ def retry_requests(instance: dg.DagsterInstance | None, store: Store, kind: str,
         decision = retry.decide(key, history, policy, now)
         if decision.parked:
             parked += 1
-            retry.record_parked(store, kind, key, history)
+            retry.record_parked(store, kind, key, unit_history(instance, key, with_error=True))
         if decision.action == "retry":
             requests.append(request_for(unit, decision.run_key))
             if history.failed:
