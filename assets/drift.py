@@ -1,8 +1,11 @@
-"""drift_report: Evidently reports per arrival day, against the champion's training window."""
+"""drift_report: Evidently reports per arrival day, and recent_drift_report over the latest
+records, each against the champion's training window."""
 
+from dataclasses import replace
 from datetime import timedelta
 
 import dagster as dg
+from pydantic import Field
 
 from resources import EmbedderResource, StreamSentinelResource
 from stream_sentinel import drift
@@ -16,19 +19,23 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _report_checks(asset: str) -> list[dg.AssetCheckSpec]:
+    """The two checks every drift report carries (daily or rolling)."""
+    return [dg.AssetCheckSpec("feature_drift_share", asset=asset,
+                              description="WARN when the share of drifted feature columns exceeds the threshold"),
+            dg.AssetCheckSpec("embedding_drift_with_accuracy_drop", asset=asset,
+                              description="ERROR when the text embeddings drifted and the prequential accuracy "
+                              "on the window's labelled records dropped below the champion's validation accuracy "
+                              "at the same time")]
+
+
 @dg.asset(
     partitions_def=daily_arrivals, deps=[embeddings, predictions], group_name="monitoring",
     kinds={"evidently", "duckdb"},
     # one run per day: each day gets its own materialization, so its metadata (share drifted,
     # embedding drift, accuracy) plots over time; the reference sample is cached, so a day costs seconds
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
-    check_specs=[
-        dg.AssetCheckSpec("feature_drift_share", asset="drift_report",
-                          description="WARN when the share of drifted feature columns exceeds the threshold"),
-        dg.AssetCheckSpec("embedding_drift_with_accuracy_drop", asset="drift_report",
-                          description="ERROR when the text embeddings drifted and the champion's accuracy on "
-                          "the day's labelled records dropped below its validation accuracy at the same time"),
-    ],
+    check_specs=_report_checks("drift_report"),
     description="Evidently drift report of one arrival day against the champion's training window (its "
     "training-set data version): features, text embeddings, predictions, labels, accuracy. HTML under "
     "reports/<day>.html, per-column rows in DuckDB drift_metrics, headline in drift_reports.",
@@ -37,12 +44,19 @@ def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
     cfg = drift.DriftConfig.from_env()
     res = drift.run_partition(sentinel.store(), sentinel.registry(), sentinel.paths.reports, embedder.model_id,
                               context.partition_key, cfg)
+    yield from _report_events(context, res, cfg)
+
+
+def _report_events(context, res: drift.DriftResult, cfg: drift.DriftConfig):
+    """The materialization and both checks of one report (daily or rolling)."""
     context.log.info(f"drift {res.window_key}: {res.status}; {res.message}")
     meta = {
         "status": res.status, "message": res.message, "drifted": res.drifted,
         "report": dg.MetadataValue.path(res.report_path),
         "report_url": dg.MetadataValue.url(f"file://{res.report_path}"),
+        "rule": drift.rule(cfg),
         "n_current": res.n_current, "n_reference": res.n_reference, "n_labelled": res.n_labelled,
+        "reference_excluded": res.reference_excluded, "n_accuracy": res.n_accuracy,
         "share_drifted": _num(res.share_drifted), "embedding_drift": _num(res.embedding_drift),
         "embedding_drifted": res.embedding_drifted, "prediction_drifted": res.prediction_drifted,
         "label_drifted": res.label_drifted, "accuracy": _num(res.accuracy),
@@ -55,23 +69,47 @@ def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
     if res.status != "ok":
         note = f"not evaluated: {res.message}"
         for name in ("feature_drift_share", "embedding_drift_with_accuracy_drop"):
-            yield dg.AssetCheckResult(check_name=name, passed=True, description=note,
+            yield dg.AssetCheckResult(asset_key=context.asset_key, check_name=name, passed=True, description=note,
                                       metadata={"status": res.status})
         return
     yield dg.AssetCheckResult(
-        check_name="feature_drift_share", passed=bool(res.share_drifted <= cfg.drift_share),
+        asset_key=context.asset_key, check_name="feature_drift_share", passed=bool(res.share_drifted <= cfg.drift_share),
         severity=dg.AssetCheckSeverity.WARN,
         description=f"{res.n_drifted}/{res.n_features} feature columns drifted (threshold {cfg.drift_share:.0%})",
         metadata={"share_drifted": _num(res.share_drifted), "threshold": cfg.drift_share})
     both = res.embedding_drifted and res.accuracy_dropped
     yield dg.AssetCheckResult(
-        check_name="embedding_drift_with_accuracy_drop", passed=not both, severity=dg.AssetCheckSeverity.ERROR,
+        asset_key=context.asset_key, check_name="embedding_drift_with_accuracy_drop", passed=not both, severity=dg.AssetCheckSeverity.ERROR,
         description=(f"embedding drift {'yes' if res.embedding_drifted else 'no'}; accuracy "
                      f"{'n/a' if res.accuracy is None else f'{res.accuracy:.3f}'} vs validation "
                      f"{'n/a' if res.reference_accuracy is None else f'{res.reference_accuracy:.3f}'}"),
         metadata={"embedding_drift": _num(res.embedding_drift), "accuracy": _num(res.accuracy),
                   "reference_accuracy": _num(res.reference_accuracy), "accuracy_drop_threshold": cfg.accuracy_drop})
 
+
+class RecentDriftConfig(dg.Config):
+    upto_vec_id: int = Field(0, description="the newest record (vec_id) of the window; 0 = the newest now")
+
+
+@dg.asset(
+    deps=[embeddings, predictions], group_name="monitoring", kinds={"evidently", "duckdb"},
+    check_specs=_report_checks("recent_drift_report"),
+    description="The rolling drift report: the latest STREAM_SENTINEL_DRIFT_RECENT_RECORDS records (at most half "
+    "of all) against the champion's training window minus those records, made again every "
+    "STREAM_SENTINEL_DRIFT_RECENT_EVERY new records by recent_drift_sensor. Daily partitions report finished days; "
+    "this one shows the stream minutes after `up`. HTML under reports/recent/.",
+)
+def recent_drift_report(context: dg.AssetExecutionContext, config: RecentDriftConfig,
+                        sentinel: StreamSentinelResource, embedder: EmbedderResource):
+    cfg = drift.DriftConfig.from_env()
+    store = sentinel.store()
+    upto = config.upto_vec_id or drift.recent_due(store, replace(cfg, recent_every=0)) or 0
+    res = drift.run_recent(store, sentinel.registry(), sentinel.paths.reports, embedder.model_id, upto, cfg)
+    yield from _report_events(context, res, cfg)
+
+
+recent_drift_job = dg.define_asset_job("recent_drift_job", selection=[recent_drift_report],
+                                       description="The rolling drift report of the latest records.")
 
 drift_job = dg.define_asset_job("drift_job", selection=[drift_report],
                                 description="The drift report of one arrival day (backfill any range from the UI).")

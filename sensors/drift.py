@@ -12,11 +12,14 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from assets.drift import RecentDriftConfig, recent_drift_job
 from assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job
 from resources import StreamSentinelResource
 from stream_sentinel import drift
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
+
+from .units import run_waiting
 
 
 def evaluate_drift_retrain(sentinel: StreamSentinelResource, cursor: str | None = None,
@@ -48,3 +51,33 @@ def build_drift_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
         return evaluate_drift_retrain(sentinel, context.cursor)
 
     return drift_retrain_sensor
+
+
+def evaluate_recent_drift(sentinel: StreamSentinelResource, instance: dg.DagsterInstance | None = None,
+                          ) -> dg.RunRequest | dg.SkipReason:
+    """A rolling report once there are records for both sides, then every N new records."""
+    cfg = drift.DriftConfig.from_env()
+    if run_waiting(instance, recent_drift_job.name):
+        return dg.SkipReason("a rolling drift report is queued")
+    if sentinel.registry().champion_version() is None:
+        return dg.SkipReason("no champion yet: a drift report compares new records with its training set")
+    try:
+        upto = drift.recent_due(sentinel.store(lock_timeout_s=20), cfg)
+    except StoreBusy:
+        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    if upto is None:
+        return dg.SkipReason(f"waiting for {cfg.recent_every} new records since the last rolling report")
+    return dg.RunRequest(run_key=f"drift-recent:{upto}",
+                         run_config=dg.RunConfig(ops={"recent_drift_report": RecentDriftConfig(upto_vec_id=upto)}))
+
+
+def build_recent_drift_sensor(settings: Settings) -> dg.SensorDefinition:
+    @dg.sensor(name="recent_drift_sensor", job=recent_drift_job,
+               minimum_interval_seconds=max(60, settings.sensor_interval_s),
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="The rolling drift report over the latest records: a first one as soon as there is a "
+               "champion and records for both sides, then one per STREAM_SENTINEL_DRIFT_RECENT_EVERY new records.")
+    def recent_drift_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
+        return evaluate_recent_drift(sentinel, context.instance)
+
+    return recent_drift_sensor

@@ -19,7 +19,7 @@ from stream_sentinel import retry
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
 
-from .units import retry_requests
+from .units import retry_requests, run_waiting
 
 
 def range_run_request(rng: fs.OffsetRange, run_key: str | None = None) -> dg.RunRequest:
@@ -40,17 +40,6 @@ def file_run_request(batch: fs.FileBatch, run_key: str | None = None) -> dg.RunR
                          tags={retry.UNIT_TAG: batch.run_key, "stream_sentinel/files": str(len(batch.files))})
 
 
-def feedback_run_waiting(instance: dg.DagsterInstance | None) -> bool:
-    """True while a feedback_job run is queued but not started. New work then waits and joins
-    the next, larger run instead of queueing one small run per tick behind it (each run pays
-    a process start)."""
-    if instance is None:
-        return False
-    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
-    return bool(instance.get_run_records(filters=dg.RunsFilter(job_name=feedback_job.name, statuses=waiting),
-                                         limit=1))
-
-
 def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, cursor: str | None,
                    flush: bool = False, instance: dg.DagsterInstance | None = None,
                    ) -> dg.SensorResult | dg.SkipReason:
@@ -63,7 +52,7 @@ def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, curso
     from stream_sentinel import kafka as kf
 
     store = sentinel.store(lock_timeout_s=20)
-    held = feedback_run_waiting(instance)
+    held = run_waiting(instance, feedback_job.name)
     cons = kf.consumer(kafka.settings)
     try:
         plan = fs.plan_ranges(store, cons, s.feedback_topic, state, policy, flush, plan_new=not held)
@@ -92,7 +81,7 @@ def evaluate_files(sentinel: StreamSentinelResource, cursor: str | None,
     try:
         last = int(json.loads(cursor).get("batch_seq", 0)) if cursor and cursor.startswith("{") else 0
         fs.scan_files(sentinel.paths, store, sentinel.settings.debounce_s)
-        held = feedback_run_waiting(instance)
+        held = run_waiting(instance, feedback_job.name)
         if not held:
             fs.plan_file_batches(store, sentinel.settings.batch_max_files)
         batches = fs.file_batches(store, after_seq=last)

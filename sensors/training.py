@@ -13,9 +13,14 @@ from stream_sentinel import learning
 from stream_sentinel.config import Settings
 from stream_sentinel.store import StoreBusy
 
+from .units import run_waiting
 
-def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False) -> dg.RunRequest | dg.SkipReason:
+
+def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False,
+                     instance: dg.DagsterInstance | None = None) -> dg.RunRequest | dg.SkipReason:
     s = sentinel.settings
+    if run_waiting(instance, training_job.name):
+        return dg.SkipReason("a training run is queued; it reads every label there is when it starts")
     try:
         store = sentinel.store(lock_timeout_s=20)
         new, age = learning.new_labels_since_last_training(store)
@@ -38,6 +43,6 @@ def build_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="New resolved labels (>= N, or any after T seconds) -> training_job.")
     def retrain_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
-        return evaluate_retrain(sentinel)
+        return evaluate_retrain(sentinel, instance=context.instance)
 
     return retrain_sensor

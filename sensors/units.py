@@ -26,6 +26,16 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagste
 ENDED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS)
 
 
+def run_waiting(instance: dg.DagsterInstance | None, job_name: str) -> bool:
+    """True while a run of ``job_name`` is queued but not started. New work then waits and
+    joins the next, larger run instead of queueing one small run per tick behind it (each
+    run pays a process start, and a queued run will read the newest data when it starts)."""
+    if instance is None:
+        return False
+    waiting = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+    return bool(instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, statuses=waiting), limit=1))
+
+
 def unit_history(instance: dg.DagsterInstance, unit_key: str, with_error: bool = False) -> retry.UnitHistory:
     """The unit's runs; ``with_error`` also reads the last failed run's error from its event log
     (only needed when the unit is parked, so a tick does not read event logs it will not use)."""

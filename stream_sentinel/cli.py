@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import jsonout
 from .config import HOME_ENV, Paths, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _model_id(settings: Settings) -> str:
 
 def _emit(obj, as_json: bool, human) -> None:
     if as_json:
-        print(json.dumps(obj, indent=2, default=str))
+        print(jsonout.dumps(obj, indent=2))
     else:
         human(obj)
 
@@ -197,17 +198,13 @@ def cmd_run(args) -> int:
     ingest_job = defs.resolve_job_def("ingest_job")
     feedback_job = defs.resolve_job_def("feedback_job")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    failed = 0
+    outcomes: list[str] = []
 
     def report(result) -> None:
-        nonlocal failed
-        checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
-        if not result.success or checks:
-            failed += 1
-            reasons = [f"check {c.check_name} failed" for c in checks] or ["run failed"]
-            _err(f"    FAILED ({', '.join(reasons)}); run id {result.run_id}")
-        else:
-            _err(f"    ok (run id {result.run_id})")
+        outcome, lines = run_outcome(result)
+        outcomes.append(outcome)
+        for line in lines:
+            _err(f"    {line}")
 
     total = len(batches) + len(catch_up) + len(feedback_requests)
     n = 0
@@ -241,10 +238,54 @@ def cmd_run(args) -> int:
             report(training_job.execute_in_process(run_config=_console("INFO"), instance=instance,
                                                    raise_on_error=False))
     st = collect_status(paths)
-    print(json.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
+    print(jsonout.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
                                          "rejected_records", "feedback_events", "feedback_rejects", "labels")}
                      | {"champion": st["learning"]["current_model"]}))
-    return 1 if failed else 0
+    return EXIT_CODES[max(outcomes, key=OUTCOME_ORDER.index, default="ok")]
+
+
+# what `run --once` (and `model retrain`) exit with; documented in the README and in --help
+EXIT_CODES = {"ok": 0, "failed": 1, "rejected": 3}
+OUTCOME_ORDER = ["ok", "rejected", "failed"]  # the worst outcome of the runs decides
+EXIT_HELP = ("exit status: 0 every run succeeded (WARN checks that failed are printed, not counted); "
+             "1 a run failed or an ERROR check failed; 2 bad usage or configuration; "
+             "3 nothing failed, but the promotion gate rejected a candidate (the champion stays)")
+GATE = "candidate_beats_champion"
+
+
+def run_outcome(result) -> tuple[str, list[str]]:
+    """ok | rejected | failed for one in-process run, and the lines that say why.
+
+    A candidate the gate rejects is the gate doing its job, not a failure: the blocking check
+    stops the run before promotion (Dagster marks the run failed), so a run whose only
+    failure is that check's step reports ``rejected``. WARN checks never fail a run."""
+    import dagster as dg
+
+    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    warns = [c for c in failed_checks if c.severity == dg.AssetCheckSeverity.WARN]
+    errors = [c for c in failed_checks if c.severity != dg.AssetCheckSeverity.WARN]
+    lines = [f"warning: check {c.check_name} (WARN) did not pass: {c.description or ''}".rstrip(": ")
+             for c in warns]
+    for event in result.get_asset_materialization_events() + result.get_asset_observation_events():
+        if event.asset_key != dg.AssetKey("model"):
+            continue
+        found = (event.step_materialization_data.materialization if event.is_step_materialization
+                 else event.asset_observation_data.asset_observation)
+        meta = {k: v.value for k, v in found.metadata.items()}
+        lines.append(f"model: candidate {meta.get('candidate') or 'none'} "
+                     f"({meta.get('strategy')}: {meta.get('reason')})")
+    rejected = [c for c in errors if c.check_name == GATE]
+    other_errors = [c for c in errors if c.check_name != GATE]
+    failed_steps = {e.step_key for e in result.get_step_failure_events()}
+    for c in rejected:
+        cand = c.metadata.get("candidate")
+        lines.append(f"candidate {cand.value if cand else ''} rejected by {GATE}: {c.description}")
+    if result.success and not other_errors:
+        return "ok", lines + [f"ok (run id {result.run_id})"]
+    if rejected and not other_errors and failed_steps <= {"model"}:
+        return "rejected", lines + [f"ok: the champion stays (run id {result.run_id})"]
+    why = [f"check {c.check_name} failed" for c in other_errors] + [f"step {k} failed" for k in sorted(failed_steps)]
+    return "failed", lines + [f"FAILED ({', '.join(why) or 'run failed'}); run id {result.run_id}"]
 
 
 def _training_due(settings: Settings) -> bool:
@@ -331,7 +372,7 @@ def cmd_model(args) -> int:
         if v is None:
             _err("no such model version (and no champion yet)")
             return 1
-        _emit(v.as_json(), args.json, lambda d: print(json.dumps(d, indent=2, default=str)))
+        _emit(v.as_json(), args.json, lambda d: print(jsonout.dumps(d, indent=2)))
         return 0
     if action == "promote":
         if registry.get(args.version) is None:
@@ -362,10 +403,12 @@ def cmd_model(args) -> int:
                 run_config={"ops": {"model": {"config": {"full": bool(args.full)}}}, **_console("INFO")},
                 instance=instance, raise_on_error=False)
         after = registry.reconcile()
-        _emit({"success": result.success, "champion": after, "previous": champion}, args.json,
-              lambda d: print(f"{'ok' if d['success'] else 'candidate rejected or run failed'}; "
-                              f"champion {d['champion']}"))
-        return 0 if result.success else 1
+        outcome, lines = run_outcome(result)
+        for line in lines:
+            _err(line)
+        _emit({"outcome": outcome, "success": result.success, "champion": after, "previous": champion}, args.json,
+              lambda d: print(f"{d['outcome']}; champion {d['champion']}"))
+        return EXIT_CODES[outcome]
     return 2
 
 
@@ -404,7 +447,7 @@ def cmd_drift(args) -> int:
         _err(str(exc))
         return 2
     if args.drift_command == "show":
-        d = drift.latest(store, args.partition, None if args.partition else "partition")
+        d = drift.latest(store, args.partition)  # the newest report of any kind (daily or ad-hoc)
         if d is None:
             _err(f"no drift report{' for ' + args.partition if args.partition else ' yet'}: "
                  f"`stream-sentinel drift backfill --from DAY --to DAY` or `drift run` builds one")
@@ -659,7 +702,7 @@ def cmd_embed_export(args) -> int:
         return 1
     out = {"backend": args.backend, "model_id": model_id(settings.model_path, "fp32", "cpu", args.backend),
            "file": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}
-    print(json.dumps(out) if args.json else f"{out['model_id']}: {out['file']} ({out['bytes']:,} bytes)")
+    print(jsonout.dumps(out) if args.json else f"{out['model_id']}: {out['file']} ({out['bytes']:,} bytes)")
     return 0
 
 
@@ -679,7 +722,7 @@ def cmd_embed_server(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)  # `up` stops it with SIGTERM; the socket file goes with it
     try:
-        serve(sock, embedder, compile_=compile_, log=_err,
+        serve(sock, embedder, compile_=compile_, log=_err, granule=settings.embed_compile_granule,
               ready=lambda: _err(f"embedding server: {embedder.model_id} on {sock}"
                                  f"{' (compiling in the background)' if compile_ else ''}"))
     except KeyboardInterrupt:
@@ -727,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo-rate", type=float, default=20.0, help="demo records per second (default 20)")
     up.set_defaults(func=cmd_up)
 
-    run = sub.add_parser("run", help="evaluate the sensors once and execute the runs in-process")
+    run = sub.add_parser("run", help="evaluate the sensors once and execute the runs in-process",
+                         epilog=EXIT_HELP)
     run.add_argument("--once", action="store_true", required=True)
     run.add_argument("--wait-seconds", type=float, default=30.0,
                      help="wait at most this long for files still being written (default 30)")

@@ -99,6 +99,37 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
 
 
+def _label_pair(labels: str, positive: str, negative: str) -> dict[str, str]:
+    """The two classes the model learns, named as the labels say them.
+
+    The model is binary: it scores ``positive`` and answers the other configured label
+    otherwise (never an invented ``not_<positive>``: live accuracy, drift and the API
+    compare answers with feedback labels as strings). With ``labels=a,b`` and nothing
+    else set, ``b`` is the positive class (as ``spam`` is for the default ``ham,spam``).
+    """
+    names = list(dict.fromkeys(v.strip() for v in labels.split(",") if v.strip()))
+    positive, negative = positive.strip(), negative.strip()
+    if names:
+        if len(names) != 2:
+            raise ValueError(f"STREAM_SENTINEL_LABELS={labels!r}: the model learns two classes; "
+                             f"name exactly two labels (e.g. ham,spam), or none to accept any")
+        positive = positive or names[1]
+        if positive not in names:
+            raise ValueError(f"STREAM_SENTINEL_POSITIVE_LABEL={positive!r} is not one of "
+                             f"STREAM_SENTINEL_LABELS={labels!r}")
+        other = names[0] if positive == names[1] else names[1]
+        if negative and negative != other:
+            raise ValueError(f"STREAM_SENTINEL_NEGATIVE_LABEL={negative!r} must be the other label of "
+                             f"STREAM_SENTINEL_LABELS={labels!r} ({other!r})")
+        return {"positive_label": positive, "negative_label": other}
+    if not positive:
+        positive = "spam"
+    if negative == positive:
+        raise ValueError("STREAM_SENTINEL_NEGATIVE_LABEL must differ from STREAM_SENTINEL_POSITIVE_LABEL")
+    # any label accepted: the negative class is named by the data when not set (learning.label_pair)
+    return {"positive_label": positive, "negative_label": negative}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Tunables, each overridable by an environment variable (documented in the README)."""
@@ -117,6 +148,7 @@ class Settings:
     embed_precision: str = "auto"  # auto | fp32 | bf16 (see embedding.resolve_precision)
     embed_backend: str = "torch"  # torch | onnx | onnx-int8 (see embedding.resolve_backend)
     embed_compile: bool = True  # the embedding server compiles the model at start (see encoder.py)
+    embed_compile_granule: int = 32  # compiled padded lengths step by this many tokens (8 graphs for 256)
     feedback_topic: str = "stream-sentinel.feedback"
     labels: str = "ham,spam"  # allowed label values; empty = any string
     feedback_min_batch: int = 10
@@ -125,7 +157,8 @@ class Settings:
     consensus_half_life_h: float = 168.0
     consensus_conflict_margin: float = 0.2
     reliability_prior: str = "2,1"  # Beta(agree, disagree) prior on each reviewer's reliability
-    positive_label: str = "spam"
+    positive_label: str = "spam"  # the class the model scores; from env: default the second of `labels`
+    negative_label: str = "ham"  # the other class; from env: default the other of `labels`
     valid_share: float = 0.2
     golden_share: float = 0.1
     valid_max: int = 200
@@ -134,6 +167,7 @@ class Settings:
     retrain_min_labels: int = 50
     retrain_max_wait_s: float = 600.0
     replay_size: int = 500
+    rescore_window: int = 10_000  # a new champion rescores this many latest records (new ones always)
     rollback_margin: float = 0.05  # live accuracy this far under the promised one -> automatic rollback
     rollback_min_samples: int = 50
     ab_share: float = 0.0  # > 0: a candidate that passes the gate becomes a challenger serving this share
@@ -162,6 +196,7 @@ class Settings:
             embed_precision=os.environ.get("STREAM_SENTINEL_EMBED_PRECISION") or d.embed_precision,
             embed_backend=os.environ.get("STREAM_SENTINEL_EMBED_BACKEND") or d.embed_backend,
             embed_compile=_env_bool("STREAM_SENTINEL_EMBED_COMPILE", d.embed_compile),
+            embed_compile_granule=_env_num("STREAM_SENTINEL_EMBED_COMPILE_GRANULE", d.embed_compile_granule, int),
             feedback_topic=os.environ.get("STREAM_SENTINEL_FEEDBACK_TOPIC") or d.feedback_topic,
             labels=os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
             feedback_min_batch=_env_num("STREAM_SENTINEL_FEEDBACK_BATCH", d.feedback_min_batch, int),
@@ -170,7 +205,9 @@ class Settings:
             consensus_half_life_h=_env_num("STREAM_SENTINEL_CONSENSUS_HALF_LIFE_HOURS", d.consensus_half_life_h),
             consensus_conflict_margin=_env_num("STREAM_SENTINEL_CONFLICT_MARGIN", d.consensus_conflict_margin),
             reliability_prior=os.environ.get("STREAM_SENTINEL_RELIABILITY_PRIOR") or d.reliability_prior,
-            positive_label=os.environ.get("STREAM_SENTINEL_POSITIVE_LABEL") or d.positive_label,
+            **_label_pair(os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
+                          os.environ.get("STREAM_SENTINEL_POSITIVE_LABEL", ""),
+                          os.environ.get("STREAM_SENTINEL_NEGATIVE_LABEL", "")),
             valid_share=_env_num("STREAM_SENTINEL_VALID_SHARE", d.valid_share),
             golden_share=_env_num("STREAM_SENTINEL_GOLDEN_SHARE", d.golden_share),
             valid_max=_env_num("STREAM_SENTINEL_VALID_MAX", d.valid_max, int),
@@ -179,6 +216,7 @@ class Settings:
             retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
             retrain_max_wait_s=_env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
             replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
+            rescore_window=_env_num("STREAM_SENTINEL_RESCORE_WINDOW", d.rescore_window, int),
             rollback_margin=_env_num("STREAM_SENTINEL_ROLLBACK_MARGIN", d.rollback_margin),
             rollback_min_samples=_env_num("STREAM_SENTINEL_ROLLBACK_MIN_SAMPLES", d.rollback_min_samples, int),
             ab_share=_env_num("STREAM_SENTINEL_AB_SHARE", d.ab_share),

@@ -13,8 +13,8 @@ import dagster as dg
 
 from assets import all_assets, all_checks, all_jobs, all_schedules
 from resources import EmbedderResource, KafkaResource, StreamSentinelResource
-from sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor, build_retrain_sensor,
-                     build_run_liveness_sensor)
+from sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
+                     build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor)
 from stream_sentinel.config import Settings
 
 
@@ -36,7 +36,7 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
         jobs=all_jobs,
         schedules=all_schedules,
         sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings), build_retrain_sensor(settings),
-                 build_drift_retrain_sensor(settings), build_run_liveness_sensor(),
+                 build_drift_retrain_sensor(settings), build_recent_drift_sensor(settings), build_run_liveness_sensor(),
                  # declarative automation for the middle of the graph (vector_index after an
                  # embeddings backfill, labels when late records land), on out of the box
                  dg.AutomationConditionSensorDefinition(

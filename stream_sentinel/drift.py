@@ -67,6 +67,8 @@ class DriftConfig:
     drift_share: float = 0.3  # share of drifted feature columns that counts as drift (WARN check)
     accuracy_drop: float = 0.05  # accuracy this far under the champion's validation accuracy
     cooldown_s: float = 86400.0  # one drift-triggered full retrain per episode, at most one per cooldown
+    recent_records: int = 1000  # the rolling report: the latest this many records (at most half of all)
+    recent_every: int = 500  # ... made again once this many more records arrived
     seed: int = 0
 
     @classmethod
@@ -88,6 +90,8 @@ class DriftConfig:
             drift_share=_env_num("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
             accuracy_drop=_env_num("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
             cooldown_s=_env_num("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
+            recent_records=_env_num("STREAM_SENTINEL_DRIFT_RECENT_RECORDS", d.recent_records, int),
+            recent_every=_env_num("STREAM_SENTINEL_DRIFT_RECENT_EVERY", d.recent_every, int),
         )
         cfg.validate()
         return cfg
@@ -120,7 +124,22 @@ class Window:
     vectors: np.ndarray  # embedding sample, rows aligned with ``frame`` up to len(vectors)
     n_rows: int
     n_labelled: int = 0
-    accuracy: float | None = None  # champion predictions vs labels over all labelled rows
+    accuracy: float | None = None  # prequential: served answers before their labels, over all labelled rows
+    n_accuracy: int = 0  # the rows ``accuracy`` counts
+
+    def without(self, ids: set[str]) -> tuple["Window", int]:
+        """This window minus the rows whose record is in ``ids`` (and how many there were)."""
+        keep = ~self.frame["record_id"].isin(ids).to_numpy()
+        dropped = int((~keep).sum())
+        if not dropped:
+            return self, 0
+        vec_keep = keep[:len(self.vectors)]
+        frame = self.frame[keep].reset_index(drop=True)
+        # counts over all rows shrink by what the sample lost, scaled (the sample may be capped)
+        scale = dropped / max(1, len(self.frame))
+        return Window(frame, self.vectors[vec_keep], max(0, self.n_rows - round(self.n_rows * scale)),
+                      max(0, self.n_labelled - round(self.n_labelled * scale)), self.accuracy,
+                      self.n_accuracy), dropped
 
 
 def _stable_sample_sql(seed: int) -> str:
@@ -136,16 +155,26 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
                WHERE {where}"""
     args = [embedding_model_id, champion or ""] + list(params)
     with store.connect() as con:
-        n, n_lab, acc = con.execute(
-            f"""SELECT count(*), count(l.label),
-                       avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
-                           FILTER (WHERE l.label IS NOT NULL AND p.label IS NOT NULL) {base}""", args).fetchall()[0]
+        n, n_lab = con.execute(f"SELECT count(*), count(l.label) {base}", args).fetchall()[0]
+        # prequential: the answer served before the record's first label arrived (the answer a
+        # user acted on), not the champion's answer after it learned that very label
+        n_acc, acc = con.execute(
+            f"""WITH arrived AS (SELECT record_id, min(ingested_at) AS at FROM feedback_events GROUP BY 1),
+                     served AS (SELECT q.record_id, arg_max(q.label, q.scored_at) AS label FROM predictions q
+                                JOIN arrived a ON a.record_id = q.record_id
+                                WHERE q.served AND q.scored_at < a.at GROUP BY 1)
+                SELECT count(*), avg(CASE WHEN s.label = l.label THEN 1.0 ELSE 0.0 END)
+                FROM records r JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
+                JOIN labels l ON l.record_id = r.id AND l.status = 'resolved'
+                JOIN served s ON s.record_id = r.id
+                WHERE {where}""", [embedding_model_id] + list(params)).fetchall()[0]
         table = con.sql(
             f"""SELECT r.id AS record_id, r.features, e.vector, p.probability, p.label AS predicted_label,
                        l.label AS label {base} ORDER BY {_stable_sample_sql(cfg.seed)} LIMIT {int(cfg.sample_cap)}""",
             params=args).to_arrow_table()
-    # new records: the champion never trained on them
-    return _window(table, cfg, int(n), int(n_lab), None if acc is None else float(acc))
+    out = _window(table, cfg, int(n), int(n_lab), None if acc is None else float(acc))
+    out.n_accuracy = int(n_acc)
+    return out
 
 
 def load_reference(store: Store, embedding_model_id: str, champion: str, training_set_version: str,
@@ -264,17 +293,44 @@ class DriftResult:
     accuracy: float | None = None
     reference_accuracy: float | None = None
     accuracy_dropped: bool = False
-    drifted: bool = False
+    drifted: bool = False  # the inputs rule (see RULE): text embeddings or the feature share
+    n_accuracy: int = 0  # labelled rows with a served prediction made before their label arrived
+    reference_excluded: int = 0  # reference rows left out because they are also current rows
     report_path: str = ""
     reference_data_version: str = ""
     model_version: str = ""
     seconds: float = 0.0
+
+    def summary(self, cfg: "DriftConfig") -> str:
+        """One line that follows the rule, and says what else moved (never 'no drift' beside a
+        flagged column without saying which)."""
+        moved = [what for what, on in (
+            ("text embeddings", self.embedding_drifted),
+            (f"{self.n_drifted}/{self.n_features} feature columns",
+             self.share_drifted is not None and self.share_drifted > cfg.drift_share)) if on]
+        inputs = f"inputs DRIFTED ({', '.join(moved)})" if self.drifted else "inputs stable"
+        also = [name for name, on in (("predictions", self.prediction_drifted), ("labels", self.label_drifted),
+                                      ("accuracy", self.accuracy_dropped)) if on]
+        acc = ("accuracy n/a" if self.accuracy is None else
+               f"prequential accuracy {self.accuracy:.4f} on {self.n_accuracy} labelled records")
+        return (f"{inputs}; {'also drifted: ' + ', '.join(also) if also else 'predictions, labels and accuracy stable'}"
+                f"; {acc}")
 
     def headline(self) -> dict:
         d = asdict(self)
         d.pop("columns")
         d["columns_drifted"] = [c.column for c in self.columns if c.drifted]
         return d
+
+
+def rule(cfg: "DriftConfig") -> str:
+    """The rule `drifted` follows, as printed in every report and documented in the README."""
+    return (f"DRIFT (the `drifted` flag, which drift_retrain_sensor acts on) when the inputs moved: the text "
+            f"embeddings drifted, or more than {cfg.drift_share:.0%} of the feature columns did. Drift of the "
+            f"champion's predictions, of the labels, and an accuracy drop of more than {cfg.accuracy_drop:.2f} under "
+            f"the champion's validation accuracy are reported beside it (they follow a change of class mix too, "
+            f"which a retrain does not fix). Accuracy is prequential: each labelled record counts with the answer "
+            f"that was served before its label arrived.")
 
 
 def _feature_columns(ref: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -349,7 +405,8 @@ def permutation_p_value(ref: np.ndarray, cur: np.ndarray, n_perm: int = 500, see
 
 
 def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: float | None = None,
-            title: str = "drift", model_version: str = "", reference_data_version: str = ""
+            title: str = "drift", model_version: str = "", reference_data_version: str = "",
+            reference_excluded: int = 0
             ) -> tuple[DriftResult, str]:
     """Evidently on the two samples: the result (no identity fields) and the HTML report."""
     from evidently import DataDefinition, Dataset, Report
@@ -357,8 +414,10 @@ def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: f
 
     started = time.perf_counter()
     res = DriftResult("", "", "", "", "", "ok", "", n_current=cur.n_rows, n_reference=ref.n_rows,
-                      n_labelled=cur.n_labelled, accuracy=cur.accuracy, reference_accuracy=reference_accuracy,
-                      model_version=model_version, reference_data_version=reference_data_version)
+                      n_labelled=cur.n_labelled, accuracy=cur.accuracy, n_accuracy=cur.n_accuracy,
+                      reference_accuracy=reference_accuracy,
+                      model_version=model_version, reference_data_version=reference_data_version,
+                      reference_excluded=reference_excluded)
     numeric, categorical = _feature_columns(ref.frame)
     include_label = (cur.n_labelled >= cfg.min_labelled and int(cur.frame["label"].notna().sum()) >= 5
                      and ref.frame["label"].nunique() > 0)
@@ -420,18 +479,18 @@ def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: f
         res.embedding_drifted = bool(drifted)
         res.columns.append(ColumnDrift("text_embedding", "embedding", f"embeddings:{name}", float(score),
                                        res.embedding_threshold, bool(drifted), detail))
-    if cur.accuracy is not None and cur.n_labelled >= cfg.min_labelled:
+    if cur.accuracy is not None and cur.n_accuracy >= cfg.min_labelled:
         drop = (reference_accuracy - cur.accuracy) if reference_accuracy is not None else None
         res.accuracy_dropped = bool(drop is not None and drop > cfg.accuracy_drop)
         res.columns.append(ColumnDrift("accuracy", "accuracy", "validation accuracy - window accuracy",
                                        drop, cfg.accuracy_drop, res.accuracy_dropped,
-                                       f"{cur.accuracy:.4f} on {cur.n_labelled} labelled records"))
+                                       f"prequential {cur.accuracy:.4f} on {cur.n_accuracy} labelled records"))
     res.drifted = bool(res.embedding_drifted or res.share_drifted > cfg.drift_share)
     res.seconds = round(time.perf_counter() - started, 3)
-    return res, _with_summary(snapshot.get_html_str(as_iframe=False), res, title)
+    return res, _with_summary(snapshot.get_html_str(as_iframe=False), res, title, cfg)
 
 
-def _with_summary(report_html: str, res: DriftResult, title: str) -> str:
+def _with_summary(report_html: str, res: DriftResult, title: str, cfg: DriftConfig) -> str:
     """Evidently's report with our headline (embedding drift, accuracy, lineage) on top."""
     rows = "".join(
         f"<tr><td>{html.escape(c.column)}</td><td>{c.group}</td><td>{html.escape(c.method)}</td>"
@@ -442,13 +501,14 @@ def _with_summary(report_html: str, res: DriftResult, title: str) -> str:
     banner = (
         f"<div style='font-family:sans-serif;padding:12px;border-bottom:1px solid #ccc'>"
         f"<h2>Stream Sentinel - {html.escape(title)}</h2>"
-        f"<p><b>{'DRIFT' if res.drifted else 'no drift'}</b>: {res.n_drifted}/{res.n_features} feature columns "
-        f"drifted; embedding drift {res.embedding_drift if res.embedding_drift is not None else 'n/a'} "
-        f"({'drifted' if res.embedding_drifted else 'not drifted'}); accuracy "
-        f"{'n/a' if res.accuracy is None else f'{res.accuracy:.4f}'} on {res.n_labelled} labelled records "
-        f"(champion validation {'n/a' if res.reference_accuracy is None else f'{res.reference_accuracy:.4f}'}).</p>"
+        f"<p><b>{'DRIFT' if res.drifted else 'no drift'}</b>: {html.escape(res.summary(cfg))} "
+        f"(embedding drift score {res.embedding_drift if res.embedding_drift is not None else 'n/a'}; champion "
+        f"validation accuracy {'n/a' if res.reference_accuracy is None else f'{res.reference_accuracy:.4f}'}).</p>"
+        f"<p><i>Rule:</i> {html.escape(rule(cfg))}</p>"
         f"<p>reference: training set {html.escape(res.reference_data_version)} of {html.escape(res.model_version)} "
-        f"({res.n_reference} rows); current: {res.n_current} rows.</p>"
+        f"({res.n_reference} rows"
+        f"{f', {res.reference_excluded} left out because they are also current rows' if res.reference_excluded else ''}"
+        f"); current: {res.n_current} rows.</p>"
         f"<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>column</th><th>group</th>"
         f"<th>method</th><th>score</th><th>threshold</th><th></th></tr>{rows}</table></div>")
     # the real <body> tag is the last one: Evidently inlines its JS bundle, which mentions "<body" too
@@ -510,13 +570,23 @@ def run_window(store: Store, registry, reports_dir: Path, embedding_model_id: st
             return res
         ref = cached_reference(store, reports_dir / "reference", embedding_model_id, champion,
                                v.training_set_version, cfg)
+        # a window is never compared with itself: its own records leave the reference
+        with store.connect() as con:
+            current_ids = {r[0] for r in con.execute(f"SELECT r.id FROM records r WHERE {where}", params).fetchall()}
+        ref, excluded = ref.without(current_ids)
+        if len(ref.frame) < cfg.min_rows:
+            res.status, res.reference_excluded = "insufficient_data", excluded
+            res.message = (f"insufficient reference: {len(ref.frame)} rows of the champion's training set are not "
+                           f"in {window_key} ({excluded} are), at least {cfg.min_rows} needed")
+            write_bytes_atomic(report_path, _plain_page(title, res.message).encode())
+            record(store, res)
+            return res
     out, page = compare(ref, cur, cfg, reference_accuracy=v.metrics.get("valid", {}).get("accuracy"), title=title,
+                        reference_excluded=excluded,
                         model_version=champion, reference_data_version=v.training_set_version)
     out = replace(out, window_key=window_key, kind=kind, time_field=time_field, start=start, end=end,
                   report_path=str(report_path), model_version=champion, reference_data_version=v.training_set_version)
-    out.message = (f"{out.n_drifted}/{out.n_features} feature columns drifted, embedding drift "
-                   f"{out.embedding_drift if out.embedding_drift is not None else 'n/a'}"
-                   + (", accuracy dropped" if out.accuracy_dropped else ""))
+    out.message = out.summary(cfg)
     write_bytes_atomic(report_path, page.encode())
     out.seconds = round(time.perf_counter() - started, 3)
     record(store, out)
@@ -547,6 +617,40 @@ def run_range(store: Store, registry, reports_dir: Path, embedding_model_id: str
                       end=t1.isoformat(), report_name=name, cfg=cfg)
 
 
+def recent_due(store: Store, cfg: DriftConfig) -> int | None:
+    """The newest record (vec_id) a rolling report should end at, or None when none is due:
+    a first one as soon as there are records for both sides, then one per ``recent_every``
+    new records. Daily partitions report a finished day; this one shows the latest stretch
+    of the stream minutes after `up`, not after the next midnight."""
+    with store.connect() as con:
+        hi, total = con.execute("SELECT coalesce(max(vec_id), 0), count(*) FROM records").fetchone()
+        last = con.execute("""SELECT max(CAST(regexp_extract(window_key, '[.][.]([0-9]+)$', 1) AS BIGINT))
+                              FROM drift_reports WHERE kind = 'recent'""").fetchone()[0]
+        if last is None:
+            return hi if total >= 2 * cfg.min_rows else None
+        newer = con.execute("SELECT count(*) FROM records WHERE vec_id > ?", [last]).fetchone()[0]
+    return hi if newer >= cfg.recent_every else None
+
+
+def run_recent(store: Store, registry, reports_dir: Path, embedding_model_id: str, upto_vec_id: int,
+               cfg: DriftConfig) -> DriftResult:
+    """The latest ``recent_records`` records up to ``upto_vec_id`` (at most half of them, so the
+    champion's training set keeps rows of its own to compare with) against that training set."""
+    with store.connect() as con:
+        total = con.execute("SELECT count(*) FROM records WHERE vec_id <= ?", [upto_vec_id]).fetchone()[0]
+        n = max(1, min(cfg.recent_records, total // 2))
+        rows = con.execute("""SELECT min(vec_id), min(ingested_at), max(ingested_at) FROM (
+                                SELECT vec_id, ingested_at FROM records WHERE vec_id <= ?
+                                ORDER BY vec_id DESC LIMIT ?)""", [upto_vec_id, n]).fetchone()
+    lo, t0, t1 = rows
+    lo = lo if lo is not None else upto_vec_id + 1
+    key = f"recent:{lo}..{upto_vec_id}"  # record (vec_id) range
+    return run_window(store, registry, reports_dir, embedding_model_id, where="r.vec_id >= ? AND r.vec_id <= ?",
+                      params=[lo, upto_vec_id], window_key=key, kind="recent", time_field="arrival",
+                      start=t0.isoformat() if t0 else "", end=t1.isoformat() if t1 else "",
+                      report_name=f"recent/{lo}-{upto_vec_id}", cfg=cfg)
+
+
 # ------------------------------------------------------------------------------ DuckDB
 
 
@@ -557,12 +661,16 @@ def record(store: Store, res: DriftResult) -> None:
         con.execute("DELETE FROM drift_metrics WHERE window_key = ?", [res.window_key])
         con.execute("DELETE FROM drift_reports WHERE window_key = ?", [res.window_key])
         con.execute(
-            """INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                                                 ?, ?, ?)""",
+            """INSERT INTO drift_reports (window_key, kind, time_field, start, "end", status, message, n_current,
+                 n_reference, n_labelled, share_drifted, n_drifted, n_features, embedding_drift, embedding_drifted,
+                 prediction_drifted, label_drifted, accuracy, reference_accuracy, accuracy_dropped, drifted,
+                 report_path, reference_data_version, model_version, created_at, n_accuracy, reference_excluded)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [res.window_key, res.kind, res.time_field, res.start, res.end, res.status, res.message, res.n_current,
              res.n_reference, res.n_labelled, res.share_drifted, res.n_drifted, res.n_features, res.embedding_drift,
              res.embedding_drifted, res.prediction_drifted, res.label_drifted, res.accuracy, res.reference_accuracy,
-             res.accuracy_dropped, res.drifted, res.report_path, res.reference_data_version, res.model_version, now])
+             res.accuracy_dropped, res.drifted, res.report_path, res.reference_data_version, res.model_version, now,
+             res.n_accuracy, res.reference_excluded])
         for c in res.columns:
             con.execute("INSERT INTO drift_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [res.window_key, c.column, c.group, c.method, c.score, c.threshold, c.drifted,

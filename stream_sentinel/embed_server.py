@@ -100,11 +100,11 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)  # the data root's owner only
 
 
-def serve(path: Path, embedder, ready=None, compile_: bool = False, log=None) -> None:
+def serve(path: Path, embedder, ready=None, compile_: bool = False, log=None, granule: int | None = None) -> None:
     embedder.embed(["warm up"])  # import and load now, not on the first run's request
     if compile_:
         def compile_in_background() -> None:
-            ok = embedder.compile()
+            ok = embedder.compile(granule)
             if log is not None:
                 log(f"embedding server: model compiled ({embedder.model_id})" if ok
                     else f"embedding server: not compiled, serving eager: {embedder.compile_error}")

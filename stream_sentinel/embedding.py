@@ -214,11 +214,13 @@ class Embedder:
                 encoder = _MODEL_CACHE[key] = Encoder(model, self.batch_size)
         return encoder
 
-    def compile(self) -> bool:
+    def compile(self, granule: int | None = None) -> bool:
         """Compile the model for fixed shapes (about 35 s of CPU for a 256-token model on 2
-        cores): worth it only in a long-lived process such as the embedding server. False,
-        with the reason in ``compile_error``, when it cannot; embedding still works."""
-        return self._encoder().warm()
+        cores with the default 32-token granule): worth it only in a long-lived process such as
+        the embedding server. False, with the reason in ``compile_error``, when it cannot;
+        embedding still works."""
+        encoder = self._encoder()
+        return encoder.warm(granule) if granule else encoder.warm()
 
     @property
     def compiled(self) -> bool:

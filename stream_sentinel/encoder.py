@@ -90,6 +90,7 @@ class Encoder:
         self.compile_seconds: float | None = None
         self._fn = self._forward
         self._lock = threading.Lock()
+        self.granule = GRANULE
 
     def _forward(self, input_ids, attention_mask, token_type_ids):
         out = self._st({"input_ids": input_ids, "attention_mask": attention_mask,
@@ -98,14 +99,21 @@ class Encoder:
 
     def lengths(self) -> list[int]:
         """The padded lengths compiled graphs exist for."""
-        return sorted({min(self._max_len, g) for g in range(GRANULE, self._max_len + GRANULE, GRANULE)})
+        g = self.granule
+        return sorted({min(self._max_len, x) for x in range(g, self._max_len + g, g)})
 
-    def warm(self) -> bool:
-        """Compile every shape; afterwards ``encode`` uses the compiled graphs. Never raises:
-        on failure the reason is in ``compile_error`` and the eager path stays."""
+    def warm(self, granule: int = GRANULE) -> bool:
+        """Compile every shape (padded lengths in steps of ``granule`` tokens: a coarser step
+        compiles fewer graphs, at start, and pads more per batch); afterwards ``encode`` uses the
+        compiled graphs. Never raises: on failure the reason is in ``compile_error`` and the
+        eager path stays."""
         with self._lock:
             if self.compiled:
                 return True
+            if granule < 8 or granule % 8:
+                self.compile_error = f"compile granule must be a positive multiple of 8 tokens, not {granule}"
+                return False
+            self.granule = granule
         t0 = time.perf_counter()
         try:
             import torch
@@ -148,11 +156,11 @@ class Encoder:
                 return fn(ids_t, torch.from_numpy(mask).to(dev), torch.zeros_like(ids_t)).cpu().numpy()
 
         return encode_in_batches(self._st.tokenizer, self._max_len, self.batch_size, texts,
-                                 self._st.get_embedding_dimension(), infer, fixed_shapes=fixed)
+                                 self._st.get_embedding_dimension(), infer, fixed_shapes=fixed, granule=self.granule)
 
 
 def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[str], dim: int, infer,
-                      fixed_shapes: bool = False) -> np.ndarray:
+                      fixed_shapes: bool = False, granule: int = GRANULE) -> np.ndarray:
     """Texts sorted by token count, cut into batches, run through ``infer(input_ids, mask)``
     (int64 arrays) and put back in input order, L2-normalized in fp32. ``fixed_shapes``: full
     batches padded to whole granules (the shapes compiled graphs exist for)."""
@@ -165,7 +173,7 @@ def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[
     for start in range(0, len(texts), batch_size):
         idx = order[start:start + batch_size]
         longest = len(ids[idx[0]])
-        length = min(max_len, -(-longest // GRANULE) * GRANULE) if fixed_shapes else longest
+        length = min(max_len, -(-longest // granule) * granule) if fixed_shapes else longest
         rows = batch_size if fixed_shapes else len(idx)
         input_ids = np.full((rows, length), pad_id, dtype=np.int64)
         mask = np.zeros((rows, length), dtype=np.int64)

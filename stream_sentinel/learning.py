@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .models import (HIGHER_IS_BETTER, FeatureSpec, Reference, TrainingSet, TrainParams, fit_feature_spec,
-                     frame_features, labelled_frame, load_training_set, metrics, paired_bootstrap, params_dict,
-                     train_continued, train_full)
+                     frame_features, labelled_frame, load_training_set, metrics, negative_of, paired_bootstrap,
+                     params_dict, train_continued, train_full)
 from .registry import ModelRegistry, Version
 from .store import Store, vectors_from_arrow
 
@@ -26,9 +26,11 @@ def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str)
     with store.transaction() as con:
         if con.execute("SELECT count(*) FROM training_sets WHERE data_version = ?", [ts.data_version]).fetchall()[0][0]:
             return
-        con.execute("INSERT INTO training_sets VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+        con.execute("""INSERT INTO training_sets (data_version, embedding_model_id, positive_label, n_train, n_valid,
+                       n_golden, label_counts, created_at, negative_label) VALUES (?, ?, ?, ?, ?, ?, ?, now(), ?)""",
                     [ts.data_version, embedding_model_id, ts.positive_label, int((f["split"] == "train").sum()),
-                     int((f["split"] == "valid").sum()), int((f["split"] == "golden").sum()), json.dumps(counts)])
+                     int((f["split"] == "valid").sum()), int((f["split"] == "golden").sum()), json.dumps(counts),
+                     ts.negative_label])
         con.register("tsrows", pd.DataFrame({"data_version": ts.data_version, "record_id": f["record_id"],
                                              "label": f["label"], "split": f["split"]}))
         con.execute("INSERT INTO training_set_rows SELECT * FROM tsrows")
@@ -37,7 +39,7 @@ def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str)
 def training_set_for_version(store: Store, data_version: str, embedding_model_id: str) -> TrainingSet:
     """Exactly the rows a training set version named, joined with their features and vectors."""
     with store.connect() as con:
-        pos = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
+        pos = con.execute("SELECT positive_label, negative_label FROM training_sets WHERE data_version = ?",
                           [data_version]).fetchall()
         if not pos:
             raise KeyError(f"no training set {data_version}")
@@ -47,9 +49,9 @@ def training_set_for_version(store: Store, data_version: str, embedding_model_id
                JOIN embeddings e ON e.record_id = t.record_id AND e.model_id = ?
                WHERE t.data_version = ? ORDER BY r.event_time, t.record_id""",
             params=[embedding_model_id, data_version]).to_arrow_table()
-    positive = pos[0][0]
+    positive, negative = pos[0]
     df = labelled_frame(table, positive)
-    return TrainingSet(data_version, df, positive)
+    return TrainingSet(data_version, df, positive, negative or negative_of(df["label"], positive))
 
 
 def _in_session(fn):
@@ -72,20 +74,40 @@ class CandidateResult:
     seconds: float = 0.0
 
 
-def _prior_ids(store: Store, data_version: str) -> set[str]:
+def _trained_on(store: Store, data_version: str) -> set[tuple[str, str]]:
+    """(record, label) pairs of a version's training split: what its lineage has learned.
+
+    Only the train split counts: a label that sat in the validation slice (the newest rows)
+    was judged on, not learned, and must come back as new data when it moves into training.
+    By induction every row of a champion's train split was learned once by it or an ancestor
+    (a full retrain learns the whole split, a continued one its new rows plus a replay)."""
     with store.connect() as con:
-        return {r[0] for r in con.execute("SELECT record_id FROM training_set_rows WHERE data_version = ?",
-                                          [data_version]).fetchall()}
+        return {(r[0], r[1]) for r in con.execute(
+            "SELECT record_id, label FROM training_set_rows WHERE data_version = ? AND split = 'train'",
+            [data_version]).fetchall()}
 
 
-def decision_threshold(y: np.ndarray, p: np.ndarray, min_rows: int = 50) -> float:
-    """The probability cut that maximises accuracy on the validation slice (0.5 without enough
-    data): class priors move on a stream, and a model can rank well yet sit on the wrong cut."""
+def decision_threshold(y: np.ndarray, p: np.ndarray, min_rows: int = 50, z: float = 2.0) -> float:
+    """The probability cut: 0.5 unless the validation slice shows, beyond chance, that another
+    cut answers more records right.
+
+    Class priors move on a stream, and a model can rank well yet sit on the wrong cut; but a
+    cut tuned freely on the latest ~200 labels chases noise and hurts right after a shift
+    (the slice describes the past). So a cut moves away from 0.5 only when the records it
+    turns right outnumber those it turns wrong by ``z`` standard errors (McNemar's test on
+    the discordant pairs), and it is the cut with the largest such net gain."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=float)
     if len(y) < min_rows or len(set(y.tolist())) < 2:
         return 0.5
-    grid = np.linspace(0.05, 0.95, 91)
-    acc = [((p >= t).astype(int) == y).mean() for t in grid]
-    best = float(grid[int(np.argmax(acc))])
+    base = (p >= 0.5).astype(int) == y
+    best, best_gain = 0.5, 0
+    for t in np.linspace(0.05, 0.95, 91):
+        right = (p >= t).astype(int) == y
+        gained, lost = int((right & ~base).sum()), int((~right & base).sum())
+        net = gained - lost
+        if net > best_gain and net >= z * np.sqrt(gained + lost):
+            best, best_gain = float(t), net
     return round(best, 2)
 
 
@@ -131,7 +153,10 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
     started = time.perf_counter()
     train = ts.split("train")
     if train["y"].nunique() < 2:
-        return CandidateResult(None, "none", "the training split needs both classes")
+        counts = ts.frame["label"].value_counts().to_dict()
+        have = ", ".join(f"{n} {lab!r}" for lab, n in counts.items()) or "no labels"
+        return CandidateResult(None, "waiting", f"waiting for both classes ({ts.positive_label!r} and "
+                               f"{ts.negative_label or 'another label'!r}) among the labels: {have} so far")
     champion = registry.reconcile()
     parent = registry.get(champion) if champion else None
     ref = Reference.from_frame(train)
@@ -140,11 +165,13 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
     if parent is not None and not full and _outgrown(registry, parent, len(train), params.refit_growth):
         full = True  # the frozen PCA and early trees were fitted on a much smaller, older stream
     if parent is not None and not full and parent.embedding_model_id == embedding_model_id:
-        seen = _prior_ids(store, parent.training_set_version)
-        new = train[~train["record_id"].isin(seen)]
+        seen = _trained_on(store, parent.training_set_version)
+        learned = pd.Series([(r, lab) in seen for r, lab in zip(train["record_id"], train["label"])],
+                            index=train.index, dtype=bool)
+        new = train[~learned]
         if new.empty:
             return CandidateResult(None, "none", f"no new labels since {parent.version}")
-        old = train[train["record_id"].isin(seen)]
+        old = train[learned]
         replay = old.sample(n=min(params.replay, len(old)), random_state=params.seed) if len(old) else old
         batch = pd.concat([new, replay])
         try:
@@ -191,6 +218,18 @@ class Verdict:
     reason: str
 
 
+def no_skill(metric: str, y: np.ndarray, prior: float) -> float:
+    """What a model that knows only the training prior scores: the bar a first model must clear."""
+    prior = float(np.clip(prior, 1e-7, 1 - 1e-7))
+    if metric == "roc_auc":
+        return 0.5
+    if metric == "log_loss":
+        return metrics(y, np.full(len(y), prior))["log_loss"]
+    if metric == "accuracy":
+        return float(max(y.mean(), 1 - y.mean()))
+    return metrics(y, np.ones(len(y)))[metric]  # f1: answer positive always
+
+
 @_in_session
 def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "roc_auc", margin: float = 0.01,
           n_boot: int = 200, seed: int = 0, ts: TrainingSet | None = None) -> Verdict:
@@ -208,45 +247,70 @@ def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "
     y = valid["y"].to_numpy()
     booster, spec = registry.load(candidate)
     p_new = predict(booster, spec, valid, ref)
+    asked, note = metric, ""
+    if len(y) and np.isnan(metrics(y, p_new).get(metric, 0.0)):
+        # ROC-AUC needs both classes; log loss is defined on one
+        metric, note = "log_loss", f" ({asked} undefined: the validation slice holds one class)"
     new_score = metrics(y, p_new).get(metric, float("nan"))
+    better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
     champion = registry.reconcile()
     if champion is None or champion == candidate:
-        ok = len(y) > 0 and not np.isnan(new_score)
+        if not len(y):
+            return Verdict(False, metric, new_score, None, None, None, None, margin,
+                           "no validation rows to judge the first model on")
+        base = no_skill(metric, y, float(train["y"].mean()) if len(train) else 0.5)
+        ok = bool(new_score > base if HIGHER_IS_BETTER[metric] else new_score < base)
         return Verdict(ok, metric, new_score, None, None, None, None, margin,
-                       "first model" if ok else "no validation data to judge the first model on")
+                       f"first model: {metric} {new_score:.4f} on {len(y)} validation rows vs no-skill "
+                       f"{base:.4f} ({better} is better){note}")
     old_booster, old_spec = registry.load(champion)
     p_old = predict(old_booster, old_spec, valid, ref)
     old_score = metrics(y, p_old).get(metric, float("nan"))
     point, lo, hi = paired_bootstrap(y, p_new, p_old, metric, n_boot, seed)
     passed = bool(lo >= -margin)
-    better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
     reason = (f"{metric} {new_score:.4f} vs champion {old_score:.4f} ({better} is better); "
               f"90% CI of the difference [{lo:+.4f}, {hi:+.4f}] {'within' if passed else 'below'} "
-              f"the non-inferiority margin -{margin}")
+              f"the non-inferiority margin -{margin}{note}")
     return Verdict(passed, metric, new_score, old_score, point, lo, hi, margin, reason)
 
 
+def version_labels(store: Store, v: Version) -> tuple[str, str]:
+    """(positive, negative) label of a version: those of the training set it was made from."""
+    with store.connect() as con:
+        positive, negative = con.execute("SELECT positive_label, negative_label FROM training_sets "
+                                         "WHERE data_version = ?", [v.training_set_version]).fetchall()[0]
+        if not negative:  # a training set made before negative_label was recorded
+            rows = con.execute("SELECT label, count(*) FROM training_set_rows WHERE data_version = ? "
+                               "AND label <> ? GROUP BY 1 ORDER BY 2 DESC LIMIT 1",
+                               [v.training_set_version, positive]).fetchall()
+            negative = rows[0][0] if rows else ""
+    return positive, negative
+
+
 def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: str, version: str,
-                   role: str, router) -> int:
+                   role: str, router, rescore_window: int) -> int:
+    """Score what ``version`` has not scored among: records no version in this role has
+    answered (new ones), and the latest ``rescore_window`` records by arrival. Rescoring every
+    record at every promotion made predictions grow as records x versions."""
     v = registry.get(version)
     booster, spec = registry.load(version)
-    with store.connect() as con:
-        positive = con.execute("SELECT positive_label FROM training_sets WHERE data_version = ?",
-                               [v.training_set_version]).fetchall()[0][0]
+    positive, negative = version_labels(store, v)
     ref = current_reference(store, embedding_model_id, positive)
     with store.connect() as con:
         table = con.sql(
             """SELECT r.id AS record_id, r.features, e.vector FROM records r
                JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
-               WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.model_version = ?)""",
-            params=[embedding_model_id, version]).to_arrow_table()
+               WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.model_version = ?)
+                 AND (NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.role = ?)
+                      OR r.vec_id >= (SELECT coalesce(min(vec_id), 0) FROM
+                                      (SELECT vec_id FROM records ORDER BY vec_id DESC LIMIT ?)))""",
+            params=[embedding_model_id, version, role, int(rescore_window)]).to_arrow_table()
     if table.num_rows == 0:
         return 0
     frame = pd.DataFrame({"record_id": table.column("record_id").to_pylist(),
                           "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()]})
     frame["vector"] = list(vectors_from_arrow(table.column("vector"), len(frame)))
     probs = predict(booster, spec, frame, ref, leave_one_out=True)  # a labelled record never sees itself
-    negative = "ham" if positive == "spam" else f"not_{positive}"
     cut = float(v.metrics.get("threshold", 0.5))
     out = pd.DataFrame({"record_id": frame["record_id"], "model_version": version, "role": role,
                         "probability": probs, "label": np.where(probs >= cut, positive, negative),
@@ -260,7 +324,7 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
 
 @_in_session
 def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id: str, ab_share: float = 0.0,
-                      ab_routing: str = "hash") -> int:
+                      ab_routing: str = "hash", rescore_window: int = 10_000) -> int:
     """Champion and challenger (if any) score every record they have not scored yet; the A/B
     route marks which answer is served, the other is kept as a shadow prediction."""
     from . import ab
@@ -276,9 +340,9 @@ def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id:
         router = lambda rid: ab.route_thompson(rid, arms["champion"], arms["challenger"])  # noqa: E731
     else:
         router = lambda rid: ab.route_hash(rid, ab_share)  # noqa: E731
-    n = _score_version(registry, store, embedding_model_id, champion, "champion", router)
+    n = _score_version(registry, store, embedding_model_id, champion, "champion", router, rescore_window)
     if challenger is not None:
-        n += _score_version(registry, store, embedding_model_id, challenger, "challenger", router)
+        n += _score_version(registry, store, embedding_model_id, challenger, "challenger", router, rescore_window)
     return n
 
 
@@ -367,11 +431,18 @@ def learning_metrics(store: Store, champion: str | None) -> dict:
               count(*) FILTER (WHERE event_type = 'rejection'),
               count(*) FILTER (WHERE event_type = 'rollback')
             FROM learning_events""").fetchall()[0]
+        # the recent continued updates: the per-batch cost (a full retrain is slower by design)
+        recent_incremental = con.execute(
+            """SELECT avg(duration_ms) FROM (SELECT duration_ms FROM learning_events WHERE event_type = 'update'
+                 AND json_extract_string(detail, '$.strategy') = 'incremental' ORDER BY event_id DESC LIMIT 20)"""
+        ).fetchall()[0][0]
         score = con.execute("SELECT promoted_score FROM model_versions WHERE version = ?",
                             [champion or ""]).fetchall()
     total, ok, failed, avg_ms, samples, improving, promotions, rejections, rollbacks = row
     return {"total_updates": int(total), "successful_updates": int(ok), "failed_updates": int(failed),
             "avg_update_time_ms": round(float(avg_ms), 1) if avg_ms is not None else None,
+            "recent_incremental_update_ms": (round(float(recent_incremental), 1)
+                                             if recent_incremental is not None else None),
             "samples_processed": int(samples), "current_model": champion,
             "current_model_score": score[0][0] if score else None,
             "improvement_rate": round(float(improving), 4) if improving is not None else None,
@@ -386,13 +457,49 @@ class LiveAccuracy:
     promoted_accuracy: float | None
     degraded: bool
     rolled_back_to: str | None = None
+    # like with like: both versions scored now on the same fresh labelled records
+    compared_with: str | None = None
+    champion_now: float | None = None
+    previous_now: float | None = None
+    kept_because: str | None = None
+
+
+def _fresh_labelled(store: Store, champion: str, since, embedding_model_id: str, positive: str) -> pd.DataFrame:
+    """Records the champion answered whose labels arrived after it started serving."""
+    with store.connect() as con:
+        table = con.sql(
+            """SELECT r.id AS record_id, r.features, e.vector, l.label = ? AS y FROM predictions p
+               JOIN labels l ON l.record_id = p.record_id JOIN records r ON r.id = p.record_id
+               JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
+               WHERE p.model_version = ? AND l.status = 'resolved' AND l.last_vote_at >= ?
+               ORDER BY r.id""", params=[positive, embedding_model_id, champion, since]).to_arrow_table()
+    frame = pd.DataFrame({"record_id": table.column("record_id").to_pylist(),
+                          "features": [json.loads(x) if x else {} for x in table.column("features").to_pylist()],
+                          "y": np.asarray(table.column("y").to_numpy(zero_copy_only=False), dtype=int)})
+    frame["vector"] = list(vectors_from_arrow(table.column("vector"), len(frame)))
+    return frame
+
+
+def _accuracy_now(registry: ModelRegistry, version: str, frame: pd.DataFrame, ref: Reference) -> float:
+    booster, spec = registry.load(version)
+    p = predict(booster, spec, frame, ref, leave_one_out=True)
+    cut = float((registry.get(version).metrics or {}).get("threshold", 0.5))
+    return float(((p >= cut).astype(int) == frame["y"].to_numpy()).mean())
 
 
 @_in_session
 def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, min_samples: int = 50,
                   rollback: bool = True) -> LiveAccuracy:
-    """The champion's accuracy on feedback that arrived after it was promoted; past ``margin``
-    below its validation accuracy (with at least ``min_samples`` labels) it is rolled back."""
+    """The champion's accuracy on feedback that arrived after it was promoted. Past ``margin``
+    below its validation accuracy (with at least ``min_samples`` labels) it is degraded, and
+    the previous champion is restored only if it is better on the same records.
+
+    Like with like: a drop in live accuracy often means the stream moved, and the previous
+    version is usually worse on the moved stream (it was trained before the shift). Both are
+    scored now on the same fresh labelled records with the same neighbours (each record
+    leaves itself out), and the previous one must beat the champion by ``margin`` there.
+    Comparing the champion's live score with an older model's promise instead made versions
+    ping-pong after every period shift."""
     champion = registry.reconcile()
     if champion is None:
         return LiveAccuracy(None, 0, None, None, False)
@@ -406,11 +513,26 @@ def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, m
             [champion, v.promoted_at]).fetchall()[0]
     degraded = bool(promised is not None and acc is not None and n >= min_samples and acc < promised - margin)
     out = LiveAccuracy(champion, int(n), None if acc is None else float(acc), promised, degraded)
-    if degraded and rollback:
-        try:
-            out.rolled_back_to = registry.rollback()
-            registry.event("auto_rollback", champion, after={"live_accuracy": out.accuracy, "n": out.n},
-                           before={"valid_accuracy": promised}, to=out.rolled_back_to)
-        except RuntimeError:
-            pass  # nothing earlier to go back to: keep serving, the WARN check says why
+    if not (degraded and rollback):
+        return out
+    target = registry.previous_champion(champion)
+    if target is None:
+        out.kept_because = "no earlier champion to go back to"
+        return out  # keep serving, the WARN check says why
+    positive, _ = version_labels(store, v)
+    frame = _fresh_labelled(store, champion, v.promoted_at, v.embedding_model_id, positive)
+    ref = current_reference(store, v.embedding_model_id, positive)
+    out.compared_with = target
+    out.champion_now = _accuracy_now(registry, champion, frame, ref)
+    out.previous_now = _accuracy_now(registry, target, frame, ref)
+    detail = {"compared_on": len(frame), "champion_now": out.champion_now, "previous_now": out.previous_now}
+    if out.previous_now < out.champion_now + margin:
+        out.kept_because = (f"{target} is not better on the same {len(frame)} records "
+                            f"({out.previous_now:.3f} vs {out.champion_now:.3f})")
+        registry.event("rollback_declined", champion, after={"live_accuracy": out.accuracy, "n": out.n},
+                       before={"valid_accuracy": promised}, to=target, reason=out.kept_because, **detail)
+        return out
+    out.rolled_back_to = registry.rollback(target)
+    registry.event("auto_rollback", champion, after={"live_accuracy": out.accuracy, "n": out.n},
+                   before={"valid_accuracy": promised}, to=out.rolled_back_to, **detail)
     return out

@@ -32,6 +32,8 @@ class TrainingSet:
     data_version: str
     frame: pd.DataFrame  # record_id, label, y, event_time, split, features (dict), vector (np)
     positive_label: str
+    negative_label: str = ""  # "" while the labels hold one class only
+    left_out: dict[str, int] = field(default_factory=dict)  # labels outside the pair: count
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name]
@@ -52,15 +54,57 @@ def labelled_frame(table, positive_label: str) -> pd.DataFrame:
     return df
 
 
+def negative_of(labels: pd.Series, positive_label: str, negative_label: str = "") -> str:
+    """The configured negative label, or (any label accepted) the most frequent other one."""
+    if negative_label:
+        return negative_label
+    others = labels[labels != positive_label].value_counts()
+    return str(others.index[0]) if len(others) else ""
+
+
 def _golden(record_id: str, share: float) -> bool:
     """A fixed slice: membership depends only on the id, so it never drifts as data grows."""
     h = int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16)
     return h < share * 0xFFFFFFFF
 
 
+def split_rows(df: pd.DataFrame, valid_share: float = 0.2, golden_share: float = 0.1,
+               valid_max: int = 200) -> pd.Series:
+    """train / valid / golden for rows sorted by event time.
+
+    golden: a fixed slice by id hash. valid: the latest ``valid_share`` of the rest (capped:
+    on a long stream an uncapped 20 % would keep the newest thousands of labels out of
+    training, and the model would learn ever further behind). A stream often runs one class
+    for a while; when the latest rows hold one class only, the latest rows of the other class
+    join the validation slice too (its share of them, always leaving most in training), so
+    the gate judges on something defined (ROC-AUC needs both classes) instead of refusing
+    every candidate until the stream happens to mix again.
+    """
+    golden = df["record_id"].map(lambda r: _golden(r, golden_share))
+    rest = df.index[~golden]
+    n_valid = min(int(round(len(rest) * valid_share)), valid_max)
+    split = pd.Series("train", index=df.index)
+    split[golden] = "golden"
+    if n_valid:
+        latest = rest[-n_valid:]
+        split[latest] = "valid"
+        y = df.loc[rest, "y"]
+        for cls in (0, 1):
+            if (df.loc[latest, "y"] == cls).any():
+                continue
+            of_cls = y.index[y == cls]
+            # its share of that class, at least one, never the last one (training needs it)
+            k = min(max(1, int(round(len(of_cls) * valid_share))), len(of_cls) - 1, max(1, n_valid // 2))
+            if k > 0:
+                split[of_cls[-k:]] = "valid"
+    return split
+
+
 def load_training_set(store: Store, model_id: str, positive_label: str, valid_share: float = 0.2,
-                      golden_share: float = 0.1, valid_max: int = 200) -> TrainingSet:
-    """Resolved (non-conflicting) labels joined with records and their current embeddings."""
+                      golden_share: float = 0.1, valid_max: int = 200, negative_label: str = "") -> TrainingSet:
+    """Resolved (non-conflicting) labels joined with records and their current embeddings.
+    Labels other than the positive and the negative one (possible only when any label is
+    accepted) are left out and counted in ``left_out``."""
     with store.connect() as con:
         table = con.sql(
             """SELECT l.record_id, l.label, r.event_time, r.features, e.vector
@@ -68,19 +112,14 @@ def load_training_set(store: Store, model_id: str, positive_label: str, valid_sh
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
                WHERE l.status = 'resolved' ORDER BY r.event_time, l.record_id""", params=[model_id]).to_arrow_table()
     df = labelled_frame(table, positive_label)
-    golden = df["record_id"].map(lambda r: _golden(r, golden_share))
-    rest = df.index[~golden]
-    # the latest share, capped: on a long stream an uncapped 20 % would keep the newest
-    # thousands of labels out of training, and the model would learn ever further behind
-    n_valid = min(int(round(len(rest) * valid_share)), valid_max)
-    split = pd.Series("train", index=df.index)
-    split[golden] = "golden"
-    if n_valid:
-        split[rest[-n_valid:]] = "valid"  # the latest share, by event time
-    df["split"] = split
-    digest = hashlib.sha256("\n".join(f"{r}\t{lab}" for r, lab in sorted(zip(df["record_id"], df["label"])))
-                            .encode()).hexdigest()[:16]
-    return TrainingSet(digest, df, positive_label)
+    negative = negative_of(df["label"], positive_label, negative_label)
+    keep = df["label"].isin([positive_label, negative])
+    left_out = {str(k): int(v) for k, v in df.loc[~keep, "label"].value_counts().items()}
+    df = df[keep].reset_index(drop=True)
+    df["split"] = split_rows(df, valid_share, golden_share, valid_max)
+    rows = "\n".join(f"{r}\t{lab}" for r, lab in sorted(zip(df["record_id"], df["label"])))
+    digest = hashlib.sha256(f"{positive_label}/{negative}\n{rows}".encode()).hexdigest()[:16]
+    return TrainingSet(digest, df, positive_label, negative, left_out)
 
 
 # ------------------------------------------------------------------------------ features

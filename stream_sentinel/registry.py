@@ -209,18 +209,22 @@ class ModelRegistry:
                 con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion'")
         return champion
 
+    def previous_champion(self, current: str) -> str | None:
+        """The version that served last before ``current`` (rejected ones excluded)."""
+        with self.store.connect() as con:
+            rows = con.execute(
+                """SELECT version FROM model_versions WHERE promoted_at IS NOT NULL AND version <> ?
+                   AND status <> 'rejected' ORDER BY promoted_at DESC LIMIT 1""", [current]).fetchall()
+        return rows[0][0] if rows else None
+
     def rollback(self, to: str | None = None) -> str:
         """Back to ``to`` or to the champion before the current one."""
         self.reconcile()
         current = self.champion_version()
         if to is None:
-            with self.store.connect() as con:
-                rows = con.execute(
-                    """SELECT version FROM model_versions WHERE promoted_at IS NOT NULL AND version <> ?
-                       AND status <> 'rejected' ORDER BY promoted_at DESC LIMIT 1""", [current or ""]).fetchall()
-            if not rows:
+            to = self.previous_champion(current or "")
+            if to is None:
                 raise RuntimeError("no earlier champion to roll back to")
-            to = rows[0][0]
         if self.get(to) is None:
             raise KeyError(f"no model version {to}")
         self.promote(to, None, f"rollback from {current}", event_type="rollback")

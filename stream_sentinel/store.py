@@ -253,14 +253,20 @@ CREATE TABLE IF NOT EXISTS predictions (
     PRIMARY KEY (record_id, model_version)
 );
 -- the champion's answer for each record (follows promotions and rollbacks)
+-- the served answer for each record: the champion's own when it scored the record, else the
+-- newest answer of a version that served as champion (a promotion rescored only a recent window)
 CREATE OR REPLACE VIEW current_predictions AS
-    SELECT p.* FROM predictions p JOIN model_versions m ON m.version = p.model_version
-    WHERE m.status = 'champion';
+    SELECT * EXCLUDE (rank_) FROM (
+        SELECT p.*, row_number() OVER (PARTITION BY p.record_id ORDER BY (m.status = 'champion') DESC,
+                                       p.scored_at DESC, p.model_version DESC) AS rank_
+        FROM predictions p JOIN model_versions m ON m.version = p.model_version
+        WHERE m.status = 'champion' OR p.role = 'champion')
+    WHERE rank_ = 1;
 
 -- drift: one row per report (a daily partition or an ad-hoc window), one per tested column
 CREATE TABLE IF NOT EXISTS drift_reports (
     window_key VARCHAR PRIMARY KEY,      -- the partition date, or <time_field>:<from>..<to>
-    kind VARCHAR NOT NULL,               -- partition | adhoc
+    kind VARCHAR NOT NULL,               -- partition | adhoc | recent (the rolling report, by vec_id)
     time_field VARCHAR NOT NULL,         -- arrival | event_time
     start VARCHAR NOT NULL,
     "end" VARCHAR NOT NULL,
@@ -358,6 +364,13 @@ CREATE TABLE IF NOT EXISTS file_progress (
     rejected BIGINT NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL
 );
+-- the class a training set's model answers when it does not answer positive_label: the other
+-- configured label, or (any label accepted) the data's most frequent other one
+ALTER TABLE training_sets ADD COLUMN IF NOT EXISTS negative_label VARCHAR;
+-- drift_reports.accuracy is prequential (answers served before their labels arrived); n_accuracy
+-- counts them; reference_excluded: reference rows left out because they were current rows too
+ALTER TABLE drift_reports ADD COLUMN IF NOT EXISTS n_accuracy BIGINT;
+ALTER TABLE drift_reports ADD COLUMN IF NOT EXISTS reference_excluded BIGINT;
 """
 
 

@@ -55,10 +55,14 @@ def ingest_day(paths, store, emb, recs, day: str, labels: dict | None) -> None:
             ingest.process_file(paths, store, sha)
     pipeline.embed_partition(store, emb, day)
     if labels:
-        events = [fb.Event(fb.Position(f"drift-{day}", 0, i), r["id"], labels[r["id"]], "oracle", 1.0,
-                           datetime(2024, 3, 5, tzinfo=timezone.utc)) for i, r in enumerate(recs)]
-        fb.write(store, events, [], "file")
-        fb.resolve_labels(store, fb.ConsensusConfig())
+        label_day(store, recs, day, labels)
+
+
+def label_day(store, recs, day: str, labels: dict) -> None:
+    events = [fb.Event(fb.Position(f"drift-{day}", 0, i), r["id"], labels[r["id"]], "oracle", 1.0,
+                       datetime(2024, 3, 5, tzinfo=timezone.utc)) for i, r in enumerate(recs)]
+    fb.write(store, events, [], "file")
+    fb.resolve_labels(store, fb.ConsensusConfig())
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +78,13 @@ def home(tmp_path_factory, corpus, demo_labels):
     learning.persist_training_set(store, ts, emb.model_id)
     res = learning.train_candidate(registry, store, ts, emb.model_id, TrainParams())
     registry.promote(res.version.version, res.version.metrics["valid"]["roc_auc"], "test")
-    ingest_day(paths, store, emb, period2[:200], DAYS[1], demo_labels)
-    ingest_day(paths, store, emb, period1[200:], DAYS[2], demo_labels)
+    ingest_day(paths, store, emb, period2[:200], DAYS[1], None)
+    ingest_day(paths, store, emb, period1[200:], DAYS[2], None)
     ingest_day(paths, store, emb, period2[200:205], DAYS[3], None)
     assert learning.score_new_records(registry, store, emb.model_id) == 505
+    # the labels arrive after the champion answered: the reports' accuracy is prequential
+    label_day(store, period2[:200], DAYS[1], demo_labels)
+    label_day(store, period1[200:], DAYS[2], demo_labels)
     return paths, store, registry, emb
 
 
@@ -156,8 +163,12 @@ def test_adhoc_window_by_event_time_and_bad_windows(home):
         t0, t1 = con.execute("SELECT min(event_time), max(event_time) FROM records").fetchall()[0]
     res = drift.run_range(store, registry, paths.reports, emb.model_id, t0.date().isoformat(),
                           t1.date().isoformat(), "event_time", CFG)
-    assert res.kind == "adhoc" and res.n_current == 505 and res.status == "ok"
+    # every record: the champion's whole training set is in the window, so nothing is left to
+    # compare with (before: the window was compared with its own records and said "no drift")
+    assert res.kind == "adhoc" and res.n_current == 505 and res.status == "insufficient_data"
+    assert res.reference_excluded == 200 and "insufficient reference" in res.message
     assert Path(res.report_path).exists() and "adhoc" in res.report_path
+    assert drift.latest(store)["window_key"] == res.window_key  # `drift show` sees ad-hoc reports too
     with pytest.raises(ValueError, match="time field"):
         drift.run_range(store, registry, paths.reports, emb.model_id, "2024-01-01", "2024-02-01", "created", CFG)
     with pytest.raises(ValueError, match="empty window"):
@@ -201,10 +212,13 @@ def test_backfill_over_three_days_from_the_cli_is_idempotent(home, tmp_path):
     rows = json.loads(first.stdout)
     assert [r["partition"] for r in rows] == DAYS[:3] and all(r["success"] for r in rows)
     assert [r["drifted"] for r in rows] == [False, True, False]
-    for day in DAYS[:3]:
+    # day 1 is the champion's training window itself: not compared with itself, and said so
+    assert drift.latest(store, DAYS[0])["status"] == "insufficient_data"
+    assert "insufficient reference" in (paths.reports / f"{DAYS[0]}.html").read_text()
+    for day in DAYS[1:3]:
         assert (paths.reports / f"{day}.html").stat().st_size > 10_000
     before = counts()
-    assert before[0] == 3 and before[1] > 3 * 8
+    assert before[0] == 3 and before[1] > 2 * 8  # the two compared days have a row per column
 
     again = _cli(["drift", "backfill", "--from", DAYS[0], "--to", DAYS[2], "--json"], paths.home, dagster_home)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -222,9 +236,12 @@ def test_backfill_over_three_days_from_the_cli_is_idempotent(home, tmp_path):
     adhoc = _cli(["drift", "run", "--from", "2002-01-01", "--to", "2003-12-31", "--time-field", "event_time",
                   "--json"], paths.home, dagster_home)
     assert adhoc.returncode in (0, 1), adhoc.stderr[-2000:]
-    a = json.loads(adhoc.stdout)
+    a = json.loads(adhoc.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert {"drifted", "share_drifted", "embedding_drift", "report_path"} <= set(a)
     assert Path(a["report_path"]).exists()
+    # before: "no drift report yet" and exit 1 right after `drift run` had built one
+    latest = _cli(["drift", "show", "--json"], paths.home, dagster_home)
+    assert latest.returncode == 0 and json.loads(latest.stdout)["window_key"] == a["window_key"]
 
 
 def test_checks_warn_on_feature_share_and_error_on_embedding_drift_with_accuracy_drop(home, instance, monkeypatch):
@@ -368,3 +385,47 @@ def test_daily_schedule_requests_yesterdays_partition():
     early = daily_drift_report(dg.build_schedule_context(
         scheduled_execution_time=datetime(2024, 1, 1, 0, 30, tzinfo=timezone.utc)))
     assert isinstance(early, dg.SkipReason)  # 2023-12-31 is before the first partition
+
+
+def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(home, instance, monkeypatch):
+    """After `up`, the first report used to wait for the next 00:30 UTC. recent_drift_sensor asks
+    for one as soon as a champion and records for both sides exist; it compares the latest
+    records (at most half of all) with the champion's training set, and says what it found
+    in a headline that follows the stated rule and the prequential accuracy."""
+    from resources import StreamSentinelResource
+    from sensors.drift import evaluate_recent_drift
+
+    from stream_sentinel.definitions import build_definitions
+
+    paths, store, registry, emb = home
+    monkeypatch.setenv("STREAM_SENTINEL_HOME", str(paths.home))
+    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+        req = evaluate_recent_drift(res.sentinel, instance)
+    assert isinstance(req, dg.RunRequest) and req.run_key.startswith("drift-recent:")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("recent_drift_job")
+    result = job.execute_in_process(run_config=req.run_config, instance=instance, raise_on_error=False)
+    assert result.success
+    d = drift.latest(store)
+    assert d["kind"] == "recent" and d["status"] == "ok" and d["n_current"] == 505 // 2
+    assert d["embedding_drifted"] and d["drifted"]  # the latest stretch holds period-2 mail
+    assert d["message"].startswith("inputs DRIFTED") and "prequential accuracy" in d["message"]
+    page = Path(d["report_path"]).read_text()
+    assert "Rule:" in page and "recent" in d["report_path"]
+    meta = result.asset_materializations_for_node("recent_drift_report")[0].metadata
+    assert meta["rule"].value == drift.rule(drift.DriftConfig.from_env())
+    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+        again = evaluate_recent_drift(res.sentinel, instance)
+    assert isinstance(again, dg.SkipReason) and "new records" in again.skip_message
+
+
+def test_the_headline_follows_the_rule_and_names_what_else_moved():
+    cfg = drift.DriftConfig()
+    calm_inputs = drift.DriftResult("d", "partition", "arrival", "", "", "ok", "", n_drifted=0, n_features=4,
+                                    share_drifted=0.0, prediction_drifted=True, accuracy=0.9, n_accuracy=100)
+    line = calm_inputs.summary(cfg)
+    # before: "no drift" beside flagged prediction columns, with nothing saying why
+    assert line.startswith("inputs stable") and "also drifted: predictions" in line
+    assert "prequential accuracy 0.9000 on 100" in line
+    moved = drift.DriftResult("d", "partition", "arrival", "", "", "ok", "", n_drifted=2, n_features=4,
+                              share_drifted=0.5, embedding_drifted=True, drifted=True)
+    assert moved.summary(cfg).startswith("inputs DRIFTED (text embeddings, 2/4 feature columns)")

@@ -50,6 +50,8 @@ def test_compiled_shapes_match_eager_and_a_missing_compiler_keeps_eager(demo_rec
         assert not no_cc.compiled
         eager = no_cc.encode(texts)
 
+    odd = Encoder(st, batch_size=16)
+    assert odd.warm(granule=12) is False and "multiple of 8" in odd.compile_error  # said, not crashed
     enc = Encoder(st, batch_size=16)
     assert enc.lengths() == [32, 64]
     assert enc.warm() is True and enc.compiled and enc.compile_error is None

@@ -30,8 +30,13 @@ def ingest_with_labels(paths, store, embedder, demo_records, labels, part: slice
         for sha in b.files:
             ingest.process_file(paths, store, sha)
     pipeline.embed_partition(store, embedder, None)
+    if labels is not None:
+        label_records(store, recs, labels, name)
+
+
+def label_records(store, recs, labels, name: str, when: str = "2024-01-01"):
     events = [fb.Event(fb.Position(f"test-{name}", 0, i), r["id"], labels[r["id"]], "oracle", 1.0,
-                       pd.Timestamp("2024-01-01", tz="UTC").to_pydatetime()) for i, r in enumerate(recs)]
+                       pd.Timestamp(when, tz="UTC").to_pydatetime()) for i, r in enumerate(recs)]
     fb.write(store, events, [], "file")
     fb.resolve_labels(store, fb.ConsensusConfig())
 
@@ -220,7 +225,11 @@ def test_retrain_policy_waits_for_enough_new_labels(paths, store, demo_embedder,
     assert isinstance(due, dg.RunRequest) and due.run_key == flushed.run_key  # same labels, same key
 
 
-def test_live_accuracy_drop_rolls_the_champion_back(paths, store, demo_embedder, demo_records, demo_labels):
+def test_live_accuracy_rollback_compares_like_with_like(paths, store, demo_embedder, demo_records, demo_labels):
+    """A degraded champion goes back to the previous version only when that version is better
+    on the same fresh records. Before: the champion's live score was compared with its own
+    promise and the previous version restored blindly, so after a shift (where the older
+    model is worse still) versions ping-ponged."""
     embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
@@ -233,7 +242,7 @@ def test_live_accuracy_drop_rolls_the_champion_back(paths, store, demo_embedder,
     healthy = learning.live_accuracy(registry, store, margin=0.05, min_samples=50)
     assert healthy.n == 0 and not healthy.degraded  # no feedback since the promotion yet
 
-    # the world changes after the promotion: fresh feedback contradicts what the model learned
+    # the world changes after the promotion: fresh feedback contradicts what both versions learned
     now = pd.Timestamp.now(tz="UTC").to_pydatetime()
     flipped = {"spam": "ham", "ham": "spam"}
     fresh = [fb.Event(fb.Position("fresh", 0, i), r["id"], flipped[demo_labels[r["id"]]], "oracle", 1.0, now)
@@ -243,6 +252,35 @@ def test_live_accuracy_drop_rolls_the_champion_back(paths, store, demo_embedder,
     res = learning.live_accuracy(registry, store, margin=0.05, min_samples=50)
     assert res.champion == second.version and res.n >= 50 and res.degraded
     assert res.accuracy < res.promoted_accuracy - 0.05
+    # the previous version is no better on the same records: the champion stays
+    assert res.compared_with == first.version and res.previous_now < res.champion_now + 0.05
+    assert res.rolled_back_to is None and registry.champion_version() == second.version
+    with store.connect() as con:
+        assert con.execute("SELECT event_type FROM learning_events ORDER BY event_id DESC LIMIT 1").fetchall() == [
+            ("rollback_declined",)]
+
+
+def test_live_accuracy_rollback_restores_a_better_previous_version(paths, store, demo_embedder, demo_records,
+                                                                   demo_labels):
+    embedder = demo_embedder
+    registry = ModelRegistry(paths.models, store)
+    ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
+    first = candidate(registry, store, embedder).version
+    registry.promote(first.version, None, "test")
+    # a labelling bug: every label of the window inverted; a model trained on it is promoted
+    with store.transaction() as con:
+        con.execute("UPDATE labels SET label = CASE label WHEN 'spam' THEN 'ham' ELSE 'spam' END")
+    bad = candidate(registry, store, embedder, full=True).version
+    registry.promote(bad.version, None, "test")
+    with store.transaction() as con:  # the bug is fixed
+        con.execute("UPDATE labels SET label = CASE label WHEN 'spam' THEN 'ham' ELSE 'spam' END")
+    later = demo_records[1500:1700]
+    ingest_with_labels(paths, store, embedder, demo_records, None, slice(1500, 1700), "b")
+    learning.score_new_records(registry, store, embedder.model_id)
+    label_records(store, later, demo_labels, "b", when=pd.Timestamp.now(tz="UTC").isoformat())
+    res = learning.live_accuracy(registry, store, margin=0.05, min_samples=50)
+    assert res.champion == bad.version and res.degraded and res.n == 200
+    assert res.previous_now > res.champion_now + 0.05
     assert res.rolled_back_to == first.version and registry.champion_version() == first.version
     with store.connect() as con:
         assert con.execute("SELECT event_type FROM learning_events ORDER BY event_id DESC LIMIT 1").fetchall() == [
