@@ -54,10 +54,12 @@ def ticks(dagster_home: Path) -> tuple[dict[str, Counter], list[str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--minutes", type=float, default=None, help="default 30 (--quick: 5)")
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--demo-limit", type=int, default=1000, help="demo records `up` feeds (its default: 1000)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data root)")
     args = ap.parse_args()
+    args.minutes = args.minutes or (5.0 if args.quick else 30.0)
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     home, dagster_home = tmp / "home", tmp / "home" / "dagster"
     env = {**os.environ, "STREAM_SENTINEL_HOME": str(home), "DAGSTER_HOME": str(dagster_home)}

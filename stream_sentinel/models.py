@@ -131,24 +131,31 @@ class FeatureSpec:
     knn_k: int
     pca_mean: np.ndarray = field(repr=False)
     pca_components: np.ndarray = field(repr=False)
+    linear: bool = False  # the live linear score column (versions made before it have none)
+    linear_half_life: float = 0.0  # labels this many places older weigh half in it (0: all alike)
 
     @property
     def names(self) -> list[str]:
         return (["knn_pos_share", "knn_mean_sim", "knn_max_sim_pos", "knn_max_sim_neg"]
+                + (["linear_score"] if self.linear else [])
                 + [f"pca_{i}" for i in range(len(self.pca_components))] + [f"num_{n}" for n in self.numeric])
 
     def save(self, folder: Path) -> None:
         np.savez(folder / "features.npz", pca_mean=self.pca_mean, pca_components=self.pca_components)
-        (folder / "features.json").write_text(json.dumps({"numeric": self.numeric, "knn_k": self.knn_k}))
+        (folder / "features.json").write_text(json.dumps({"numeric": self.numeric, "knn_k": self.knn_k,
+                                                          "linear": self.linear,
+                                                          "linear_half_life": self.linear_half_life}))
 
     @classmethod
     def load(cls, folder: Path) -> "FeatureSpec":
         meta = json.loads((folder / "features.json").read_text())
         arrays = np.load(folder / "features.npz", allow_pickle=False)
-        return cls(meta["numeric"], meta["knn_k"], arrays["pca_mean"], arrays["pca_components"])
+        return cls(meta["numeric"], meta["knn_k"], arrays["pca_mean"], arrays["pca_components"],
+                   bool(meta.get("linear", False)), float(meta.get("linear_half_life", 0.0)))
 
 
-def fit_feature_spec(frame: pd.DataFrame, n_components: int = 16, knn_k: int = 10, seed: int = 0) -> FeatureSpec:
+def fit_feature_spec(frame: pd.DataFrame, n_components: int = 16, knn_k: int = 10, seed: int = 0,
+                     linear: bool = True, linear_half_life: float = 0.0) -> FeatureSpec:
     vecs = np.stack(frame["vector"].to_numpy())
     numeric = sorted({k for f in frame["features"] for k, v in f.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -158,7 +165,8 @@ def fit_feature_spec(frame: pd.DataFrame, n_components: int = 16, knn_k: int = 1
     rng = np.random.default_rng(seed)
     sample = vecs[rng.choice(len(vecs), size=min(len(vecs), 5000), replace=False)] - mean
     _, _, vt = np.linalg.svd(sample, full_matrices=False)
-    return FeatureSpec(numeric, knn_k, mean.astype(np.float32), vt[:k].astype(np.float32))
+    return FeatureSpec(numeric, knn_k, mean.astype(np.float32), vt[:k].astype(np.float32), linear,
+                       linear_half_life)
 
 
 @dataclass
@@ -169,10 +177,76 @@ class Reference:
     y: np.ndarray
     ids: list[str]
 
+    def without(self, ids: set[str]) -> "Reference":
+        keep = np.array([r not in ids for r in self.ids], dtype=bool)
+        return Reference(np.ascontiguousarray(self.vectors[keep]), self.y[keep],
+                         [r for r, k in zip(self.ids, keep) if k])
+
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> "Reference":
         vecs = np.stack(frame["vector"].to_numpy()) if len(frame) else np.zeros((0, 1), np.float32)
         return cls(np.ascontiguousarray(vecs, dtype=np.float32), frame["y"].to_numpy(), list(frame["record_id"]))
+
+
+LINEAR_FOLDS = 5
+LINEAR_RIDGE = 10.0
+
+
+def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = None,
+                  half_life: float = 0.0) -> np.ndarray:
+    """A class-balanced ridge classifier on the embeddings of every labelled record, as one
+    feature column: a linear view of all labels that needs no state between versions.
+
+    Like the kNN columns it is computed from the labels known at scoring time, so a new label
+    moves it at once; unlike them it sees a direction in the whole embedding, which is what an
+    online linear model learns and trees on a few PCA components miss after a shift. Closed
+    form (d x d normal equations), so it costs milliseconds at thousands of labels. Rows that
+    are themselves in the reference (training) get out-of-fold scores: a record never scores
+    with its own label, as with the kNN leave-one-out."""
+    n = len(ref.vectors)
+    out = np.zeros(len(vectors), dtype=np.float32)
+    if n < 2 or not len(vectors) or len(set(ref.y.tolist())) < 2:
+        return out
+    d = ref.vectors.shape[1]
+    X = np.hstack([ref.vectors.astype(np.float64), np.ones((n, 1))])
+    V = np.hstack([vectors.astype(np.float64), np.ones((len(vectors), 1))])
+    t = np.where(ref.y == 1, 1.0, -1.0)
+    # recency (the reference is in stream order); each class then weighs half of the fit
+    r = 0.5 ** ((n - 1 - np.arange(n)) / half_life) if half_life > 0 else np.ones(n)
+    reg = LINEAR_RIDGE * np.eye(d + 1)
+    reg[-1, -1] = 0.0  # the intercept is not shrunk
+    # per fold and class: weighted gram, right-hand side, row count; a fit on any set of folds
+    # is then a sum of parts, so out-of-fold scores cost K small solves, not K passes
+    fold = np.arange(n) % LINEAR_FOLDS
+    parts = {}
+    for f in range(LINEAR_FOLDS):
+        for c in (0, 1):
+            m = (fold == f) & (ref.y == c)
+            Xm = X[m] * r[m][:, None]
+            parts[f, c] = (Xm.T @ X[m], Xm.T @ t[m], int(m.sum()))
+
+    def coef(skip: int | None):
+        use = [f for f in range(LINEAR_FOLDS) if f != skip]
+        counts = [sum(parts[f, c][2] for f in use) for c in (0, 1)]
+        if min(counts) == 0:
+            return None
+        scale = [0.5 / (counts[c] / sum(counts)) for c in (0, 1)]
+        gram = sum(scale[c] * parts[f, c][0] for f in use for c in (0, 1))
+        rhs = sum(scale[c] * parts[f, c][1] for f in use for c in (0, 1))
+        return np.linalg.solve(gram + reg, rhs)
+
+    full = coef(None)
+    out[:] = V @ full
+    if ids is not None:
+        pos_of = {rid: j for j, rid in enumerate(ref.ids)}
+        rows = np.array([pos_of.get(x, -1) for x in ids])
+        inside = np.flatnonzero(rows >= 0)
+        for k in range(LINEAR_FOLDS):
+            sel = inside[fold[rows[inside]] == k]
+            if len(sel):
+                c_k = coef(k)
+                out[sel] = 0.0 if c_k is None else V[sel] @ c_k
+    return out
 
 
 def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict], ref: Reference,
@@ -214,7 +288,8 @@ def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict],
     pca = (vectors - spec.pca_mean) @ spec.pca_components.T if n else np.zeros((0, len(spec.pca_components)))
     num = np.array([[float(f.get(name)) if isinstance(f.get(name), (int, float)) else np.nan
                      for name in spec.numeric] for f in features], dtype=np.float32).reshape(n, len(spec.numeric))
-    return np.hstack([knn, pca.astype(np.float32), num])
+    lin = [linear_scores(ref, vectors, ids, spec.linear_half_life)[:, None]] if spec.linear else []
+    return np.hstack([knn, *lin, pca.astype(np.float32), num])
 
 
 def frame_features(spec: FeatureSpec, frame: pd.DataFrame, ref: Reference, leave_one_out: bool) -> np.ndarray:
@@ -236,11 +311,15 @@ class TrainParams:
     min_data_in_leaf: int = 10
     replay: int = 500  # older labelled rows mixed into each continued-training batch (against forgetting)
     refit_growth: float = 2.0  # full retrain once the training split doubled since the last full version
+    linear: bool = True  # a full retrain adds the live linear score column (linear_scores)
+    linear_half_life: float = 2000.0  # labels this many places older weigh half in that column
+    balanced: bool = True  # LightGBM's is_unbalance (reweights the rarer class)
+    threshold_z: float = 3.3  # evidence a decision cut away from 0.5 needs (decision_threshold)
 
     def lgb_params(self) -> dict:
         return {"objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
                 "min_data_in_leaf": self.min_data_in_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.9,
-                "bagging_freq": 1, "is_unbalance": True, "seed": self.seed, "deterministic": True, "force_row_wise": True,
+                "bagging_freq": 1, "is_unbalance": self.balanced, "seed": self.seed, "deterministic": True, "force_row_wise": True,
                 "num_threads": 2, "verbose": -1}
 
 

@@ -96,6 +96,8 @@ def test_collection_period_shift_is_flagged_on_embeddings_and_predictions(home):
     assert shifted.prediction_drifted
     assert shifted.label_drifted  # period 2 is half spam, period 1 a third
     assert shifted.drifted
+    # prequential: every labelled record of the day counts with the answer served before its label
+    assert shifted.n_accuracy == 200 and shifted.accuracy is not None
     # exact lineage: the reference is the champion's training set
     champion = registry.get(registry.champion_version())
     assert (shifted.model_version, shifted.reference_data_version) == (champion.version,

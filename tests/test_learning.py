@@ -287,3 +287,49 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
         instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED)
         held = evaluate_retrain(res.sentinel, flush=True, instance=instance)
     assert isinstance(held, dg.SkipReason) and "queued" in held.skip_message
+
+
+# ------------------------------------------------------------------------- the linear score column
+
+
+def test_linear_scores_never_use_a_records_own_label_and_follow_recent_labels():
+    from stream_sentinel.models import LINEAR_FOLDS, Reference, linear_scores
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (vecs[:, 0] > 0).astype(int)
+    ids = [f"r{i}" for i in range(200)]
+    ref = Reference(vecs, y, ids)
+    held_out = linear_scores(ref, vecs[:20], None)
+    assert ((held_out > 0) == (y[:20] == 1)).mean() >= 0.9  # a linear view of the labels
+    # a training row scores with a fit that never saw its fold, which is its own label's fold
+    oof = linear_scores(ref, vecs[:20], ids[:20])
+    fold = np.arange(200) % LINEAR_FOLDS
+    for j in (0, 7, 13):
+        without = Reference(vecs[fold != fold[j]], y[fold != fold[j]], [i for i, f in zip(ids, fold) if f != fold[j]])
+        assert np.isclose(oof[j], linear_scores(without, vecs[j:j + 1], None)[0], atol=1e-4)
+    # the stream turns: the newest labels say the opposite of the older, more numerous ones
+    turned = Reference(vecs, np.concatenate([y[:150], 1 - y[150:]]), ids)
+    probe = np.eye(8, dtype=np.float32)[:1]  # far along the first direction
+    assert linear_scores(turned, probe, None, half_life=0.0)[0] > 0  # all labels alike: the old majority
+    assert linear_scores(turned, probe, None, half_life=20.0)[0] < 0  # recent labels weigh more
+
+
+def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store, demo_embedder, demo_records,
+                                                                   demo_labels, instance):
+    """120 labels, all ham: no candidate, no failure, and the output says what it waits for."""
+    hams = [r for r in demo_records if demo_labels[r["id"]] == "ham"][:120]
+    drop(paths.raw, "hams.jsonl", hams)
+    ingest.scan(paths, store, debounce_s=1)
+    for b in ingest.plan_batches(store):
+        for sha in b.files:
+            ingest.process_file(paths, store, sha)
+    pipeline.embed_partition(store, demo_embedder, None)
+    label_records(store, hams, demo_labels, "hams")
+    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success  # not a failed run
+    outcome, lines = cli.run_outcome(result)
+    assert outcome == "ok" and any("waiting for both classes ('spam' and 'ham')" in line for line in lines), lines
+    assert not result.asset_materializations_for_node("model")
+    assert ModelRegistry(paths.models, store).champion_version() is None
