@@ -292,7 +292,8 @@ def main() -> int:
     print(f"\ncontinuous model compute is 1/{ratio} of retraining from scratch each batch "
           f"(training alone: 1/{train_ratio}; scoring and the gate cost both the same)")
     figures = {"bench": "stream_quality" + (f"-{args.tag}" if args.tag else ""),
-               "params": {**dataclasses.asdict(params), "valid_max": args.valid_max}, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "params": {**dataclasses.asdict(params), "valid_max": args.valid_max},
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "cpu": _cpu(), "order": args.order, "warmup": WARMUP,
                "records": len(recs), "batch": args.batch,
                "single_class_batches": single_class, "embed_s": round(embed_s, 1), "results": results,

@@ -420,13 +420,12 @@ def _drift_human(d: dict) -> None:
         print(f"{d['window_key']}: {d['status']} - {d['message']}")
     else:
         emb = d.get("embedding_drift")
-        acc = d.get("accuracy")
-        print(f"{d['window_key']}: {'DRIFT' if d['drifted'] else 'no drift'}  "
-              f"share_drifted={d['share_drifted']:.2f} ({d['n_drifted']}/{d['n_features']} features)  "
+        print(f"{d['window_key']}: {d['message']}")  # the headline, which follows the stated rule
+        print(f"  share_drifted={d['share_drifted']:.2f} ({d['n_drifted']}/{d['n_features']} features)  "
               f"embedding_drift={'n/a' if emb is None else round(emb, 4)}"
               f"{' (drifted)' if d['embedding_drifted'] else ''}  "
-              f"accuracy={'n/a' if acc is None else round(acc, 4)} on {d['n_labelled']} labelled  "
-              f"rows={d['n_current']} vs reference {d['n_reference']}")
+              f"rows={d['n_current']} vs reference {d['n_reference']}"
+              + (f" ({d['reference_excluded']} left out: also current rows)" if d.get("reference_excluded") else ""))
         drifted = [c["column"] for c in d.get("columns", []) if c["drifted"]]
         if drifted:
             print(f"  drifted: {', '.join(drifted)}")

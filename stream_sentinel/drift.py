@@ -293,13 +293,21 @@ class DriftResult:
     accuracy: float | None = None
     reference_accuracy: float | None = None
     accuracy_dropped: bool = False
-    drifted: bool = False  # the inputs rule (see RULE): text embeddings or the feature share
+    drifted: bool = False  # the inputs rule (see rule()): text embeddings or the feature share
     n_accuracy: int = 0  # labelled rows with a served prediction made before their label arrived
     reference_excluded: int = 0  # reference rows left out because they are also current rows
     report_path: str = ""
     reference_data_version: str = ""
     model_version: str = ""
     seconds: float = 0.0
+
+    def verdict(self) -> str:
+        """The headline's first words: never a bare "no drift" while an output moved."""
+        if self.drifted:
+            return "DRIFT"
+        if self.prediction_drifted or self.label_drifted or self.accuracy_dropped:
+            return "no input drift, but outputs moved"
+        return "no drift"
 
     def summary(self, cfg: "DriftConfig") -> str:
         """One line that follows the rule, and says what else moved (never 'no drift' beside a
@@ -501,7 +509,7 @@ def _with_summary(report_html: str, res: DriftResult, title: str, cfg: DriftConf
     banner = (
         f"<div style='font-family:sans-serif;padding:12px;border-bottom:1px solid #ccc'>"
         f"<h2>Stream Sentinel - {html.escape(title)}</h2>"
-        f"<p><b>{'DRIFT' if res.drifted else 'no drift'}</b>: {html.escape(res.summary(cfg))} "
+        f"<p><b>{res.verdict()}</b>: {html.escape(res.summary(cfg))} "
         f"(embedding drift score {res.embedding_drift if res.embedding_drift is not None else 'n/a'}; champion "
         f"validation accuracy {'n/a' if res.reference_accuracy is None else f'{res.reference_accuracy:.4f}'}).</p>"
         f"<p><i>Rule:</i> {html.escape(rule(cfg))}</p>"

@@ -319,7 +319,8 @@ class TrainParams:
     def lgb_params(self) -> dict:
         return {"objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
                 "min_data_in_leaf": self.min_data_in_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.9,
-                "bagging_freq": 1, "is_unbalance": self.balanced, "seed": self.seed, "deterministic": True, "force_row_wise": True,
+                "bagging_freq": 1, "is_unbalance": self.balanced, "seed": self.seed, "deterministic": True,
+                "force_row_wise": True,
                 "num_threads": 2, "verbose": -1}
 
 

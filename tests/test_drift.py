@@ -389,7 +389,7 @@ def test_daily_schedule_requests_yesterdays_partition():
     assert isinstance(early, dg.SkipReason)  # 2023-12-31 is before the first partition
 
 
-def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(home, instance, monkeypatch):
+def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(home, instance, monkeypatch, capsys):
     """After `up`, the first report used to wait for the next 00:30 UTC. recent_drift_sensor asks
     for one as soon as a champion and records for both sides exist; it compares the latest
     records (at most half of all) with the champion's training set, and says what it found
@@ -413,6 +413,11 @@ def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(
     assert d["message"].startswith("inputs DRIFTED") and "prequential accuracy" in d["message"]
     page = Path(d["report_path"]).read_text()
     assert "Rule:" in page and "recent" in d["report_path"]
+    from stream_sentinel import cli
+
+    capsys.readouterr()
+    cli._drift_human(d)  # `drift show` prints the same headline
+    assert capsys.readouterr().out.splitlines()[0] == f"{d['window_key']}: {d['message']}"
     meta = result.asset_materializations_for_node("recent_drift_report")[0].metadata
     assert meta["rule"].value == drift.rule(drift.DriftConfig.from_env())
     with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
@@ -427,6 +432,7 @@ def test_the_headline_follows_the_rule_and_names_what_else_moved():
     line = calm_inputs.summary(cfg)
     # before: "no drift" beside flagged prediction columns, with nothing saying why
     assert line.startswith("inputs stable") and "also drifted: predictions" in line
+    assert calm_inputs.verdict() == "no input drift, but outputs moved"
     assert "prequential accuracy 0.9000 on 100" in line
     moved = drift.DriftResult("d", "partition", "arrival", "", "", "ok", "", n_drifted=2, n_features=4,
                               share_drifted=0.5, embedding_drifted=True, drifted=True)
