@@ -208,11 +208,13 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
     if n < 2 or not len(vectors) or len(set(ref.y.tolist())) < 2:
         return out
     d = ref.vectors.shape[1]
-    X = np.hstack([ref.vectors.astype(np.float64), np.ones((n, 1))])
+    # float32 products (half the memory traffic of float64; unit vectors keep the sums well
+    # within its precision), float64 solves
+    X = np.hstack([ref.vectors.astype(np.float32, copy=False), np.ones((n, 1), np.float32)])
     V = np.hstack([vectors.astype(np.float64), np.ones((len(vectors), 1))])
-    t = np.where(ref.y == 1, 1.0, -1.0)
+    t = np.where(ref.y == 1, 1.0, -1.0).astype(np.float32)
     # recency (the reference is in stream order); each class then weighs half of the fit
-    r = 0.5 ** ((n - 1 - np.arange(n)) / half_life) if half_life > 0 else np.ones(n)
+    r = (0.5 ** ((n - 1 - np.arange(n)) / half_life) if half_life > 0 else np.ones(n)).astype(np.float32)
     reg = LINEAR_RIDGE * np.eye(d + 1)
     reg[-1, -1] = 0.0  # the intercept is not shrunk
     # per fold and class: weighted gram, right-hand side, row count; a fit on any set of folds
@@ -223,7 +225,7 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
         for c in (0, 1):
             m = (fold == f) & (ref.y == c)
             Xm = X[m] * r[m][:, None]
-            parts[f, c] = (Xm.T @ X[m], Xm.T @ t[m], int(m.sum()))
+            parts[f, c] = ((Xm.T @ X[m]).astype(np.float64), (Xm.T @ t[m]).astype(np.float64), int(m.sum()))
 
     def coef(skip: int | None):
         use = [f for f in range(LINEAR_FOLDS) if f != skip]
