@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream_sentinel import cli, ingest, jsonout, learning, pipeline
+from stream_sentinel import cli, jsonout, learning
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.models import TrainParams, load_training_set, split_rows
 from stream_sentinel.registry import ModelRegistry
 
 from .conftest import drop
-from .test_models import WINDOW, ingest_with_labels, label_records
+from .test_models import WINDOW, ingest_records, ingest_with_labels, label_records
 
 
 def _strict_loads(text: str):
@@ -119,12 +119,7 @@ def test_one_run_once_gives_a_fresh_root_a_first_model_then_exit_codes_say_what_
     tested); the labels arrive as a feedback file and one `run --once` does the rest."""
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     recs = _period1(demo_records)
-    drop(paths.raw, "period1.jsonl", recs)
-    ingest.scan(paths, store, debounce_s=1)
-    for b in ingest.plan_batches(store):
-        for sha in b.files:
-            ingest.process_file(paths, store, sha)
-    pipeline.embed_partition(store, demo_embedder, None)
+    ingest_records(paths, store, demo_embedder, recs, "period1")
     now = pd.Timestamp.now(tz="UTC").isoformat()
     drop(paths.feedback, "labels.jsonl", [{"record_id": r["id"], "label": demo_labels[r["id"]], "source": "analyst",
                                            "ts": now} for r in recs])
@@ -319,12 +314,7 @@ def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store
                                                                    demo_labels, instance):
     """120 labels, all ham: no candidate, no failure, and the output says what it waits for."""
     hams = [r for r in demo_records if demo_labels[r["id"]] == "ham"][:120]
-    drop(paths.raw, "hams.jsonl", hams)
-    ingest.scan(paths, store, debounce_s=1)
-    for b in ingest.plan_batches(store):
-        for sha in b.files:
-            ingest.process_file(paths, store, sha)
-    pipeline.embed_partition(store, demo_embedder, None)
+    ingest_records(paths, store, demo_embedder, hams, "hams")
     label_records(store, hams, demo_labels, "hams")
     job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
     result = job.execute_in_process(instance=instance, raise_on_error=False)

@@ -24,14 +24,19 @@ WINDOW = slice(1000, 1500)  # a stretch of the demo stream with both spam and ha
 
 def ingest_with_labels(paths, store, embedder, demo_records, labels, part: slice, name: str):
     recs = demo_records[part]
+    ingest_records(paths, store, embedder, recs, name)
+    if labels is not None:
+        label_records(store, recs, labels, name)
+
+
+def ingest_records(paths, store, embedder, recs: list[dict], name: str) -> None:
+    """Records through the product's file path (scan, batches, files), then embedded."""
     drop(paths.raw, f"{name}.jsonl", recs)
     ingest.scan(paths, store, debounce_s=1)
     for b in ingest.plan_batches(store):
         for sha in b.files:
             ingest.process_file(paths, store, sha)
     pipeline.embed_partition(store, embedder, None)
-    if labels is not None:
-        label_records(store, recs, labels, name)
 
 
 def label_records(store, recs, labels, name: str, when: str = "2024-01-01"):
