@@ -6,5 +6,5 @@ from .liveness import build_run_liveness_sensor
 from .raw_files import build_raw_files_sensor
 from .training import build_retrain_sensor
 
-__all__ = ["build_drift_retrain_sensor", "build_recent_drift_sensor", "build_feedback_sensors", "build_raw_files_sensor", "build_retrain_sensor",
-           "build_run_liveness_sensor"]
+__all__ = ["build_drift_retrain_sensor", "build_feedback_sensors", "build_raw_files_sensor", "build_recent_drift_sensor",
+           "build_retrain_sensor", "build_run_liveness_sensor"]
