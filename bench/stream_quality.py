@@ -50,7 +50,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score  # noqa: E40
 import common  # noqa: E402
 from stream_sentinel import ingest, learning, pipeline  # noqa: E402
 from stream_sentinel import feedback as fb  # noqa: E402
-from stream_sentinel.config import Paths  # noqa: E402
+from stream_sentinel.config import Paths, Settings  # noqa: E402
 from stream_sentinel.embedding import Embedder  # noqa: E402
 from stream_sentinel.models import TrainParams, load_training_set  # noqa: E402
 from stream_sentinel.registry import ModelRegistry  # noqa: E402
@@ -63,7 +63,7 @@ class ProductLoop:
     """The product's learning loop on its own data root."""
 
     def __init__(self, root: Path, embedder, full_every: int | None, frozen_after: int | None = None,
-                 train_between: bool = True, params: TrainParams | None = None):
+                 train_between: bool = True, params: TrainParams | None = None, retrain_growth: float | None = None):
         self.paths = Paths.at(root).ensure()
         self.store = Store(self.paths.db).init()
         self.registry = ModelRegistry(self.paths.models, self.store)
@@ -73,6 +73,9 @@ class ProductLoop:
         self.train_between = train_between
         self.params = params or TrainParams()
         self.valid_max = 200
+        # the product's retrain policy (retrain_sensor); None: train after every batch
+        self.retrain_growth = retrain_growth
+        self.trainings = 0
         self.batches = 0
         self.train_seconds = 0.0  # train_candidate alone (features of the batch, the trees)
         self.seconds = 0.0
@@ -120,7 +123,13 @@ class ProductLoop:
         full = self.full_every is not None and self.batches % self.full_every == 0
         if not self.train_between and not full and self.registry.champion_version() is not None:
             frozen = True
+        if not frozen and self.retrain_growth is not None and self.registry.champion_version() is not None:
+            # labels arrive faster than the sensor's wait bound here, so only the counts decide
+            s = Settings()
+            frozen = not learning.retrain_due(learning.label_backlog(self.store), s.retrain_min_labels,
+                                              self.retrain_growth, float("inf"))[0]
         if not frozen:
+            self.trainings += 1
             ts = load_training_set(self.store, self.embedder.model_id, POS, valid_max=self.valid_max)
             learning.persist_training_set(self.store, ts, self.embedder.model_id)
             ts = learning.training_set_for_version(self.store, ts.data_version, self.embedder.model_id)
@@ -202,6 +211,8 @@ def main() -> int:
     ap.add_argument("--valid-max", type=int, default=200)
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="any other TrainParams field, e.g. --param incremental_rounds=10")
+    ap.add_argument("--retrain-growth", type=float, default=Settings().retrain_growth,
+                    help="the product's retrain policy: new labels >= this share of those trained on")
     ap.add_argument("--threshold-z", type=float, default=TrainParams().threshold_z)
     ap.add_argument("--tag", default="", help="a suffix for the results file (variants side by side)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-retrain-each-batch loop (no compute ratio)")
@@ -224,7 +235,8 @@ def main() -> int:
         name, value = item.split("=", 1)
         params = dataclasses.replace(params, **{name: type(getattr(params, name))(value)})
     with tempfile.TemporaryDirectory() as tmp:
-        loops = {"continuous (product)": ProductLoop(Path(tmp) / "cont", embedder, None, params=params),
+        loops = {"continuous (product)": ProductLoop(Path(tmp) / "cont", embedder, None, params=params,
+                                                     retrain_growth=args.retrain_growth),
                  "full retrain each batch": ProductLoop(Path(tmp) / "each", embedder, 1, params=params)}
         for loop in loops.values():
             loop.valid_max = args.valid_max
@@ -276,6 +288,7 @@ def main() -> int:
             results[name]["loop_s"] = round(loops[name].seconds if name in loops else
                                             (rv_s if name == "river" else 0.0), 2)
         versions = {name: len(loop.registry.list()) for name, loop in loops.items()}
+        trainings = {name: loop.trainings for name, loop in loops.items()}
     single_class = sum(len({labels[r["id"]] for r in b}) == 1 for _, b in batches)
     print(f"\n{len(recs)} records, {len(batches)} batches of {args.batch} ({single_class} single-class), "
           f"scored before their labels were revealed:\n")
@@ -292,13 +305,14 @@ def main() -> int:
     print(f"\ncontinuous model compute is 1/{ratio} of retraining from scratch each batch "
           f"(training alone: 1/{train_ratio}; scoring and the gate cost both the same)")
     figures = {"bench": "stream_quality" + (f"-{args.tag}" if args.tag else ""),
-               "params": {**dataclasses.asdict(params), "valid_max": args.valid_max},
+               "params": {**dataclasses.asdict(params), "valid_max": args.valid_max,
+                          "retrain_growth": args.retrain_growth},
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "cpu": _cpu(), "order": args.order, "warmup": WARMUP,
                "records": len(recs), "batch": args.batch,
                "single_class_batches": single_class, "embed_s": round(embed_s, 1), "results": results,
                "full_each_over_continuous_update": ratio, "full_each_over_continuous_train": train_ratio,
-               "model_versions": versions}
+               "model_versions": versions, "trainings": trainings}
     common.save(figures)
     return 0
 

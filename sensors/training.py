@@ -1,7 +1,8 @@
 """retrain_sensor: the micro-batch policy that turns new labels into a training run.
 
-A run starts when at least N resolved labels are not yet in the newest training set, or
-some are and that set is older than T. The run key names the label set, so the same
+A run starts when the resolved labels not yet in the newest training set reach N and a
+share G of the labels trained on, or some are and that set is older than T
+(``learning.retrain_due``). The run key names the label set, so the same
 labels never train twice however often the sensor ticks.
 """
 
@@ -23,16 +24,15 @@ def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False,
         return dg.SkipReason("a training run is queued; it reads every label there is when it starts")
     try:
         store = sentinel.store(lock_timeout_s=20)
-        new, age = learning.new_labels_since_last_training(store)
+        backlog = learning.label_backlog(store)
         digest = learning.resolved_labels_digest(store)
     except StoreBusy:
         return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
-    due = new >= s.retrain_min_labels or (new > 0 and (flush or (age is not None and age >= s.retrain_max_wait_s)))
+    due, why = learning.retrain_due(backlog, s.retrain_min_labels, s.retrain_growth, s.retrain_max_wait_s, flush)
     if not due:
-        return dg.SkipReason(f"{new} new label(s); waiting for {s.retrain_min_labels} or "
-                             f"{s.retrain_max_wait_s:.0f}s since the last training set")
+        return dg.SkipReason(why)
     return dg.RunRequest(run_key=f"train:{digest}", tags={
-        "stream_sentinel/new_labels": str(new),
+        "stream_sentinel/new_labels": str(backlog.new),
         # a run whose worker died (run_liveness_sensor fails it) is retried; a candidate
         # rejected by its gate is a verdict, not a crash, and is not
         "dagster/max_retries": "2", "dagster/retry_on_asset_or_op_failure": "false"})
@@ -41,7 +41,8 @@ def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False,
 def build_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
     @dg.sensor(name="retrain_sensor", job=training_job, minimum_interval_seconds=max(15, settings.sensor_interval_s),
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="New resolved labels (>= N, or any after T seconds) -> training_job.")
+               description="New resolved labels (>= N and >= G x those trained on, or any after T seconds) "
+                           "-> training_job.")
     def retrain_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
         return evaluate_retrain(sentinel, instance=context.instance)
 

@@ -165,6 +165,7 @@ class Settings:
     promotion_metric: str = "roc_auc"  # roc_auc | f1 | log_loss
     promotion_margin: float = 0.01
     retrain_min_labels: int = 50
+    retrain_growth: float = 0.25  # ... and this share of the labels the newest training set has
     retrain_max_wait_s: float = 600.0
     replay_size: int = 500
     rescore_window: int = 10_000  # a new champion rescores this many latest records (new ones always)
@@ -214,6 +215,7 @@ class Settings:
             promotion_metric=os.environ.get("STREAM_SENTINEL_PROMOTION_METRIC") or d.promotion_metric,
             promotion_margin=_env_num("STREAM_SENTINEL_PROMOTION_MARGIN", d.promotion_margin),
             retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
+            retrain_growth=_env_num("STREAM_SENTINEL_RETRAIN_GROWTH", d.retrain_growth),
             retrain_max_wait_s=_env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
             replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
             rescore_window=_env_num("STREAM_SENTINEL_RESCORE_WINDOW", d.rescore_window, int),

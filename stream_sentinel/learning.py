@@ -6,9 +6,11 @@ benchmarks and the tests run exactly the product's code path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -138,7 +140,15 @@ def predict(booster, spec: FeatureSpec, frame: pd.DataFrame, ref: Reference, lea
     return booster.predict(frame_features(spec, frame, ref, leave_one_out=leave_one_out))
 
 
-def current_reference(store: Store, embedding_model_id: str, positive_label: str) -> Reference:
+def _linear_cache(registry: ModelRegistry, kind: str, embedding_model_id: str, positive_label: str) -> Path:
+    """Where the linear column's state of one kind of reference lives between runs (a cache:
+    ``LinearState`` checks it matches before use, so a stale or foreign file is only a miss)."""
+    key = hashlib.sha256(f"{embedding_model_id}\n{positive_label}".encode()).hexdigest()[:12]
+    return registry.root / "linear-cache" / f"{kind}-{key}.npz"
+
+
+def current_reference(store: Store, embedding_model_id: str, positive_label: str,
+                      registry: ModelRegistry | None = None) -> Reference:
     """Every resolved label right now: the neighbours a record is scored against. New labels
     change predictions at once, before any retraining (the trees stay those of the version)."""
     with store.connect() as con:
@@ -152,7 +162,15 @@ def current_reference(store: Store, embedding_model_id: str, positive_label: str
     vecs = vectors_from_arrow(table.column("vector"), n) if n else np.zeros((0, 1), np.float32)
     return Reference(np.ascontiguousarray(vecs, dtype=np.float32),
                      np.asarray(table.column("y").to_numpy(zero_copy_only=False), dtype=int),
-                     table.column("record_id").to_pylist())
+                     table.column("record_id").to_pylist(),
+                     _linear_cache(registry, "all", embedding_model_id, positive_label) if registry else None)
+
+
+def training_reference(registry: ModelRegistry, ts: TrainingSet, embedding_model_id: str) -> Reference:
+    """The training split as the labelled neighbours of a version's features."""
+    ref = Reference.from_frame(ts.split("train"))
+    ref.cache_file = _linear_cache(registry, "train", embedding_model_id, ts.positive_label)
+    return ref
 
 
 @_in_session
@@ -172,7 +190,7 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
                                f"{have} so far")
     champion = registry.reconcile()
     parent = registry.get(champion) if champion else None
-    ref = Reference.from_frame(train)
+    ref = training_reference(registry, ts, embedding_model_id)
     booster = spec = None
     strategy, batch = "full", train
     if parent is not None and not full and _outgrown(registry, parent, len(train), params.refit_growth):
@@ -257,7 +275,7 @@ def judge(registry: ModelRegistry, store: Store, candidate: str, metric: str = "
     if ts is None or ts.data_version != cand.training_set_version:
         ts = training_set_for_version(store, cand.training_set_version, cand.embedding_model_id)
     valid, train = ts.split("valid"), ts.split("train")
-    ref = Reference.from_frame(train)
+    ref = training_reference(registry, ts, cand.embedding_model_id)
     y = valid["y"].to_numpy()
     booster, spec = registry.load(candidate)
     p_new = predict(booster, spec, valid, ref)
@@ -309,7 +327,7 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
     v = registry.get(version)
     booster, spec = registry.load(version)
     positive, negative = version_labels(store, v)
-    ref = current_reference(store, embedding_model_id, positive)
+    ref = current_reference(store, embedding_model_id, positive, registry)
     with store.connect() as con:
         table = con.sql(
             """SELECT r.id AS record_id, r.features, e.vector FROM records r
@@ -405,18 +423,49 @@ def ab_step(registry: ModelRegistry, store: Store, alpha: float = 0.05, min_samp
     return decision
 
 
-def new_labels_since_last_training(store: Store) -> tuple[int, float | None]:
-    """(resolved labels not in the newest training set, seconds since that set was made)."""
+@dataclass
+class LabelBacklog:
+    new: int  # resolved labels not in the newest training set
+    trained: int  # labels in that set (0: none yet)
+    age_s: float | None  # seconds since that set was made (None: none yet)
+
+
+def label_backlog(store: Store) -> LabelBacklog:
+    """What the newest training set lacks: the input of the retrain policy (``retrain_due``)."""
     with store.connect() as con:
         last = con.execute("SELECT data_version, epoch(now() - created_at) FROM training_sets "
                            "ORDER BY created_at DESC LIMIT 1").fetchall()
         if not last:
             n = con.execute("SELECT count(*) FROM labels WHERE status = 'resolved'").fetchall()[0][0]
-            return int(n), None
+            return LabelBacklog(int(n), 0, None)
         n = con.execute("""SELECT count(*) FROM labels l WHERE l.status = 'resolved' AND NOT EXISTS (
                              SELECT 1 FROM training_set_rows t WHERE t.data_version = ? AND t.record_id = l.record_id
                              AND t.label = l.label)""", [last[0][0]]).fetchall()[0][0]
-    return int(n), float(last[0][1])
+        trained = con.execute("SELECT count(*) FROM training_set_rows WHERE data_version = ?",
+                              [last[0][0]]).fetchall()[0][0]
+    return LabelBacklog(int(n), int(trained), float(last[0][1]))
+
+
+def retrain_due(backlog: LabelBacklog, min_labels: int, growth: float, max_wait_s: float,
+                flush: bool = False) -> tuple[bool, str]:
+    """The micro-batch policy: train when the new labels reach ``min_labels`` and a ``growth``
+    share of the labels trained on, or when any are older than ``max_wait_s`` (or on ``flush``).
+
+    Why a share and not a fixed count: every label counts at once without training (the kNN
+    and linear columns read the current labels when a record is scored); training is what
+    teaches the trees what those columns mean, and that moves with the share of new labels,
+    not their count. A fixed count trains ever more often relative to what it learns: at a
+    million labels, every 50 new ones. The wait bound keeps a slow stream learning."""
+    need = max(min_labels, int(np.ceil(growth * backlog.trained)))
+    if backlog.new >= need:
+        return True, f"{backlog.new} new label(s) >= {need}"
+    if backlog.new > 0 and flush:
+        return True, f"{backlog.new} new label(s), flushed"
+    if backlog.new > 0 and backlog.age_s is not None and backlog.age_s >= max_wait_s:
+        return True, f"{backlog.new} new label(s), the newest training set is {backlog.age_s:.0f}s old"
+    return False, (f"{backlog.new} new label(s); waiting for {need} (min {min_labels}, or "
+                   f"{growth:.0%} of the {backlog.trained} trained on) or {max_wait_s:.0f}s since the last "
+                   f"training set")
 
 
 __all__ = ["load_training_set", "persist_training_set", "train_candidate", "judge", "score_new_records"]

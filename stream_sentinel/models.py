@@ -163,10 +163,26 @@ def fit_feature_spec(frame: pd.DataFrame, n_components: int = 16, knn_k: int = 1
     k = min(n_components, max(1, min(vecs.shape) - 1))
     # PCA by SVD of a (seeded) sample: deterministic and cheap
     rng = np.random.default_rng(seed)
-    sample = vecs[rng.choice(len(vecs), size=min(len(vecs), 5000), replace=False)] - mean
-    _, _, vt = np.linalg.svd(sample, full_matrices=False)
-    return FeatureSpec(numeric, knn_k, mean.astype(np.float32), vt[:k].astype(np.float32), linear,
+    sample = (vecs[rng.choice(len(vecs), size=min(len(vecs), 5000), replace=False)] - mean).astype(np.float64)
+    # the top eigenvectors of the d x d scatter matrix: the same subspace as an SVD of the
+    # sample, at a tenth of the cost (d is small next to the rows); signs fixed so a refit on
+    # the same rows gives the same columns
+    with _one_blas_thread():
+        _, vecs_ = np.linalg.eigh(sample.T @ sample)
+    top = vecs_[:, ::-1][:, :k].T
+    top *= np.where(top[np.arange(len(top)), np.abs(top).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]
+    return FeatureSpec(numeric, knn_k, mean.astype(np.float32), top.astype(np.float32), linear,
                        linear_half_life)
+
+
+def _one_blas_thread():
+    """Small dense algebra on one BLAS thread. FAISS and LightGBM bring their own OpenMP
+    runtimes whose idle threads spin for a while after each call; on a 2-core machine a
+    multi-threaded 385 x 385 solve right after a kNN search took 20 ms instead of 2 (measured),
+    and these products are too small to gain from threads anyway."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
 
 
 @dataclass
@@ -176,6 +192,8 @@ class Reference:
     vectors: np.ndarray
     y: np.ndarray
     ids: list[str]
+    # where the linear column keeps its state between processes (LinearState); None: memory only
+    cache_file: Path | None = None
 
     def without(self, ids: set[str]) -> "Reference":
         keep = np.array([r not in ids for r in self.ids], dtype=bool)
@@ -192,6 +210,154 @@ LINEAR_FOLDS = 5
 LINEAR_RIDGE = 10.0
 
 
+def _rows_digest(ids: list[str], y: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update("\n".join(f"{r}\t{int(c)}" for r, c in zip(ids, y)).encode())
+    return h.hexdigest()
+
+
+class LinearState:
+    """The sufficient statistics of the linear score column for one reference: per fold and
+    class, the recency-weighted gram, right-hand side and row count.
+
+    A fit on any set of folds is a sum of parts, so out-of-fold scores cost K small solves,
+    not K passes over the labels. And the parts *extend*: when a reference is an earlier one
+    plus rows appended in stream order (the usual case: new labels arrive after old ones),
+    the old parts decay by ``0.5 ** (m / half_life)`` and only the ``m`` new rows are
+    multiplied in. Every scoring call then costs O(new labels), not O(all labels), which is
+    what keeps the column cheap at a million labels. A reference that is not such an
+    extension (a label changed, a late label inserted mid-stream, another embedding model)
+    is recomputed from scratch; ``matches`` checks ids, labels and a vector checksum."""
+
+    def __init__(self, d: int, half_life: float):
+        self.d, self.half_life, self.n = d, float(half_life), 0
+        self.gram = np.zeros((LINEAR_FOLDS, 2, d + 1, d + 1))
+        self.rhs = np.zeros((LINEAR_FOLDS, 2, d + 1))
+        self.count = np.zeros((LINEAR_FOLDS, 2), dtype=np.int64)
+        self.digest = _rows_digest([], np.zeros(0))
+        self.vsum = 0.0
+        self._coefs: dict = {}
+
+    @staticmethod
+    def _vsum(vectors: np.ndarray) -> float:
+        return float(np.sum(vectors, dtype=np.float64))
+
+    def matches(self, ref: "Reference") -> bool:
+        """True when ``ref``'s first ``n`` rows are exactly the rows this state holds."""
+        return (len(ref.ids) >= self.n and ref.vectors.shape[1] == self.d
+                and _rows_digest(ref.ids[:self.n], ref.y[:self.n]) == self.digest
+                and self._vsum(ref.vectors[:self.n]) == self.vsum)
+
+    def extend(self, ref: "Reference") -> "LinearState":
+        """Add ``ref``'s rows past the first ``n`` (``matches(ref)`` must hold)."""
+        n0, n = self.n, len(ref.ids)
+        if n == n0:
+            return self
+        m = n - n0
+        if self.half_life > 0 and n0:
+            decay = 0.5 ** (m / self.half_life)
+            self.gram *= decay
+            self.rhs *= decay
+        X = np.hstack([ref.vectors[n0:].astype(np.float32, copy=False), np.ones((m, 1), np.float32)])
+        y = ref.y[n0:]
+        t = np.where(y == 1, 1.0, -1.0).astype(np.float32)
+        pos = np.arange(n0, n)
+        r = (0.5 ** ((n - 1 - pos) / self.half_life) if self.half_life > 0 else np.ones(m)).astype(np.float32)
+        fold = pos % LINEAR_FOLDS
+        # float32 products (half the memory traffic of float64; unit vectors keep the sums well
+        # within its precision), float64 accumulation and solves
+        for f in range(LINEAR_FOLDS):
+            for c in (0, 1):
+                sel = (fold == f) & (y == c)
+                if sel.any():
+                    Xm = X[sel] * r[sel][:, None]
+                    self.gram[f, c] += Xm.T @ X[sel]
+                    self.rhs[f, c] += Xm.T @ t[sel]
+                    self.count[f, c] += int(sel.sum())
+        self.n = n
+        self.digest = _rows_digest(ref.ids, ref.y)
+        self.vsum = self._vsum(ref.vectors)
+        self._coefs = {}
+        return self
+
+    def coef(self, skip: int | None) -> np.ndarray | None:
+        """Ridge coefficients on every fold but ``skip``; None while a class is missing there.
+        Each class weighs half of the fit (the stream's mix swings; the column should not)."""
+        if skip not in self._coefs:
+            use = [f for f in range(LINEAR_FOLDS) if f != skip]
+            counts = self.count[use].sum(axis=0)
+            if counts.min() == 0:
+                self._coefs[skip] = None
+            else:
+                scale = 0.5 / (counts / counts.sum())
+                gram = np.einsum("c,fcij->ij", scale, self.gram[use])
+                rhs = np.einsum("c,fci->i", scale, self.rhs[use])
+                reg = LINEAR_RIDGE * np.eye(self.d + 1)
+                reg[-1, -1] = 0.0  # the intercept is not shrunk
+                self._coefs[skip] = np.linalg.solve(gram + reg, rhs)
+        return self._coefs[skip]
+
+    def copy(self) -> "LinearState":
+        other = LinearState(self.d, self.half_life)
+        other.gram, other.rhs, other.count = self.gram.copy(), self.rhs.copy(), self.count.copy()
+        other.n, other.digest, other.vsum = self.n, self.digest, self.vsum
+        return other
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, gram=self.gram, rhs=self.rhs, count=self.count,
+                 meta=np.array([self.d, self.half_life, self.n, self.vsum]), digest=np.array(self.digest))
+        return buf.getvalue()
+
+    @classmethod
+    def from_file(cls, path: Path) -> "LinearState | None":
+        """A saved state, or None when it is missing or unreadable (it is only a cache)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d, half_life, n, vsum = z["meta"].tolist()
+                state = cls(int(d), half_life)
+                state.gram, state.rhs, state.count = z["gram"], z["rhs"], z["count"]
+                state.n, state.vsum, state.digest = int(n), float(vsum), str(z["digest"])
+            return state
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+# states of the references scored lately in this process (a run scores the same reference
+# several times: training rows, validation, golden slice, the gate)
+_LINEAR_MEMO: list[LinearState] = []
+_LINEAR_MEMO_SIZE = 4
+
+
+def linear_state(ref: "Reference", half_life: float) -> LinearState:
+    """The state for ``ref``: an extension of one held in memory or in ``ref.cache_file``
+    when one matches, else built from scratch. Saved back to ``ref.cache_file`` when it grew."""
+    d, half_life = ref.vectors.shape[1], float(half_life)
+    fits = [s for s in _LINEAR_MEMO if s.d == d and s.half_life == half_life and s.matches(ref)]
+    best = max(fits, key=lambda s: s.n, default=None)
+    if best is None and ref.cache_file is not None and ref.cache_file.exists():
+        disk = LinearState.from_file(ref.cache_file)
+        if disk is not None and disk.d == d and disk.half_life == half_life and disk.matches(ref):
+            best = disk
+    grew = best is None or best.n < len(ref.ids)
+    # extend a copy: the shorter state stays valid for another reference built on it
+    state = (best.copy() if best is not None else LinearState(d, half_life)).extend(ref) if grew else best
+    if state in _LINEAR_MEMO:
+        _LINEAR_MEMO.remove(state)
+    _LINEAR_MEMO.insert(0, state)
+    del _LINEAR_MEMO[_LINEAR_MEMO_SIZE:]
+    if grew and ref.cache_file is not None:
+        from .atomic import write_bytes_atomic
+
+        try:
+            write_bytes_atomic(ref.cache_file, state.to_bytes())
+        except OSError:
+            pass  # only a cache: a full disk or a read-only root must not fail the scoring
+    return state
+
+
 def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = None,
                   half_life: float = 0.0) -> np.ndarray:
     """A class-balanced ridge classifier on the embeddings of every labelled record, as one
@@ -203,50 +369,26 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
     form (d x d normal equations), so it costs milliseconds at thousands of labels. Rows that
     are themselves in the reference (training) get out-of-fold scores: a record never scores
     with its own label, as with the kNN leave-one-out."""
-    n = len(ref.vectors)
     out = np.zeros(len(vectors), dtype=np.float32)
-    if n < 2 or not len(vectors) or len(set(ref.y.tolist())) < 2:
+    if len(ref.vectors) < 2 or not len(vectors) or len(set(ref.y.tolist())) < 2:
         return out
-    d = ref.vectors.shape[1]
-    # float32 products (half the memory traffic of float64; unit vectors keep the sums well
-    # within its precision), float64 solves
-    X = np.hstack([ref.vectors.astype(np.float32, copy=False), np.ones((n, 1), np.float32)])
+    with _one_blas_thread():
+        return _linear_scores(ref, vectors, ids, half_life, out)
+
+
+def _linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None, half_life: float,
+                   out: np.ndarray) -> np.ndarray:
+    state = linear_state(ref, half_life)
     V = np.hstack([vectors.astype(np.float64), np.ones((len(vectors), 1))])
-    t = np.where(ref.y == 1, 1.0, -1.0).astype(np.float32)
-    # recency (the reference is in stream order); each class then weighs half of the fit
-    r = (0.5 ** ((n - 1 - np.arange(n)) / half_life) if half_life > 0 else np.ones(n)).astype(np.float32)
-    reg = LINEAR_RIDGE * np.eye(d + 1)
-    reg[-1, -1] = 0.0  # the intercept is not shrunk
-    # per fold and class: weighted gram, right-hand side, row count; a fit on any set of folds
-    # is then a sum of parts, so out-of-fold scores cost K small solves, not K passes
-    fold = np.arange(n) % LINEAR_FOLDS
-    parts = {}
-    for f in range(LINEAR_FOLDS):
-        for c in (0, 1):
-            m = (fold == f) & (ref.y == c)
-            Xm = X[m] * r[m][:, None]
-            parts[f, c] = ((Xm.T @ X[m]).astype(np.float64), (Xm.T @ t[m]).astype(np.float64), int(m.sum()))
-
-    def coef(skip: int | None):
-        use = [f for f in range(LINEAR_FOLDS) if f != skip]
-        counts = [sum(parts[f, c][2] for f in use) for c in (0, 1)]
-        if min(counts) == 0:
-            return None
-        scale = [0.5 / (counts[c] / sum(counts)) for c in (0, 1)]
-        gram = sum(scale[c] * parts[f, c][0] for f in use for c in (0, 1))
-        rhs = sum(scale[c] * parts[f, c][1] for f in use for c in (0, 1))
-        return np.linalg.solve(gram + reg, rhs)
-
-    full = coef(None)
-    out[:] = V @ full
+    out[:] = V @ state.coef(None)
     if ids is not None:
         pos_of = {rid: j for j, rid in enumerate(ref.ids)}
         rows = np.array([pos_of.get(x, -1) for x in ids])
         inside = np.flatnonzero(rows >= 0)
         for k in range(LINEAR_FOLDS):
-            sel = inside[fold[rows[inside]] == k]
+            sel = inside[rows[inside] % LINEAR_FOLDS == k]
             if len(sel):
-                c_k = coef(k)
+                c_k = state.coef(k)
                 out[sel] = 0.0 if c_k is None else V[sel] @ c_k
     return out
 
@@ -312,7 +454,7 @@ class TrainParams:
     num_leaves: int = 15
     min_data_in_leaf: int = 10
     replay: int = 500  # older labelled rows mixed into each continued-training batch (against forgetting)
-    refit_growth: float = 2.0  # full retrain once the training split doubled since the last full version
+    refit_growth: float = 1.2  # full retrain once the training split grew this much since the last full version
     linear: bool = True  # a full retrain adds the live linear score column (linear_scores)
     linear_half_life: float = 2000.0  # labels this many places older weigh half in that column
     balanced: bool = True  # LightGBM's is_unbalance (reweights the rarer class)

@@ -310,6 +310,49 @@ def test_linear_scores_never_use_a_records_own_label_and_follow_recent_labels():
     assert linear_scores(turned, probe, None, half_life=20.0)[0] < 0  # recent labels weigh more
 
 
+def test_linear_state_extends_in_stream_order_and_rebuilds_when_the_past_changes(tmp_path):
+    """Scores from a state extended batch by batch (and reloaded from disk by another process)
+    equal scores from scratch; a changed label, an inserted row or another embedding is a
+    rebuild, never a silent mix of old and new statistics."""
+    from stream_sentinel import models
+    from stream_sentinel.models import Reference, linear_scores, linear_state
+
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(600, 8)).astype(np.float32)
+    y = (vecs[:, 0] + 0.3 * rng.normal(size=600) > 0).astype(int)
+    ids = [f"r{i}" for i in range(600)]
+    probe = rng.normal(size=(30, 8)).astype(np.float32)
+    cache = tmp_path / "linear" / "all.npz"
+
+    def scratch(ref):
+        models._LINEAR_MEMO.clear()
+        plain = Reference(ref.vectors, ref.y, ref.ids)  # no file: built from nothing
+        return linear_scores(plain, probe, None, 50.0), linear_scores(plain, ref.vectors[:40], ref.ids[:40], 50.0)
+
+    models._LINEAR_MEMO.clear()
+    for n in (100, 250, 400, 600):  # batches arrive; each process starts with an empty memory
+        models._LINEAR_MEMO.clear()
+        ref = Reference(vecs[:n], y[:n], ids[:n], cache)
+        got = linear_scores(ref, probe, None, 50.0), linear_scores(ref, vecs[:40], ids[:40], 50.0)
+        assert linear_state(ref, 50.0).n == n
+        want = scratch(ref)
+        assert np.allclose(got[0], want[0], atol=1e-4) and np.allclose(got[1], want[1], atol=1e-4)
+    assert cache.exists()
+    # the state on disk grew with the stream: a 600-row reference is read back, not rebuilt
+    models._LINEAR_MEMO.clear()
+    assert models.LinearState.from_file(cache).n == 600
+    # the past changed: one old label flipped; a late label inserted in the middle; new vectors
+    flipped = y.copy()
+    flipped[10] = 1 - flipped[10]
+    inserted = np.insert(vecs, 50, rng.normal(size=8).astype(np.float32), axis=0)
+    for ref in (Reference(vecs, flipped, ids, cache),
+                Reference(inserted, np.insert(y, 50, 1), ids[:50] + ["late"] + ids[50:], cache),
+                Reference(vecs * 0.5, y, ids, cache)):
+        models._LINEAR_MEMO.clear()
+        got = linear_scores(ref, probe, None, 50.0)
+        assert np.allclose(got, scratch(ref)[0], atol=1e-4)
+
+
 def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store, demo_embedder, demo_records,
                                                                    demo_labels, instance):
     """120 labels, all ham: no candidate, no failure, and the output says what it waits for."""
@@ -323,3 +366,20 @@ def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store
     assert outcome == "ok" and any("waiting for both classes ('spam' and 'ham')" in line for line in lines), lines
     assert not result.asset_materializations_for_node("model")
     assert ModelRegistry(paths.models, store).champion_version() is None
+
+
+def test_retrain_policy_grows_with_the_labels_trained_on():
+    """Training is due when the new labels reach both the minimum and a share of those trained
+    on: at 1,000 labels 100 new ones wait, 250 train; a slow stream still trains after the
+    wait bound, and a flush trains whatever is there; nothing new never trains."""
+    from stream_sentinel.learning import LabelBacklog, retrain_due
+
+    assert retrain_due(LabelBacklog(60, 0, None), 50, 0.25, 600)[0]  # the first training set
+    assert retrain_due(LabelBacklog(60, 100, 5.0), 50, 0.25, 600)[0]  # small: the minimum rules
+    due, why = retrain_due(LabelBacklog(100, 1000, 5.0), 50, 0.25, 600)
+    assert not due and "waiting for 250" in why and "25% of the 1000 trained on" in why
+    assert retrain_due(LabelBacklog(250, 1000, 5.0), 50, 0.25, 600)[0]
+    assert retrain_due(LabelBacklog(100, 1000, 700.0), 50, 0.25, 600)[0]  # waited long enough
+    assert retrain_due(LabelBacklog(1, 1000, 5.0), 50, 0.25, 600, flush=True)[0]
+    assert not retrain_due(LabelBacklog(0, 1000, 9e9), 50, 0.25, 600, flush=True)[0]
+    assert retrain_due(LabelBacklog(50, 100_000, 5.0), 50, 0.0, 600)[0]  # growth 0: the fixed count
