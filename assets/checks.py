@@ -5,7 +5,7 @@ parked units (ERROR, not blocking)."""
 import dagster as dg
 import numpy as np
 
-from resources import EmbedderResource, StreamSentinelResource
+from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .feedback import feedback
 from .ingest import raw_records, vector_index

@@ -7,8 +7,8 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from resources import EmbedderResource, StreamSentinelResource
 from stream_sentinel import drift
+from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .ingest import embeddings
 from .models import predictions

@@ -5,9 +5,9 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from resources import KafkaResource, StreamSentinelResource
 from stream_sentinel import feedback as fb
 from stream_sentinel import feedback_sources as fs
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
 
 from .ingest import raw_records
 

@@ -6,8 +6,8 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from resources import EmbedderResource, StreamSentinelResource
 from stream_sentinel import ingest, pipeline
+from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .partitions import daily_arrivals
 

@@ -3,9 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
-from resources import EmbedderResource, StreamSentinelResource
 from stream_sentinel import drift, learning, run_facts
 from stream_sentinel.models import TrainParams, load_training_set
+from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .feedback import labels
 from .ingest import embeddings

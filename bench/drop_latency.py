@@ -1,6 +1,6 @@
 """File drop -> searchable latency, and sustained ingest rate, with the real dagster-daemon.
 
-A fresh data root and Dagster instance (the repo's dagster.yaml: queued runs, one at a
+A fresh data root and Dagster instance (the packaged dagster.yaml: queued runs, one at a
 time) with the sensors as deployed. These parts are measured:
 
 * latency: ``--drops`` single-record files, dropped one at a time. For each, the time
@@ -44,7 +44,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (puts the repo on sys.path)
+
+from stream_sentinel import dagster_home as dagster_home_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,8 +181,7 @@ def measure(recs: list[dict], drops: int, burst: int, sensor_interval: int, serv
     """One fresh deployment: daemon (+ the embedding server when ``server``), drops, then a burst."""
     tmp = Path(tempfile.mkdtemp(prefix="ss-latency-"))
     home, dagster_home = tmp / "home", tmp / "dagster"
-    dagster_home.mkdir(parents=True)
-    shutil.copyfile(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    dagster_home_files.prepare(dagster_home)  # the packaged dagster.yaml and workspace.yaml, as `up` does
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(home),
            "STREAM_SENTINEL_SENSOR_INTERVAL": str(sensor_interval), "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0.3"}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
@@ -199,7 +200,7 @@ def measure(recs: list[dict], drops: int, burst: int, sensor_interval: int, serv
         print(f"embedding server: {'compiled' if state.get('compiled') else state.get('compile_error')}"
               f"{'' if compiled else ' (timed out waiting)'}", file=sys.stderr)
     procs.append(subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w",
-                                   str(ROOT / "workspace.yaml")], cwd=ROOT, env=env, stdout=log,
+                                   str(dagster_home / "workspace.yaml")], cwd=dagster_home, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True))
     latencies = []
     pipeline_s, burst_runs, embed_rate, sustain, sustain_runs = None, [], float("nan"), {}, []

@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from assets.drift import RecentDriftConfig, recent_drift_job
-from assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job
-from resources import StreamSentinelResource
 from stream_sentinel import drift
+from stream_sentinel.assets.drift import RecentDriftConfig, recent_drift_job
+from stream_sentinel.assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job
 from stream_sentinel.config import Settings
+from stream_sentinel.resources import StreamSentinelResource
 from stream_sentinel.store import StoreBusy
 
 from .units import run_waiting

@@ -12,11 +12,11 @@ import json
 import dagster as dg
 from confluent_kafka import KafkaException
 
-from assets.feedback import FeedbackConfig, feedback_job
-from resources import KafkaResource, StreamSentinelResource
 from stream_sentinel import feedback_sources as fs
 from stream_sentinel import retry
+from stream_sentinel.assets.feedback import FeedbackConfig, feedback_job
 from stream_sentinel.config import Settings
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
 from stream_sentinel.store import StoreBusy
 
 from .units import retry_requests, run_waiting

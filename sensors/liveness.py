@@ -6,7 +6,7 @@ After a SIGKILL of the whole stack, a run killed mid-step stays STARTED forever 
 one run at a time, every queued run waits behind it. This sensor finds such runs, marks
 them failed with a message that says why, and so frees the queue; the failed run is then
 retried by Dagster (ingest runs: ``dagster/max_retries``) or by the sensor that owns its
-unit (:mod:`sensors.units`), never silently dropped.
+unit (:mod:`stream_sentinel.sensors.units`), never silently dropped.
 
 A run names its worker in the tag ``stream_sentinel/worker`` (host, boot id, pid and the
 process's start time, set when its first resource starts); a run that died before that is
@@ -20,8 +20,8 @@ import time
 
 import dagster as dg
 
-from resources.sentinel import WORKER_TAG
 from stream_sentinel import procs
+from stream_sentinel.resources.sentinel import WORKER_TAG
 
 LIVENESS_INTERVAL_S = 10
 # a launched run's worker reports "Started process for run (pid)" within seconds; a run still

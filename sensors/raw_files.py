@@ -12,10 +12,10 @@ import time
 
 import dagster as dg
 
-from assets.ingest import RawRecordsConfig, ingest_job
-from resources import StreamSentinelResource
 from stream_sentinel import ingest, retry
+from stream_sentinel.assets.ingest import RawRecordsConfig, ingest_job
 from stream_sentinel.config import Settings
+from stream_sentinel.resources import StreamSentinelResource
 from stream_sentinel.store import StoreBusy
 
 from .units import retry_requests

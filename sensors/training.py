@@ -8,10 +8,10 @@ labels never train twice however often the sensor ticks.
 
 import dagster as dg
 
-from assets.models import training_job
-from resources import StreamSentinelResource
 from stream_sentinel import learning
+from stream_sentinel.assets.models import training_job
 from stream_sentinel.config import Settings
+from stream_sentinel.resources import StreamSentinelResource
 from stream_sentinel.store import StoreBusy
 
 from .units import run_waiting

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,12 @@ from pathlib import Path
 from . import jsonout
 from .config import HOME_ENV, Paths, Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The tags a sensor launch carries (the keys Dagster shows on every sensor run, and that the
+# daemon's de-duplication reads). Dagster exports no public constant for them; spelled out
+# here so `run --once` needs no private `dagster._core` import. tests/test_daemon_e2e.py
+# asserts the daemon's own runs carry exactly these keys.
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_NAME_TAG = "dagster/sensor_name"
 
 
 def _console(level: str) -> dict:
@@ -149,11 +153,10 @@ def cmd_run(args) -> int:
         _err("only `stream-sentinel run --once` exists; the continuous mode is `stream-sentinel up`")
         return 2
     import dagster as dg
-    from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
-    from resources import KafkaResource, StreamSentinelResource
-    from sensors.feedback import evaluate_files, evaluate_kafka
-    from sensors.raw_files import batch_run_request
+    from stream_sentinel.resources import KafkaResource, StreamSentinelResource
+    from stream_sentinel.sensors.feedback import evaluate_files, evaluate_kafka
+    from stream_sentinel.sensors.raw_files import batch_run_request
 
     from . import ingest, pipeline
     from .definitions import build_definitions
@@ -291,8 +294,8 @@ def run_outcome(result) -> tuple[str, list[str]]:
 def _training_due(settings: Settings) -> bool:
     import dagster as dg
 
-    from resources import StreamSentinelResource
-    from sensors.training import evaluate_retrain
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.training import evaluate_retrain
 
     with dg.build_resources({"sentinel": StreamSentinelResource()}) as res:
         return isinstance(evaluate_retrain(res.sentinel, flush=True), dg.RunRequest)
@@ -582,20 +585,13 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------ up
 
 
-def prepare_dagster_home(paths: Paths) -> Path:
-    dagster_home = Path(os.environ.get("DAGSTER_HOME") or paths.home / "dagster").absolute()
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    src = REPO_ROOT / "dagster.yaml"
-    if src.exists():
-        shutil.copyfile(src, dagster_home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(dagster_home)
-    return dagster_home
-
-
 def cmd_up(args) -> int:
+    from . import dagster_home as dh
+
     paths = Paths.from_env().ensure()
     os.environ[HOME_ENV] = str(paths.home)
-    dagster_home = prepare_dagster_home(paths)
+    dagster_home = dh.prepare(dh.location(paths))  # with the packaged dagster.yaml and workspace.yaml
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
     env = dict(os.environ)
     procs: list[subprocess.Popen] = []
     if not args.no_demo:
@@ -615,15 +611,17 @@ def cmd_up(args) -> int:
     embed_cmd = [sys.executable, "-m", "stream_sentinel.cli", "embed-server"]
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
-    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    dagster_cmd = [dagster or "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", args.host,
-                   "-p", str(args.port)]
+    # this interpreter's Dagster (not the first `dagster` on PATH): the environment `up` is installed in
+    dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(dagster_home / dh.WORKSPACE_FILE),
+                   "-h", args.host, "-p", str(args.port)]
     # `up` supervises what it starts: `dagster dev` exits when its daemon or webserver dies,
     # and the embedding server can be killed on its own; each is started again (with
     # backoff), so a killed process heals without a human. Runs killed with them are failed
     # by run_liveness_sensor and retried.
     children = {
-        "dagster dev": Supervised(dagster_cmd, env, cwd=REPO_ROOT),
+        # started in DAGSTER_HOME: the code location is imported by module name from the
+        # installed package, whatever folder `up` was started in
+        "dagster dev": Supervised(dagster_cmd, env, cwd=dagster_home),
         "embedding server": Supervised(embed_cmd, env),
     }
 

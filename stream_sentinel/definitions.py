@@ -1,8 +1,10 @@
 """The code location: what `workspace.yaml` loads and what `stream-sentinel` runs.
 
-This module and the CLI are the only parts of the package that import Dagster; the
-rest of ``stream_sentinel`` is a plain library. Nothing heavy (torch, faiss) is
-imported here, so the code location loads fast.
+The Dagster layer is ``stream_sentinel.assets``, ``.sensors`` and ``.resources`` (the
+checkout's top-level ``assets/``, ``sensors/``, ``resources/`` folders, installed under
+this package). This module and the CLI are the only other parts of the package that import
+Dagster; the rest of ``stream_sentinel`` is a plain library. Nothing heavy (torch, faiss)
+is imported here, so the code location loads fast.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import os
 
 import dagster as dg
 
-from assets import all_assets, all_checks, all_jobs, all_schedules
-from resources import EmbedderResource, KafkaResource, StreamSentinelResource
-from sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
-                     build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor)
+from stream_sentinel.assets import all_assets, all_checks, all_jobs, all_schedules
 from stream_sentinel.config import Settings
+from stream_sentinel.resources import EmbedderResource, KafkaResource, StreamSentinelResource
+from stream_sentinel.sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
+                                     build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor)
 
 
 def kafka_resource() -> KafkaResource:

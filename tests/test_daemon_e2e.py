@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from stream_sentinel import dagster_home as dagster_home_files
 from stream_sentinel.index import IndexStore
 from stream_sentinel.store import Store
 
@@ -30,14 +30,13 @@ WAIT_S = 420
 
 @pytest.fixture
 def daemon(paths, tmp_path):
-    dagster_home = tmp_path / "dagster_home"
-    dagster_home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    # the instance folder as `stream-sentinel up` prepares it: the packaged dagster.yaml and workspace.yaml
+    dagster_home = dagster_home_files.prepare(tmp_path / "dagster_home")
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(paths.home),
            "STREAM_SENTINEL_SENSOR_INTERVAL": "1", "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0.5"}
     log = open(tmp_path / "daemon.log", "w")
     dagster_daemon = Path(sys.executable).parent / "dagster-daemon"
-    proc = subprocess.Popen([str(dagster_daemon), "run", "-w", str(REPO / "workspace.yaml")], cwd=REPO,
+    proc = subprocess.Popen([str(dagster_daemon), "run", "-w", str(dagster_home / "workspace.yaml")], cwd=dagster_home,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield dagster_home, tmp_path / "daemon.log"

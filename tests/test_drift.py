@@ -285,15 +285,15 @@ def _report(day: str, drifted: bool) -> drift.DriftResult:
 
 
 def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkeypatch):
-    from resources import StreamSentinelResource
-    from sensors.drift import DRIFT_TAG, build_drift_retrain_sensor
     from stream_sentinel.config import Settings
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.drift import DRIFT_TAG, build_drift_retrain_sensor
 
     sensor = build_drift_retrain_sensor(Settings())
     cursor: dict = {"value": None}
 
     def evaluate():
-        from sensors.drift import evaluate_drift_retrain
+        from stream_sentinel.sensors.drift import evaluate_drift_retrain
 
         with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
             out = evaluate_drift_retrain(res.sentinel, cursor["value"])
@@ -334,8 +334,8 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
 
 def test_drift_retrain_bookmark_survives_a_lost_cursor(paths, store):
     """The run records the retrain: with the sensor's cursor gone, the episode is still known."""
-    from resources import StreamSentinelResource
-    from sensors.drift import evaluate_drift_retrain
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.drift import evaluate_drift_retrain
 
     drift.record(store, _report("2024-04-02", True))
     with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
@@ -354,12 +354,12 @@ def test_drift_retrain_bookmark_survives_a_lost_cursor(paths, store):
 
 def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
     """Last in the module: it replaces the champion the other tests compare against."""
-    from sensors.drift import DRIFT_TAG
     from stream_sentinel.definitions import build_definitions
+    from stream_sentinel.sensors.drift import DRIFT_TAG
 
     paths, store, registry, emb = home
     job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
-    from assets.models import DRIFT_TRIGGER_TAG
+    from stream_sentinel.assets.models import DRIFT_TRIGGER_TAG
 
     trigger = drift.RetrainTrigger(DAYS[1], DAYS[1], "2024-03-02T00:00:00+00:00", 0.5, 0.3)
     result = job.execute_in_process(instance=instance, run_config={"ops": {"model": {"config": {"full": True}}}},
@@ -379,7 +379,7 @@ def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
 
 
 def test_daily_schedule_requests_yesterdays_partition():
-    from assets.drift import daily_drift_report
+    from stream_sentinel.assets.drift import daily_drift_report
 
     ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 5, 0, 30, tzinfo=timezone.utc))
     req = daily_drift_report(ctx)
@@ -394,8 +394,8 @@ def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(
     for one as soon as a champion and records for both sides exist; it compares the latest
     records (at most half of all) with the champion's training set, and says what it found
     in a headline that follows the stated rule and the prequential accuracy."""
-    from resources import StreamSentinelResource
-    from sensors.drift import evaluate_recent_drift
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.drift import evaluate_recent_drift
 
     from stream_sentinel.definitions import build_definitions
 

@@ -15,11 +15,11 @@ import dagster as dg
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from resources import KafkaResource, StreamSentinelResource
-from sensors.feedback import build_feedback_sensors, evaluate_kafka
 from stream_sentinel import feedback as fb
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
+from stream_sentinel.sensors.feedback import build_feedback_sensors, evaluate_kafka
 from stream_sentinel.store import Store
 
 from .conftest import create_topic, kill_when_paused, start_broker

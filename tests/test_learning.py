@@ -250,9 +250,8 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
                                                                        demo_labels, instance):
     """Before: it materialized `model` with candidate '', batch_size 0, duration_s 0, which became
     the asset's latest and dropped the UI's plots to 0; and `run --once` exited 1 on WARN checks."""
-    from sensors.training import evaluate_retrain
-
-    from resources import StreamSentinelResource
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.training import evaluate_retrain
 
     ingest_with_labels(paths, store, demo_embedder, demo_records, demo_labels, WINDOW, "a")
     # slow continued updates on record: the WARN check fails; it is printed, never counted as failure

@@ -13,14 +13,14 @@ import time
 
 import dagster as dg
 
-from resources import KafkaResource, StreamSentinelResource
-from sensors.feedback import build_feedback_sensors
-from sensors.liveness import WORKER_TAG, reap_orphaned_runs
-from sensors.raw_files import build_raw_files_sensor
 from stream_sentinel import feedback_sources as fs
 from stream_sentinel import ingest, procs, retry
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
+from stream_sentinel.sensors.feedback import build_feedback_sensors
+from stream_sentinel.sensors.liveness import WORKER_TAG, reap_orphaned_runs
+from stream_sentinel.sensors.raw_files import build_raw_files_sensor
 
 from .conftest import create_topic, drop, record
 
@@ -161,7 +161,7 @@ def test_kafka_lag_counts_unrecorded_ranges_and_failed_ranges_are_retried(paths,
 _SLEEPER = textwrap.dedent("""
     import sys, time
     import dagster as dg
-    from resources import StreamSentinelResource
+    from stream_sentinel.resources import StreamSentinelResource
 
     @dg.op
     def nap(sentinel: StreamSentinelResource):

@@ -212,8 +212,8 @@ def test_retrain_policy_waits_for_enough_new_labels(paths, store, demo_embedder,
     embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     import dagster as dg
 
-    from resources import StreamSentinelResource
-    from sensors.training import evaluate_retrain
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.training import evaluate_retrain
 
     def evaluate(flush=False):
         with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:

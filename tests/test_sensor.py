@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dagster as dg
 
-from resources import StreamSentinelResource
-from sensors.raw_files import build_raw_files_sensor
-from stream_sentinel.definitions import build_definitions
 from stream_sentinel.config import Settings
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.resources import StreamSentinelResource
+from stream_sentinel.sensors.raw_files import build_raw_files_sensor
 
 from .conftest import drop, record
 
@@ -49,7 +48,9 @@ def test_new_files_become_one_run_per_micro_batch(paths, instance):
     assert all(int(r.tags["dagster/max_retries"]) >= 1 for r in reqs)
     import yaml
 
-    instance_yaml = yaml.safe_load((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    from stream_sentinel import dagster_home
+
+    instance_yaml = yaml.safe_load(dagster_home.packaged("dagster.yaml"))
     assert instance_yaml["run_retries"]["enabled"] is True
 
 
@@ -107,7 +108,7 @@ def test_new_files_wait_while_an_ingest_run_is_queued(paths, instance):
 def test_next_batch_is_planned_shortly_before_the_running_ingest_run_ends(paths, instance):
     """While an ingest run has far to go, new files keep joining the next batch; near its
     expected end (its records at the last measured embedding rate) the batch is planned."""
-    from sensors.raw_files import PLAN_LEAD_S, seconds_left
+    from stream_sentinel.sensors.raw_files import PLAN_LEAD_S, seconds_left
 
     assert seconds_left([], 100.0, now=1000.0) == 0.0
     assert seconds_left([(5000, 1000.0)], None, now=1000.0) == 0.0  # no rate measured yet: plan at once
