@@ -27,6 +27,14 @@ RUN_KEY_TAG = "dagster/run_key"
 SENSOR_NAME_TAG = "dagster/sensor_name"
 
 
+
+def _instance():
+    """The instance of ``$DAGSTER_HOME`` (where `up` runs), else an ephemeral one: `run --once`
+    and `model retrain` work on a data root that no `up` has touched."""
+    import dagster as dg
+
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
 def _console(level: str) -> dict:
     """Run config that keeps Dagster's per-event DEBUG lines off the terminal."""
     return {"loggers": {"console": {"config": {"log_level": level}}}}
@@ -200,7 +208,7 @@ def cmd_run(args) -> int:
     defs = build_definitions(settings)
     ingest_job = defs.resolve_job_def("ingest_job")
     feedback_job = defs.resolve_job_def("feedback_job")
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    instance = _instance()
     outcomes: list[str] = []
 
     def report(result) -> None:
@@ -400,7 +408,7 @@ def cmd_model(args) -> int:
         from .definitions import build_definitions
 
         job = build_definitions().resolve_job_def("training_job")
-        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+        instance = _instance()
         with instance:
             result = job.execute_in_process(
                 run_config={"ops": {"model": {"config": {"full": bool(args.full)}}}, **_console("INFO")},
@@ -490,7 +498,7 @@ def _drift_backfill(args) -> int:
         _err(f"empty range: {first} .. {last}")
         return 2
     job = build_definitions().resolve_job_def("drift_job")
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    instance = _instance()
     out, failed = [], 0
     with instance:
         day = first
@@ -521,7 +529,7 @@ def cmd_check(args) -> int:
     from .definitions import build_definitions
 
     job = build_definitions().resolve_job_def("index_checks_job")
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    instance = _instance()
     with instance:
         result = job.execute_in_process(run_config=_console("WARNING"), instance=instance, raise_on_error=False)
     evals = [{"check": e.check_name, "asset": e.asset_key.to_user_string(), "passed": e.passed,

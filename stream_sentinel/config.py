@@ -78,7 +78,15 @@ class Paths:
         return self
 
 
-def _env_num(name: str, default: float, cast=float):
+def cache_root() -> Path:
+    """Where downloads and derived files shared by every data root live (the demo corpus, the
+    Kafka jars, precomputed test vectors): ``$STREAM_SENTINEL_CACHE``, else the XDG cache."""
+    base = os.environ.get("STREAM_SENTINEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stream-sentinel")
+    return Path(base)
+
+
+def env_num(name: str, default: float, cast=float):
     raw = os.environ.get(name)
     if raw in (None, ""):
         return cast(default)
@@ -183,51 +191,51 @@ class Settings:
     def from_env(cls) -> "Settings":
         d = cls()
         return cls(
-            sensor_interval_s=_env_num("STREAM_SENTINEL_SENSOR_INTERVAL", d.sensor_interval_s, int),
-            debounce_s=_env_num("STREAM_SENTINEL_DEBOUNCE_SECONDS", d.debounce_s),
-            batch_max_files=_env_num("STREAM_SENTINEL_BATCH_MAX_FILES", d.batch_max_files, int),
-            batch_max_records=_env_num("STREAM_SENTINEL_BATCH_MAX_RECORDS", d.batch_max_records, int),
-            rebuild_ratio=_env_num("STREAM_SENTINEL_REBUILD_RATIO", d.rebuild_ratio),
-            keep_backups=_env_num("STREAM_SENTINEL_KEEP_BACKUPS", d.keep_backups, int),
-            ivf_threshold=_env_num("STREAM_SENTINEL_INDEX_IVF_THRESHOLD", d.ivf_threshold, int),
-            nprobe=_env_num("STREAM_SENTINEL_INDEX_NPROBE", d.nprobe, int),
+            sensor_interval_s=env_num("STREAM_SENTINEL_SENSOR_INTERVAL", d.sensor_interval_s, int),
+            debounce_s=env_num("STREAM_SENTINEL_DEBOUNCE_SECONDS", d.debounce_s),
+            batch_max_files=env_num("STREAM_SENTINEL_BATCH_MAX_FILES", d.batch_max_files, int),
+            batch_max_records=env_num("STREAM_SENTINEL_BATCH_MAX_RECORDS", d.batch_max_records, int),
+            rebuild_ratio=env_num("STREAM_SENTINEL_REBUILD_RATIO", d.rebuild_ratio),
+            keep_backups=env_num("STREAM_SENTINEL_KEEP_BACKUPS", d.keep_backups, int),
+            ivf_threshold=env_num("STREAM_SENTINEL_INDEX_IVF_THRESHOLD", d.ivf_threshold, int),
+            nprobe=env_num("STREAM_SENTINEL_INDEX_NPROBE", d.nprobe, int),
             model_path=os.environ.get("STREAM_SENTINEL_MODEL_PATH") or None,
             device=os.environ.get("STREAM_SENTINEL_DEVICE") or d.device,
-            embed_batch_size=_env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
+            embed_batch_size=env_num("STREAM_SENTINEL_EMBED_BATCH_SIZE", d.embed_batch_size, int),
             embed_precision=os.environ.get("STREAM_SENTINEL_EMBED_PRECISION") or d.embed_precision,
             embed_backend=os.environ.get("STREAM_SENTINEL_EMBED_BACKEND") or d.embed_backend,
             embed_compile=_env_bool("STREAM_SENTINEL_EMBED_COMPILE", d.embed_compile),
-            embed_compile_granule=_env_num("STREAM_SENTINEL_EMBED_COMPILE_GRANULE", d.embed_compile_granule, int),
+            embed_compile_granule=env_num("STREAM_SENTINEL_EMBED_COMPILE_GRANULE", d.embed_compile_granule, int),
             feedback_topic=os.environ.get("STREAM_SENTINEL_FEEDBACK_TOPIC") or d.feedback_topic,
             labels=os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
-            feedback_min_batch=_env_num("STREAM_SENTINEL_FEEDBACK_BATCH", d.feedback_min_batch, int),
-            feedback_max_wait_s=_env_num("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", d.feedback_max_wait_s),
-            feedback_max_range=_env_num("STREAM_SENTINEL_FEEDBACK_MAX_RANGE", d.feedback_max_range, int),
-            consensus_half_life_h=_env_num("STREAM_SENTINEL_CONSENSUS_HALF_LIFE_HOURS", d.consensus_half_life_h),
-            consensus_conflict_margin=_env_num("STREAM_SENTINEL_CONFLICT_MARGIN", d.consensus_conflict_margin),
+            feedback_min_batch=env_num("STREAM_SENTINEL_FEEDBACK_BATCH", d.feedback_min_batch, int),
+            feedback_max_wait_s=env_num("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", d.feedback_max_wait_s),
+            feedback_max_range=env_num("STREAM_SENTINEL_FEEDBACK_MAX_RANGE", d.feedback_max_range, int),
+            consensus_half_life_h=env_num("STREAM_SENTINEL_CONSENSUS_HALF_LIFE_HOURS", d.consensus_half_life_h),
+            consensus_conflict_margin=env_num("STREAM_SENTINEL_CONFLICT_MARGIN", d.consensus_conflict_margin),
             reliability_prior=os.environ.get("STREAM_SENTINEL_RELIABILITY_PRIOR") or d.reliability_prior,
             **_label_pair(os.environ.get("STREAM_SENTINEL_LABELS", d.labels),
                           os.environ.get("STREAM_SENTINEL_POSITIVE_LABEL", ""),
                           os.environ.get("STREAM_SENTINEL_NEGATIVE_LABEL", "")),
-            valid_share=_env_num("STREAM_SENTINEL_VALID_SHARE", d.valid_share),
-            golden_share=_env_num("STREAM_SENTINEL_GOLDEN_SHARE", d.golden_share),
-            valid_max=_env_num("STREAM_SENTINEL_VALID_MAX", d.valid_max, int),
+            valid_share=env_num("STREAM_SENTINEL_VALID_SHARE", d.valid_share),
+            golden_share=env_num("STREAM_SENTINEL_GOLDEN_SHARE", d.golden_share),
+            valid_max=env_num("STREAM_SENTINEL_VALID_MAX", d.valid_max, int),
             promotion_metric=os.environ.get("STREAM_SENTINEL_PROMOTION_METRIC") or d.promotion_metric,
-            promotion_margin=_env_num("STREAM_SENTINEL_PROMOTION_MARGIN", d.promotion_margin),
-            retrain_min_labels=_env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
-            retrain_growth=_env_num("STREAM_SENTINEL_RETRAIN_GROWTH", d.retrain_growth),
-            retrain_max_wait_s=_env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
-            replay_size=_env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
-            rescore_window=_env_num("STREAM_SENTINEL_RESCORE_WINDOW", d.rescore_window, int),
-            rollback_margin=_env_num("STREAM_SENTINEL_ROLLBACK_MARGIN", d.rollback_margin),
-            rollback_min_samples=_env_num("STREAM_SENTINEL_ROLLBACK_MIN_SAMPLES", d.rollback_min_samples, int),
-            ab_share=_env_num("STREAM_SENTINEL_AB_SHARE", d.ab_share),
+            promotion_margin=env_num("STREAM_SENTINEL_PROMOTION_MARGIN", d.promotion_margin),
+            retrain_min_labels=env_num("STREAM_SENTINEL_RETRAIN_MIN_LABELS", d.retrain_min_labels, int),
+            retrain_growth=env_num("STREAM_SENTINEL_RETRAIN_GROWTH", d.retrain_growth),
+            retrain_max_wait_s=env_num("STREAM_SENTINEL_RETRAIN_MAX_WAIT_SECONDS", d.retrain_max_wait_s),
+            replay_size=env_num("STREAM_SENTINEL_REPLAY_SIZE", d.replay_size, int),
+            rescore_window=env_num("STREAM_SENTINEL_RESCORE_WINDOW", d.rescore_window, int),
+            rollback_margin=env_num("STREAM_SENTINEL_ROLLBACK_MARGIN", d.rollback_margin),
+            rollback_min_samples=env_num("STREAM_SENTINEL_ROLLBACK_MIN_SAMPLES", d.rollback_min_samples, int),
+            ab_share=env_num("STREAM_SENTINEL_AB_SHARE", d.ab_share),
             ab_routing=os.environ.get("STREAM_SENTINEL_AB_ROUTING") or d.ab_routing,
-            ab_alpha=_env_num("STREAM_SENTINEL_AB_ALPHA", d.ab_alpha),
-            ab_min_samples=_env_num("STREAM_SENTINEL_AB_MIN_SAMPLES", d.ab_min_samples, int),
-            retry_max_attempts=_env_num("STREAM_SENTINEL_RETRY_MAX_ATTEMPTS", d.retry_max_attempts, int),
-            retry_base_delay_s=_env_num("STREAM_SENTINEL_RETRY_BASE_SECONDS", d.retry_base_delay_s),
-            retry_parked_s=_env_num("STREAM_SENTINEL_RETRY_PARKED_SECONDS", d.retry_parked_s),
+            ab_alpha=env_num("STREAM_SENTINEL_AB_ALPHA", d.ab_alpha),
+            ab_min_samples=env_num("STREAM_SENTINEL_AB_MIN_SAMPLES", d.ab_min_samples, int),
+            retry_max_attempts=env_num("STREAM_SENTINEL_RETRY_MAX_ATTEMPTS", d.retry_max_attempts, int),
+            retry_base_delay_s=env_num("STREAM_SENTINEL_RETRY_BASE_SECONDS", d.retry_base_delay_s),
+            retry_parked_s=env_num("STREAM_SENTINEL_RETRY_PARKED_SECONDS", d.retry_parked_s),
         )
 
     def retry_policy(self):
@@ -241,9 +249,16 @@ class Settings:
         values = frozenset(v.strip() for v in self.labels.split(",") if v.strip())
         return values or None
 
-    def consensus_config(self):
-        from .feedback import ConsensusConfig
-
+    def consensus_config(self) -> "ConsensusConfig":
         agree, disagree = (float(x) for x in self.reliability_prior.split(","))
         return ConsensusConfig(half_life_hours=self.consensus_half_life_h, prior_agree=agree,
                                prior_disagree=disagree, conflict_margin=self.consensus_conflict_margin)
+
+
+@dataclass(frozen=True)
+class ConsensusConfig:
+    half_life_hours: float = 168.0  # a vote a week older than the record's newest vote counts half
+    prior_agree: float = 2.0  # Beta prior on a reviewer's reliability: 2/(2+1) = 0.67 before evidence
+    prior_disagree: float = 1.0
+    conflict_margin: float = 0.2  # (top - runner-up) / total below this -> conflict, held out
+    iterations: int = 5

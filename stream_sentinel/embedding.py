@@ -127,8 +127,7 @@ def _files_id(path: str | os.PathLike[str] | None) -> str:
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0")
         with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     mid = f"{model_name(root)}@sha256:{h.hexdigest()[:16]}"
     with _LOCK:
         _ID_CACHE[key] = mid

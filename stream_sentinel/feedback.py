@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from .config import ConsensusConfig
 from .records import JSONProblem, TimeOutOfRange, is_utf8, loads, parse_event_time, safe_text, show
 from .store import Store
 
@@ -198,15 +199,6 @@ def mark_dlq(store: Store, topic: str, partition: int, statuses: dict[int, str])
 
 
 # ------------------------------------------------------------------------------ consensus
-
-
-@dataclass(frozen=True)
-class ConsensusConfig:
-    half_life_hours: float = 168.0  # a vote a week older than the record's newest vote counts half
-    prior_agree: float = 2.0  # Beta prior on a reviewer's reliability: 2/(2+1) = 0.67 before evidence
-    prior_disagree: float = 1.0
-    conflict_margin: float = 0.2  # (top - runner-up) / total below this -> conflict, held out
-    iterations: int = 5
 
 
 @dataclass

@@ -43,7 +43,7 @@ import duckdb
 import pandas as pd
 
 from .atomic import pause_point, write_json_atomic
-from .config import Paths, _env_num
+from .config import Paths, env_num
 from .records import FileUnparseable, Record, Reject, is_json_lines, is_record_file, read_records
 from .store import Store
 
@@ -237,7 +237,7 @@ def record_scan_problems(con, area: str, problems: list[tuple[str, str]], when: 
 
 def settle_seconds() -> float:
     """How long a file whose end looks unfinished is given to be completed (see :func:`process_file`)."""
-    return _env_num(SETTLE_ENV, DEFAULT_SETTLE_S)
+    return env_num(SETTLE_ENV, DEFAULT_SETTLE_S)
 
 
 def _supersede(con, sha: str, reason: str, out: "FileOutcome | None" = None) -> None:

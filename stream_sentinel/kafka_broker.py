@@ -28,6 +28,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import cache_root
+
 KAFKA_VERSION = "4.1.1"
 SCALA = "2.13"
 
@@ -58,12 +60,6 @@ LOG4J = """<?xml version="1.0" encoding="UTF-8"?>
 
 class BrokerError(RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    base = os.environ.get("STREAM_SENTINEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "stream-sentinel")
-    return Path(base)
 
 
 def require_tools() -> tuple[str, str]:

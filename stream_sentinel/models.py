@@ -539,11 +539,8 @@ def paired_bootstrap(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, metric
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def params_dict(params: TrainParams) -> dict:
