@@ -3,8 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
-from stream_sentinel import drift, learning, run_facts
-from stream_sentinel.models import TrainParams, load_training_set
+from stream_sentinel import drift, run_facts
+from stream_sentinel.learning import loop as learning
+from stream_sentinel.learning.models import TrainParams, load_training_set
 from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .feedback import labels
@@ -197,7 +198,7 @@ LEARNING_ALERTS = {"max_failure_rate": 0.05, "max_update_ms": 1000.0}
 )
 def learning_alerts(context: dg.AssetCheckExecutionContext, sentinel: StreamSentinelResource):
     """Alert thresholds of the learning loop, as WARN checks (they never block a run)."""
-    from stream_sentinel.learning import learning_metrics
+    from stream_sentinel.learning.loop import learning_metrics
 
     store = sentinel.store()
     m = learning_metrics(store, sentinel.registry().reconcile())

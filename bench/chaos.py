@@ -45,7 +45,7 @@ from pathlib import Path
 from common import ROOT, corpus, save  # noqa: E402  (puts the repo on sys.path)
 
 from stream_sentinel import kafka as kf  # noqa: E402
-from stream_sentinel.kafka_broker import KafkaBroker, free_port  # noqa: E402
+from stream_sentinel.devtools.kafka_broker import KafkaBroker, free_port  # noqa: E402
 
 KINDS = {"worker": 4, "daemon": 2, "embed": 1, "stack": 2, "broker": 1}
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stream_sentinel import demo  # noqa: E402
+from stream_sentinel.devtools import demo  # noqa: E402
 from stream_sentinel.atomic import write_bytes_atomic  # noqa: E402
 
 

@@ -53,11 +53,12 @@ def _features(rec: dict, rng: np.random.Generator, shift: float) -> dict:
 
 def setup(root: Path, rows: int) -> None:
     from stream_sentinel import feedback as fb
-    from stream_sentinel import ingest, learning, pipeline
+    from stream_sentinel import ingest, pipeline
+    from stream_sentinel.learning import loop as learning
     from stream_sentinel.config import Paths
-    from stream_sentinel.embedding import Embedder
-    from stream_sentinel.models import TrainParams, load_training_set
-    from stream_sentinel.registry import ModelRegistry
+    from stream_sentinel.embedding.embedder import Embedder
+    from stream_sentinel.learning.models import TrainParams, load_training_set
+    from stream_sentinel.learning.registry import ModelRegistry
     from stream_sentinel.store import Store
 
     recs, labels, groups = common.corpus()
@@ -118,8 +119,8 @@ def peak_rss_mb() -> int:
 def _product(root: str, out) -> None:
     from stream_sentinel import drift
     from stream_sentinel.config import Paths
-    from stream_sentinel.embedding import model_id
-    from stream_sentinel.registry import ModelRegistry
+    from stream_sentinel.embedding.embedder import model_id
+    from stream_sentinel.learning.registry import ModelRegistry
     from stream_sentinel.store import Store
 
     started = time.perf_counter()

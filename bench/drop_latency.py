@@ -82,7 +82,7 @@ def wait_until(pred, timeout: float, poll: float = 0.1) -> float | None:
 
 
 def server_state(home: Path) -> dict:
-    from stream_sentinel.embed_server import RemoteEmbedder
+    from stream_sentinel.embedding.server import RemoteEmbedder
 
     try:
         return RemoteEmbedder(home / "embedder.sock", "", 0, timeout_s=5).ping()
@@ -94,8 +94,8 @@ def embedding_alone(home: Path, batch: list[dict], server: bool) -> float:
     """records/s of the embedding stage alone, as the runs embed (chunks of
     ``pipeline.EMBED_CHUNK``): through the server when one runs (compiled, as the runs saw
     it), else in this process."""
-    from stream_sentinel.embed_server import connect
-    from stream_sentinel.embedding import Embedder
+    from stream_sentinel.embedding.server import connect
+    from stream_sentinel.embedding.embedder import Embedder
     from stream_sentinel.pipeline import EMBED_CHUNK
 
     emb = Embedder.load()

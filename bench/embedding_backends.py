@@ -64,7 +64,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from stream_sentinel.embedding import Embedder, resolve_model_path
+    from stream_sentinel.embedding.embedder import Embedder, resolve_model_path
 
     recs, _, _ = common.corpus()
     texts = [r["text"] for r in recs[1000:1000 + rounds * n]]
@@ -84,7 +84,7 @@ def main() -> int:
     product = Embedder.load()
     backends[f"product eager ({product.precision})"] = product.embed
     extra: dict[str, float | str | None] = {}
-    from stream_sentinel.encoder import Encoder
+    from stream_sentinel.embedding.encoder import Encoder
 
     compiled_encoder = Encoder(product._model(), product.batch_size)  # same model, its own compiled graphs
     t = time.perf_counter()
@@ -105,7 +105,7 @@ def main() -> int:
         except RuntimeError as exc:  # the onnx extra is not installed
             print(f"{backend} skipped: {exc}", file=sys.stderr)
             continue
-        from stream_sentinel.onnx_backend import int8_variant
+        from stream_sentinel.embedding.onnx_backend import int8_variant
 
         backends["onnx fp32" if backend == "onnx" else f"onnx int8 ({int8_variant()})"] = emb.embed
     if torch.cuda.is_available():

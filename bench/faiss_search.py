@@ -61,7 +61,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def main() -> int:
     import faiss
 
-    from stream_sentinel.embedding import Embedder
+    from stream_sentinel.embedding.embedder import Embedder
     from stream_sentinel.index import ivf_lists, new_index, set_nprobe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

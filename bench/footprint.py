@@ -68,8 +68,8 @@ def embed_server_peak(env: dict, home: Path) -> dict:
     its VmHWM (it keeps running, so wait4 cannot tell)."""
     import signal
 
-    from stream_sentinel.embed_server import RemoteEmbedder, connect
-    from stream_sentinel.embedding import model_dimension, model_id
+    from stream_sentinel.embedding.server import RemoteEmbedder, connect
+    from stream_sentinel.embedding.embedder import model_dimension, model_id
 
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], cwd=ROOT, env=env,

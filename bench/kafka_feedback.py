@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from stream_sentinel import feedback_sources as fs  # noqa: E402
 from stream_sentinel.kafka import KafkaSettings, consumer  # noqa: E402
-from stream_sentinel.kafka_broker import KafkaBroker  # noqa: E402
+from stream_sentinel.devtools.kafka_broker import KafkaBroker  # noqa: E402
 from stream_sentinel.store import Store  # noqa: E402
 
 

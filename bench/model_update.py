@@ -45,8 +45,8 @@ def rows(recs, labels, vecs, n: int, seed: int, pool: np.ndarray) -> pd.DataFram
 
 
 def main() -> int:
-    from stream_sentinel.embedding import Embedder
-    from stream_sentinel.models import (Reference, TrainParams, fit_feature_spec, frame_features, metrics,
+    from stream_sentinel.embedding.embedder import Embedder
+    from stream_sentinel.learning.models import (Reference, TrainParams, fit_feature_spec, frame_features, metrics,
                                         train_continued, train_full)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -31,9 +31,9 @@ import pandas as pd
 
 from common import save  # noqa: E402  (puts the repo on sys.path)
 
-from stream_sentinel import learning  # noqa: E402
-from stream_sentinel.models import TrainParams, load_training_set  # noqa: E402
-from stream_sentinel.registry import ModelRegistry  # noqa: E402
+from stream_sentinel.learning import loop as learning  # noqa: E402
+from stream_sentinel.learning.models import TrainParams, load_training_set  # noqa: E402
+from stream_sentinel.learning.registry import ModelRegistry  # noqa: E402
 from stream_sentinel.store import Store  # noqa: E402
 
 DIM = 384

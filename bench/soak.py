@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common import ROOT, save  # noqa: E402  (puts the repo on sys.path)
 
-from stream_sentinel.kafka_broker import free_port  # noqa: E402
+from stream_sentinel.devtools.kafka_broker import free_port  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -48,12 +48,13 @@ sys.path.insert(0, str(ROOT))
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score  # noqa: E402
 
 import common  # noqa: E402
-from stream_sentinel import ingest, learning, pipeline  # noqa: E402
+from stream_sentinel import ingest, pipeline  # noqa: E402
+from stream_sentinel.learning import loop as learning  # noqa: E402
 from stream_sentinel import feedback as fb  # noqa: E402
 from stream_sentinel.config import Paths, Settings  # noqa: E402
-from stream_sentinel.embedding import Embedder  # noqa: E402
-from stream_sentinel.models import TrainParams, load_training_set  # noqa: E402
-from stream_sentinel.registry import ModelRegistry  # noqa: E402
+from stream_sentinel.embedding.embedder import Embedder  # noqa: E402
+from stream_sentinel.learning.models import TrainParams, load_training_set  # noqa: E402
+from stream_sentinel.learning.registry import ModelRegistry  # noqa: E402
 from stream_sentinel.store import Store  # noqa: E402
 
 POS = "spam"

@@ -17,9 +17,9 @@ WORKER_TAG = "stream_sentinel/worker"  # read by sensors/liveness.py
 
 from stream_sentinel import procs
 from stream_sentinel.config import Paths, Settings
-from stream_sentinel.embedding import Embedder, model_dimension
+from stream_sentinel.embedding.embedder import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
-from stream_sentinel.registry import ModelRegistry
+from stream_sentinel.learning.registry import ModelRegistry
 from stream_sentinel.store import Store
 
 
@@ -102,7 +102,7 @@ class EmbedderResource(dg.ConfigurableResource):
         """What embeds texts: the shared server when one runs with this model, else the local model.
         Looked up on first use, so runs that only need the model id (checks, drift) never ping it."""
         if not self._looked_for_server:
-            from stream_sentinel.embed_server import connect
+            from stream_sentinel.embedding.server import connect
 
             sock = Path(self.server_socket) if self.server_socket else Paths.from_env().embed_socket
             self._remote = connect(sock, self._embedder.model_id, self._embedder.dim)

@@ -46,7 +46,7 @@ def _err(msg: str) -> None:
 
 def _model_id(settings: Settings) -> str:
     """The id the embeddings of this configuration are stored under (model, precision)."""
-    from .embedding import model_id
+    from .embedding.embedder import model_id
 
     return model_id(settings.model_path, settings.embed_precision, settings.device, settings.embed_backend)
 
@@ -91,8 +91,8 @@ def collect_status(paths: Paths) -> dict:
         out["labels"]["total"] = sum(out["labels"].values())
         out["kafka_lag"] = {f"{t}:{p}": lag for t, p, lag in con.execute(
             'SELECT topic, "partition", lag FROM kafka_lag ORDER BY 1, 2').fetchall()}
-    from .learning import learning_metrics
-    from .registry import ModelRegistry
+    from .learning.loop import learning_metrics
+    from .learning.registry import ModelRegistry
 
     out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())
     return out
@@ -115,7 +115,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .embedding import Embedder
+    from .embedding.embedder import Embedder
     from .index import IndexStore
     from .store import Store
 
@@ -357,7 +357,7 @@ def cmd_feedback(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .registry import ModelRegistry
+    from .learning.registry import ModelRegistry
     from .store import Store
 
     paths = Paths.from_env().ensure()
@@ -446,7 +446,7 @@ def _drift_human(d: dict) -> None:
 
 def cmd_drift(args) -> int:
     from . import drift
-    from .registry import ModelRegistry
+    from .learning.registry import ModelRegistry
     from .store import Store
 
     paths = Paths.from_env().ensure()
@@ -548,7 +548,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from .devtools import demo
 
     if args.action == "fetch":
         records, labels = demo.convert()
@@ -603,7 +603,7 @@ def cmd_up(args) -> int:
     env = dict(os.environ)
     procs: list[subprocess.Popen] = []
     if not args.no_demo:
-        from . import demo
+        from .devtools import demo
 
         demo.convert()
         # a first slice now so the UI has materialized assets within a minute, then a trickle
@@ -693,8 +693,8 @@ class Supervised:
 
 def cmd_embed_export(args) -> int:
     """The ONNX export (and int8 quantization) done ahead of the first run that needs it."""
-    from .embedding import _files_id, model_id, resolve_model_path
-    from .onnx_backend import exported
+    from .embedding.embedder import _files_id, model_id, resolve_model_path
+    from .embedding.onnx_backend import exported
 
     paths = Paths.from_env().ensure()
     settings = Settings.from_env()
@@ -712,8 +712,8 @@ def cmd_embed_export(args) -> int:
 
 
 def cmd_embed_server(args) -> int:
-    from .embed_server import serve
-    from .embedding import Embedder
+    from .embedding.server import serve
+    from .embedding.embedder import Embedder
 
     paths = Paths.from_env().ensure()
     settings = Settings.from_env()

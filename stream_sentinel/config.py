@@ -69,7 +69,7 @@ class Paths:
 
     @property
     def embed_socket(self) -> Path:
-        """Where `stream-sentinel embed-server` listens (see stream_sentinel.embed_server)."""
+        """Where `stream-sentinel embed-server` listens (see stream_sentinel.embedding.server)."""
         return self.home / "embedder.sock"
 
     def ensure(self) -> "Paths":
@@ -155,7 +155,7 @@ class Settings:
     embed_batch_size: int = 16
     embed_precision: str = "auto"  # auto | fp32 | bf16 (see embedding.resolve_precision)
     embed_backend: str = "torch"  # torch | onnx | onnx-int8 (see embedding.resolve_backend)
-    embed_compile: bool = True  # the embedding server compiles the model at start (see encoder.py)
+    embed_compile: bool = True  # the embedding server compiles the model at start (see embedding/encoder.py)
     embed_compile_granule: int = 32  # compiled padded lengths step by this many tokens (8 graphs for 256)
     feedback_topic: str = "stream-sentinel.feedback"
     labels: str = "ham,spam"  # allowed label values; empty = any string

@@ -12,9 +12,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from stream_sentinel import demo
+from stream_sentinel.devtools import demo
 from stream_sentinel.config import Paths
-from stream_sentinel.embedding import Embedder
+from stream_sentinel.embedding.embedder import Embedder
 from stream_sentinel.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def drop(folder: Path, name: str, content: str | bytes | list | dict, *, age: fl
 
 # ------------------------------------------------------------------ real Kafka broker
 
-from stream_sentinel.kafka_broker import BrokerError, KafkaBroker  # noqa: E402
+from stream_sentinel.devtools.kafka_broker import BrokerError, KafkaBroker  # noqa: E402
 
 
 def start_broker(folder: Path) -> KafkaBroker:

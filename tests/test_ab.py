@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from stream_sentinel import ab
+from stream_sentinel.learning import ab
 from stream_sentinel import feedback as fb
-from stream_sentinel import learning
-from stream_sentinel.registry import ModelRegistry
+from stream_sentinel.learning import loop as learning
+from stream_sentinel.learning.registry import ModelRegistry
 
 from .test_models import WINDOW, candidate, ingest_with_labels
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from stream_sentinel import ingest
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
-from stream_sentinel.embedding import default_model_path
+from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.index import IndexStore
 from stream_sentinel.store import Store
 

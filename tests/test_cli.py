@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 
-from stream_sentinel import demo
-from stream_sentinel.embedding import default_model_path
+from stream_sentinel.devtools import demo
+from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.records import Record, validate
 from stream_sentinel.store import Store
 

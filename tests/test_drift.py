@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream_sentinel import drift, ingest, learning, pipeline
+from stream_sentinel import drift, ingest, pipeline
+from stream_sentinel.learning import loop as learning
 from stream_sentinel import feedback as fb
 from stream_sentinel.config import Paths
-from stream_sentinel.models import TrainParams, load_training_set
-from stream_sentinel.registry import ModelRegistry
+from stream_sentinel.learning.models import TrainParams, load_training_set
+from stream_sentinel.learning.registry import ModelRegistry
 from stream_sentinel.store import Store
 
 from .conftest import drop

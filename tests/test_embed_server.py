@@ -13,7 +13,7 @@ import pytest
 
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
-from stream_sentinel.embed_server import RemoteEmbedder, connect
+from stream_sentinel.embedding.server import RemoteEmbedder, connect
 from stream_sentinel.store import Store
 
 from .conftest import drop

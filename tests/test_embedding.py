@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from stream_sentinel.embedding import Embedder, default_model_path, model_dimension, model_id
+from stream_sentinel.embedding.embedder import Embedder, default_model_path, model_dimension, model_id
 
 
 def test_vectors_are_unit_length_and_semantic(embedder):
@@ -39,7 +39,8 @@ def test_empty_batch_and_configured_batch_size(tmp_path):
 
 
 def test_bf16_precision_keeps_the_neighbours_and_its_own_model_id(demo_records):
-    from stream_sentinel.embedding import cpu_has_bf16, resolve_precision
+    from stream_sentinel.embedding.cpu import cpu_has_bf16
+    from stream_sentinel.embedding.embedder import resolve_precision
 
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve_precision("auto", "cuda") == "fp32"

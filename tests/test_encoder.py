@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_sentinel.encoder import Encoder, tokenize_truncated
+from stream_sentinel.embedding.encoder import Encoder, tokenize_truncated
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch):
     format: one broker start in 64 failed that way."""
     import uuid
 
-    from stream_sentinel import kafka_broker
+    from stream_sentinel.devtools import kafka_broker
 
     draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
     monkeypatch.setattr(kafka_broker.uuid, "uuid4", lambda: next(draws))

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream_sentinel import cli, jsonout, learning
+from stream_sentinel import cli, jsonout
+from stream_sentinel.learning import loop as learning
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
-from stream_sentinel.models import TrainParams, load_training_set, split_rows
-from stream_sentinel.registry import ModelRegistry
+from stream_sentinel.learning.models import TrainParams, load_training_set, split_rows
+from stream_sentinel.learning.registry import ModelRegistry
 
 from .conftest import drop
 from .test_models import WINDOW, ingest_records, ingest_with_labels, label_records
@@ -200,7 +201,7 @@ def test_strict_json_turns_undefined_numbers_into_null():
 
 
 def test_decision_threshold_moves_only_on_evidence():
-    from stream_sentinel.learning import decision_threshold
+    from stream_sentinel.learning.loop import decision_threshold
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -287,7 +288,7 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
 
 
 def test_linear_scores_never_use_a_records_own_label_and_follow_recent_labels():
-    from stream_sentinel.models import LINEAR_FOLDS, Reference, linear_scores
+    from stream_sentinel.learning.models import LINEAR_FOLDS, Reference, linear_scores
 
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(200, 8)).astype(np.float32)
@@ -313,8 +314,8 @@ def test_linear_state_extends_in_stream_order_and_rebuilds_when_the_past_changes
     """Scores from a state extended batch by batch (and reloaded from disk by another process)
     equal scores from scratch; a changed label, an inserted row or another embedding is a
     rebuild, never a silent mix of old and new statistics."""
-    from stream_sentinel import models
-    from stream_sentinel.models import Reference, linear_scores, linear_state
+    from stream_sentinel.learning import models
+    from stream_sentinel.learning.models import Reference, linear_scores, linear_state
 
     rng = np.random.default_rng(1)
     vecs = rng.normal(size=(600, 8)).astype(np.float32)
@@ -371,7 +372,7 @@ def test_retrain_policy_grows_with_the_labels_trained_on():
     """Training is due when the new labels reach both the minimum and a share of those trained
     on: at 1,000 labels 100 new ones wait, 250 train; a slow stream still trains after the
     wait bound, and a flush trains whatever is there; nothing new never trains."""
-    from stream_sentinel.learning import LabelBacklog, retrain_due
+    from stream_sentinel.learning.loop import LabelBacklog, retrain_due
 
     assert retrain_due(LabelBacklog(60, 0, None), 50, 0.25, 600)[0]  # the first training set
     assert retrain_due(LabelBacklog(60, 100, 5.0), 50, 0.25, 600)[0]  # small: the minimum rules

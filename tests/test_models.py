@@ -11,11 +11,12 @@ import dagster as dg
 import pandas as pd
 
 from stream_sentinel import feedback as fb
-from stream_sentinel import ingest, learning, pipeline
+from stream_sentinel import ingest, pipeline
+from stream_sentinel.learning import loop as learning
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
-from stream_sentinel.models import TrainParams, load_training_set
-from stream_sentinel.registry import ModelRegistry
+from stream_sentinel.learning.models import TrainParams, load_training_set
+from stream_sentinel.learning.registry import ModelRegistry
 
 from .conftest import drop, kill_when_paused
 
@@ -182,7 +183,7 @@ def test_rollback_restores_the_previous_champion_and_its_predictions(paths, stor
 
 PROMOTER = textwrap.dedent("""
     import sys
-    from stream_sentinel.registry import ModelRegistry
+    from stream_sentinel.learning.registry import ModelRegistry
     from stream_sentinel.store import Store
     ModelRegistry(sys.argv[1], Store(sys.argv[2])).promote(sys.argv[3], None, "killed mid-way")
 """)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_sentinel.embedding import Embedder, resolve_backend, resolve_precision
+from stream_sentinel.embedding.embedder import Embedder, resolve_backend, resolve_precision
 
 
 def _neighbours(vecs: np.ndarray, k: int = 5) -> list[set[int]]:

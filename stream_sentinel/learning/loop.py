@@ -19,7 +19,7 @@ from .models import (HIGHER_IS_BETTER, FeatureSpec, Reference, TrainingSet, Trai
                      frame_features, labelled_frame, load_training_set, metrics, negative_of, paired_bootstrap,
                      params_dict, train_continued, train_full)
 from .registry import ModelRegistry, Version
-from .store import Store, vectors_from_arrow
+from ..store import Store, vectors_from_arrow
 
 
 def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str) -> None:

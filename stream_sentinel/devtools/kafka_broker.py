@@ -4,9 +4,9 @@ The broker jars come from Maven Central (``mvn dependency:copy-dependencies`` on
 pom) and are cached outside the repository; each broker gets its own data folder,
 formatted as a one-node KRaft cluster. Needs only Java 17+ and mvn.
 
-    python -m stream_sentinel.kafka_broker start [--dir D] [--port P]   # prints the bootstrap address
-    python -m stream_sentinel.kafka_broker status [--dir D]
-    python -m stream_sentinel.kafka_broker stop [--dir D]
+    python -m stream_sentinel.devtools.kafka_broker start [--dir D] [--port P]   # prints the bootstrap address
+    python -m stream_sentinel.devtools.kafka_broker status [--dir D]
+    python -m stream_sentinel.devtools.kafka_broker stop [--dir D]
 
 (``scripts/kafka-broker`` wraps this.) The pytest fixture uses the same class.
 """
@@ -28,7 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import cache_root
+from ..config import cache_root
 
 KAFKA_VERSION = "4.1.1"
 SCALA = "2.13"

@@ -14,7 +14,6 @@ when the model is compiled is ``encoder.py``'s business.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .cpu import cpu_has_bf16
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 DEFAULT_BATCH_SIZE = 16  # 1.2x the texts/s of 32 when compiled in bf16 (bench/embedding_backends.py)
@@ -56,22 +57,6 @@ def model_name(path: Path) -> str:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags, read once per process (model ids are computed on every tick)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_bf16() -> bool:
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -191,7 +176,7 @@ class Embedder:
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             if encoder is None and self.backend != "torch":
-                from .config import Paths
+                from ..config import Paths
                 from .onnx_backend import OnnxEncoder, exported
 
                 root = self.models_root or Paths.from_env().embedding_models

@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_path, pause_point, write_bytes_atomic
+from ..atomic import fsync_path, pause_point, write_bytes_atomic
 from .models import FeatureSpec, file_sha256
-from .store import Store
+from ..store import Store
 
 POINTER = "CHAMPION"
 

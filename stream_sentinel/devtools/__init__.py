@@ -1,0 +1,1 @@
+"""Development tooling, apart from runtime code: the local Kafka broker, the demo corpus."""

@@ -1,0 +1,1 @@
+"""Text to vectors: the embedder, its encoders and backends, the embedding server."""
