@@ -328,11 +328,11 @@ def send_feedback(messages: list[dict], settings: Settings, paths: Paths) -> str
     import uuid
     from datetime import datetime, timezone
 
-    paths.feedback.mkdir(parents=True, exist_ok=True)
+    from .atomic import write_bytes_atomic
+
     name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
-    tmp = paths.feedback / f".{name}.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in messages))
-    os.replace(tmp, paths.feedback / name)
+    # a hidden temp name, fsync, rename: the drop-folder sensor never sees half a file
+    write_bytes_atomic(paths.feedback / name, "".join(json.dumps(m) + "\n" for m in messages).encode())
     return str(paths.feedback / name)
 
 
