@@ -16,6 +16,11 @@ class ModelConfig(dg.Config):
     full: bool = Field(False, description="retrain from scratch instead of continuing the champion")
 
 
+def training_run_config(full: bool) -> dg.RunConfig:
+    """training_job's run config: continue the champion, or (``full``) retrain from scratch."""
+    return dg.RunConfig(ops={"model": ModelConfig(full=full)})
+
+
 DRIFT_TAG = "stream_sentinel/drift_report"  # set by drift_retrain_sensor: the report's day
 DRIFT_TRIGGER_TAG = "stream_sentinel/drift_trigger"  # ... and the trigger, as JSON
 
@@ -227,6 +232,6 @@ training_job = dg.define_asset_job(
 
 weekly_full_retrain = dg.ScheduleDefinition(
     name="weekly_full_retrain", job=training_job, cron_schedule="0 3 * * 0", execution_timezone="UTC",
-    run_config={"ops": {"model": {"config": {"full": True}}}}, default_status=dg.DefaultScheduleStatus.RUNNING,
+    run_config=training_run_config(full=True), default_status=dg.DefaultScheduleStatus.RUNNING,
     description="A full retrain every Sunday 03:00 UTC (refits the PCA and the trees from all labels), "
     "gated like every candidate.")

@@ -14,28 +14,25 @@ import dagster as dg
 
 from stream_sentinel import drift
 from stream_sentinel.assets.drift import RecentDriftConfig, recent_drift_job
-from stream_sentinel.assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job
+from stream_sentinel.assets.models import DRIFT_TAG, DRIFT_TRIGGER_TAG, training_job, training_run_config
 from stream_sentinel.config import Settings
 from stream_sentinel.resources import StreamSentinelResource
-from stream_sentinel.store import StoreBusy
 
-from .units import run_waiting
+from .units import run_waiting, skip_while_busy
 
 
+@skip_while_busy
 def evaluate_drift_retrain(sentinel: StreamSentinelResource, cursor: str | None = None,
                            ) -> dg.SensorResult | dg.SkipReason:
     cfg = drift.DriftConfig.from_env()
     requested = drift.RetrainTrigger.from_json(cursor) if cursor else None
-    try:
-        trigger = drift.retrain_due(sentinel.store(lock_timeout_s=20), cfg.cooldown_s, requested=requested)
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    trigger = drift.retrain_due(sentinel.store(lock_timeout_s=20), cfg.cooldown_s, requested=requested)
     if trigger is None:
         return dg.SkipReason("no new drift episode")
     trigger = drift.RetrainTrigger(**{**trigger.__dict__, "requested_at": datetime.now(timezone.utc).isoformat()})
     request = dg.RunRequest(
         run_key=trigger.run_key,
-        run_config={"ops": {"model": {"config": {"full": True}}}},
+        run_config=training_run_config(full=True),
         tags={DRIFT_TAG: trigger.window_key, DRIFT_TRIGGER_TAG: trigger.to_json(), "stream_sentinel/trigger": "drift",
               "stream_sentinel/share_drifted": f"{trigger.share_drifted}",
               "stream_sentinel/embedding_drift": f"{trigger.embedding_drift}"})
@@ -53,6 +50,7 @@ def build_drift_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
     return drift_retrain_sensor
 
 
+@skip_while_busy
 def evaluate_recent_drift(sentinel: StreamSentinelResource, instance: dg.DagsterInstance | None = None,
                           ) -> dg.RunRequest | dg.SkipReason:
     """A rolling report once there are records for both sides, then every N new records."""
@@ -61,10 +59,7 @@ def evaluate_recent_drift(sentinel: StreamSentinelResource, instance: dg.Dagster
         return dg.SkipReason("a rolling drift report is queued")
     if sentinel.registry().champion_version() is None:
         return dg.SkipReason("no champion yet: a drift report compares new records with its training set")
-    try:
-        upto = drift.recent_due(sentinel.store(lock_timeout_s=20), cfg)
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    upto = drift.recent_due(sentinel.store(lock_timeout_s=20), cfg)
     if upto is None:
         return dg.SkipReason(f"waiting for {cfg.recent_every} new records since the last rolling report")
     return dg.RunRequest(run_key=f"drift-recent:{upto}",

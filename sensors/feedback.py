@@ -17,9 +17,8 @@ from stream_sentinel import retry
 from stream_sentinel.assets.feedback import FeedbackConfig, feedback_job
 from stream_sentinel.config import Settings
 from stream_sentinel.resources import KafkaResource, StreamSentinelResource
-from stream_sentinel.store import StoreBusy
 
-from .units import retry_requests, run_waiting
+from .units import retry_requests, run_waiting, skip_while_busy
 
 
 def range_run_request(rng: fs.OffsetRange, run_key: str | None = None) -> dg.RunRequest:
@@ -40,6 +39,7 @@ def file_run_request(batch: fs.FileBatch, run_key: str | None = None) -> dg.RunR
                          tags={retry.UNIT_TAG: batch.run_key, "stream_sentinel/files": str(len(batch.files))})
 
 
+@skip_while_busy
 def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, cursor: str | None,
                    flush: bool = False, instance: dg.DagsterInstance | None = None,
                    ) -> dg.SensorResult | dg.SkipReason:
@@ -58,8 +58,6 @@ def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, curso
         plan = fs.plan_ranges(store, cons, s.feedback_topic, state, policy, flush, plan_new=not held)
         retries, notes = retry_requests(instance, store, "kafka_range", plan.unfinished, lambda r: r.run_key,
                                         range_run_request, s.retry_policy())
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
     except KafkaException as exc:  # broker down or unreachable: every call above has a timeout
         return dg.SkipReason(f"Kafka unreachable at {kafka.settings.bootstrap_servers}: {exc}")
     finally:
@@ -72,24 +70,22 @@ def evaluate_kafka(sentinel: StreamSentinelResource, kafka: KafkaResource, curso
                            cursor=json.dumps(plan.cursor, sort_keys=True))
 
 
+@skip_while_busy
 def evaluate_files(sentinel: StreamSentinelResource, cursor: str | None,
                    instance: dg.DagsterInstance | None = None) -> dg.SensorResult | dg.SkipReason:
     """Register stable files, cut the new ones into batches (durable, like raw batches) unless a
     feedback run is still queued, request the batches the cursor has not, and retry batches
     whose runs ended with a file still pending. The cursor is the last batch requested."""
     store = sentinel.store(lock_timeout_s=20)
-    try:
-        last = int(json.loads(cursor).get("batch_seq", 0)) if cursor and cursor.startswith("{") else 0
-        fs.scan_files(sentinel.paths, store, sentinel.settings.debounce_s)
-        held = run_waiting(instance, feedback_job.name)
-        if not held:
-            fs.plan_file_batches(store, sentinel.settings.batch_max_files)
-        batches = fs.file_batches(store, after_seq=last)
-        stale = [b for b in fs.file_batches(store) if b.seq <= last]
-        retries, notes = retry_requests(instance, store, "feedback_file", stale, lambda b: b.run_key,
-                                        file_run_request, sentinel.settings.retry_policy())
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    last = int(json.loads(cursor).get("batch_seq", 0)) if cursor and cursor.startswith("{") else 0
+    fs.scan_files(sentinel.paths, store, sentinel.settings.debounce_s)
+    held = run_waiting(instance, feedback_job.name)
+    if not held:
+        fs.plan_file_batches(store, sentinel.settings.batch_max_files)
+    batches = fs.file_batches(store, after_seq=last)
+    stale = [b for b in fs.file_batches(store) if b.seq <= last]
+    retries, notes = retry_requests(instance, store, "feedback_file", stale, lambda b: b.run_key,
+                                    file_run_request, sentinel.settings.retry_policy())
     if held:
         notes.append("new files wait for the queued feedback run to start")
     if not batches and not retries:

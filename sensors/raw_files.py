@@ -16,9 +16,8 @@ from stream_sentinel import ingest, retry
 from stream_sentinel.assets.ingest import RawRecordsConfig, ingest_job
 from stream_sentinel.config import Settings
 from stream_sentinel.resources import StreamSentinelResource
-from stream_sentinel.store import StoreBusy
 
-from .units import retry_requests
+from .units import retry_requests, skip_while_busy
 
 TICK_LOCK_TIMEOUT_S = 20.0  # well under Dagster's 60 s sensor limit
 INGEST_RETRIES = 2
@@ -86,6 +85,7 @@ def running_ingest_left(instance: dg.DagsterInstance | None) -> float:
     return seconds_left(running, max(rates, default=None), time.time())
 
 
+@skip_while_busy
 def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
              instance: dg.DagsterInstance | None = None) -> dg.SensorResult | dg.SkipReason:
     """One tick. Files are always registered (so their arrival day is exact), but while an
@@ -96,21 +96,18 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
     last_seq = int(state.get("batch_seq", 0))
     s = sentinel.settings
     store = sentinel.store(lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-    try:
-        scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-        held = ingest_run_waiting(instance)
-        left = 0.0 if held else running_ingest_left(instance)
-        if not held and left <= PLAN_LEAD_S:
-            ingest.plan_batches(store, s.batch_max_files, s.batch_max_records,
-                                lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
-        batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-        # batches requested before whose files are not all done: their runs failed or vanished
-        stale = [b for b in ingest.unfinished_batches(store, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-                 if b.seq <= last_seq]
-        retries, retry_notes = retry_requests(instance, store, "raw_batch", stale, lambda b: b.run_key,
-                                              batch_run_request, s.retry_policy())
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is held by a running ingest; will look again next tick")
+    scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+    held = ingest_run_waiting(instance)
+    left = 0.0 if held else running_ingest_left(instance)
+    if not held and left <= PLAN_LEAD_S:
+        ingest.plan_batches(store, s.batch_max_files, s.batch_max_records,
+                            lock_timeout_s=TICK_LOCK_TIMEOUT_S, tail_waits=True)
+    batches = ingest.batches_after(store, last_seq, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+    # batches requested before whose files are not all done: their runs failed or vanished
+    stale = [b for b in ingest.unfinished_batches(store, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+             if b.seq <= last_seq]
+    retries, retry_notes = retry_requests(instance, store, "raw_batch", stale, lambda b: b.run_key,
+                                          batch_run_request, s.retry_policy())
     notes = list(retry_notes)
     if scanned.duplicates:
         notes.append(f"{len(scanned.duplicates)} duplicate file(s) recorded, no rows added")

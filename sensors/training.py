@@ -12,22 +12,19 @@ from stream_sentinel.learning import loop as learning
 from stream_sentinel.assets.models import training_job
 from stream_sentinel.config import Settings
 from stream_sentinel.resources import StreamSentinelResource
-from stream_sentinel.store import StoreBusy
 
-from .units import run_waiting
+from .units import run_waiting, skip_while_busy
 
 
+@skip_while_busy
 def evaluate_retrain(sentinel: StreamSentinelResource, flush: bool = False,
                      instance: dg.DagsterInstance | None = None) -> dg.RunRequest | dg.SkipReason:
     s = sentinel.settings
     if run_waiting(instance, training_job.name):
         return dg.SkipReason("a training run is queued; it reads every label there is when it starts")
-    try:
-        store = sentinel.store(lock_timeout_s=20)
-        backlog = learning.label_backlog(store)
-        digest = learning.resolved_labels_digest(store)
-    except StoreBusy:
-        return dg.SkipReason("metrics.duckdb is busy; will look again next tick")
+    store = sentinel.store(lock_timeout_s=20)
+    backlog = learning.label_backlog(store)
+    digest = learning.resolved_labels_digest(store)
     due, why = learning.retrain_due(backlog, s.retrain_min_labels, s.retrain_growth, s.retrain_max_wait_s, flush)
     if not due:
         return dg.SkipReason(why)

@@ -26,6 +26,22 @@ ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagste
 ENDED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS)
 
 
+def skip_while_busy(evaluate):
+    """A sensor evaluation that meets a held metrics.duckdb (``StoreBusy``: a run is writing
+    it) skips this tick and looks again at the next, the same way in every sensor."""
+    import functools
+
+    from stream_sentinel.store import StoreBusy
+
+    @functools.wraps(evaluate)
+    def wrapper(*args, **kwargs):
+        try:
+            return evaluate(*args, **kwargs)
+        except StoreBusy:
+            return dg.SkipReason("metrics.duckdb is held by a running step; will look again next tick")
+    return wrapper
+
+
 def run_waiting(instance: dg.DagsterInstance | None, job_name: str) -> bool:
     """True while a run of ``job_name`` is queued but not started. New work then waits and
     joins the next, larger run instead of queueing one small run per tick behind it (each

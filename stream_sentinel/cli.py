@@ -40,6 +40,11 @@ def _console(level: str) -> dict:
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
+def metadata_values(metadata) -> dict:
+    """Dagster metadata entries as plain values (what a table cell or JSON wants)."""
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+
+
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -282,7 +287,7 @@ def run_outcome(result) -> tuple[str, list[str]]:
             continue
         found = (event.step_materialization_data.materialization if event.is_step_materialization
                  else event.asset_observation_data.asset_observation)
-        meta = {k: v.value for k, v in found.metadata.items()}
+        meta = metadata_values(found.metadata)
         lines.append(f"model: candidate {meta.get('candidate') or 'none'} "
                      f"({meta.get('strategy')}: {meta.get('reason')})")
     rejected = [c for c in errors if c.check_name == GATE]
@@ -403,15 +408,14 @@ def cmd_model(args) -> int:
               lambda d: print(f"rolled back to {d['champion']} (was {d['previous']})"))
         return 0
     if action == "retrain":
-        import dagster as dg
-
+        from .assets.models import training_run_config
         from .definitions import build_definitions
 
         job = build_definitions().resolve_job_def("training_job")
         instance = _instance()
         with instance:
             result = job.execute_in_process(
-                run_config={"ops": {"model": {"config": {"full": bool(args.full)}}}, **_console("INFO")},
+                run_config={**training_run_config(bool(args.full)).to_config_dict(), **_console("INFO")},
                 instance=instance, raise_on_error=False)
         after = registry.reconcile()
         outcome, lines = run_outcome(result)
@@ -508,7 +512,7 @@ def _drift_backfill(args) -> int:
                                             tags={"dagster/backfill": f"cli-{first}-{last}"})
             meta = {}
             for mat in result.asset_materializations_for_node("drift_report"):
-                meta = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+                meta = metadata_values(mat.metadata)
             out.append({"partition": day.isoformat(), "success": result.success, "run_id": result.run_id,
                         "status": meta.get("status"), "drifted": meta.get("drifted"),
                         "report_path": meta.get("report")})
@@ -533,7 +537,7 @@ def cmd_check(args) -> int:
     with instance:
         result = job.execute_in_process(run_config=_console("WARNING"), instance=instance, raise_on_error=False)
     evals = [{"check": e.check_name, "asset": e.asset_key.to_user_string(), "passed": e.passed,
-              "metadata": {k: getattr(v, "value", v) for k, v in e.metadata.items()}}
+              "metadata": metadata_values(e.metadata)}
              for e in result.get_asset_check_evaluations()]
 
     def human(rows):
