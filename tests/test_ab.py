@@ -10,7 +10,7 @@ from stream_sentinel import feedback as fb
 from stream_sentinel.learning import loop as learning
 from stream_sentinel.learning.registry import ModelRegistry
 
-from .test_models import WINDOW, candidate, ingest_with_labels
+from .helpers import WINDOW, candidate, ingest_with_labels
 
 
 def simulate(p_champion, p_challenger, n, share=0.5, routing="hash", seed=0, alpha=0.05, min_samples=100):

@@ -32,11 +32,23 @@ def _meta(result, asset):
     return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
 
 
-def _data_version(instance, asset, partition=None):
+UNPARTITIONED = {"vector_index"}  # one index over every day
+
+
+def _latest(instance, asset, partition):
+    """The latest materialization of ``asset`` for ``partition`` (one day), never another day's;
+    for the unpartitioned index, its latest materialization."""
     import dagster as dg
 
-    rec = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    return rec.asset_materialization.tags.get("dagster/data_version")
+    days = None if asset in UNPARTITIONED else [partition]
+    (rec,) = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=days), limit=1).records
+    assert rec.asset_materialization.partition == (None if asset in UNPARTITIONED else partition)
+    return rec
+
+
+def _data_version(instance, asset, partition):
+    return _latest(instance, asset, partition).asset_materialization.tags.get("dagster/data_version")
 
 
 def _checks(result):
@@ -70,7 +82,8 @@ def test_micro_batch_end_to_end_then_rerun_then_incremental(paths, instance, dem
     assert emb["records_embedded"] == 120 and emb["model_id"].startswith("all-MiniLM-L6-v2@")
     idx = _meta(result, "vector_index")
     assert (idx["mode"], idx["ntotal"], idx["version"]) == ("rebuild", 120, "v000001")
-    versions = {a: _data_version(instance, a) for a in ("raw_records", "embeddings", "vector_index")}
+    day = batch.partition_key
+    versions = {a: _data_version(instance, a, day) for a in ("raw_records", "embeddings", "vector_index")}
     assert all(versions.values())
 
     # what the user came for: the text of a record finds that record
@@ -86,7 +99,8 @@ def test_micro_batch_end_to_end_then_rerun_then_incremental(paths, instance, dem
     assert _meta(again, "raw_records")["records_skipped_identical"] == 120
     assert _meta(again, "embeddings")["records_embedded"] == 0
     assert _meta(again, "vector_index")["mode"] == "unchanged"
-    assert {a: _data_version(instance, a) for a in versions} == versions
+    assert _latest(instance, "raw_records", day).run_id == again.run_id  # compared with the re-run itself
+    assert {a: _data_version(instance, a, day) for a in versions} == versions
 
     # a small new batch grows the index in place
     _drop_demo(paths, demo_records, 120, 20)
@@ -95,7 +109,8 @@ def test_micro_batch_end_to_end_then_rerun_then_incremental(paths, instance, dem
     assert grown.success and _checks(grown) == ALL_CHECKS
     idx = _meta(grown, "vector_index")
     assert (idx["mode"], idx["n_new"], idx["ntotal"], idx["parent_version"]) == ("incremental", 20, 140, "v000001")
-    assert _data_version(instance, "vector_index") != versions["vector_index"]
+    assert _latest(instance, "vector_index", small.partition_key).run_id == grown.run_id
+    assert _data_version(instance, "vector_index", small.partition_key) != versions["vector_index"]
 
 
 def test_bad_files_are_quarantined_and_the_run_still_succeeds(paths, instance):
@@ -121,20 +136,27 @@ def test_backfill_of_a_past_day_is_idempotent(paths, instance, demo_records):
     ingest.plan_batches(store)
 
     # what a UI backfill runs: one run per partition, no file list -> every file of that day
-    for day in ("2025-01-10", "2025-01-11"):
+    days = ("2025-01-10", "2025-01-11")
+    for day in days:
         assert _run(paths, instance, day).success
     status = store.status()
     assert status["records"] == 90 and status["embedded"] == 90
-    first = _data_version(instance, "raw_records")
+    first = {day: _data_version(instance, "raw_records", day) for day in days}
+    assert all(first.values()) and first[days[0]] != first[days[1]]  # the version is the day's data
 
-    redo = _run(paths, instance, "2025-01-10")
+    # each day re-run is compared with its own first run, never with the other day
+    redo = _run(paths, instance, days[0])
     assert redo.success and _checks(redo) == ALL_CHECKS
     assert _meta(redo, "raw_records")["records_ingested"] == 0
     assert _meta(redo, "raw_records")["partition_records"] == 60
     assert store.status()["records"] == 90
-    assert _data_version(instance, "raw_records") != first  # day 1 differs from day 2 ...
-    assert _run(paths, instance, "2025-01-11").success
-    assert _data_version(instance, "raw_records") == first  # ... and day 2 is unchanged by re-running
+    assert _latest(instance, "raw_records", days[0]).run_id == redo.run_id
+    assert _data_version(instance, "raw_records", days[0]) == first[days[0]]
+    redo2 = _run(paths, instance, days[1])
+    assert redo2.success and _meta(redo2, "raw_records")["partition_records"] == 30
+    assert _latest(instance, "raw_records", days[1]).run_id == redo2.run_id
+    assert _data_version(instance, "raw_records", days[1]) == first[days[1]]
+    assert _data_version(instance, "raw_records", days[0]) == first[days[0]]  # day 1 untouched by day 2
 
 
 def test_files_from_another_day_are_refused_with_a_clear_error(paths, instance):

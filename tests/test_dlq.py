@@ -19,7 +19,7 @@ from stream_sentinel import kafka as kf
 from stream_sentinel.store import Store
 
 from .conftest import kill_when_paused
-from .test_feedback_kafka import KILLED_RUN, execute, tick, vote
+from .helpers import KILLED_RUN, execute, flush_tick, vote
 
 BIG = 1_040_000  # above the producer's default message.max.bytes (1,000,000): cannot be copied to the DLQ
 
@@ -107,7 +107,7 @@ def test_dlq_keeps_exact_bytes_and_references_a_message_too_large_for_it(paths, 
         (json.dumps(vote("a4")).encode(), b"a4"),                   # 8 valid
     ]
     produce_raw(bootstrap, topic, messages)
-    runs = tick(paths, instance, flush=True).run_requests
+    runs = flush_tick(paths).run_requests
     assert [r.run_key for r in runs] == [f"{topic}:0:0-8"]
     execute(paths, instance, runs[0])  # the run succeeds
 

@@ -4,6 +4,7 @@ real Evidently, a real DuckDB file and a real Dagster instance."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -67,8 +68,10 @@ def label_day(store, recs, day: str, labels: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, corpus, demo_labels):
-    """Day 1: 200 period-1 records, labelled; the champion trains on them. Day 2: period 2.
+def pristine_home(tmp_path_factory, corpus, demo_labels) -> Path:
+    """Built once, never touched by a test (each gets a copy, see ``home``).
+
+    Day 1: 200 period-1 records, labelled; the champion trains on them. Day 2: period 2.
     Day 3: the other 100 period-1 records. Day 4: five records only."""
     period1, period2, emb = corpus
     paths = Paths.at(tmp_path_factory.mktemp("drift")).ensure()
@@ -86,7 +89,16 @@ def home(tmp_path_factory, corpus, demo_labels):
     # the labels arrive after the champion answered: the reports' accuracy is prequential
     label_day(store, period2[:200], DAYS[1], demo_labels)
     label_day(store, period1[200:], DAYS[2], demo_labels)
-    return paths, store, registry, emb
+    return paths.home
+
+
+@pytest.fixture
+def home(pristine_home, tmp_path, corpus):
+    """This test's own copy of the module's data root: tests write reports, metrics and
+    models into it, so no test sees what another left behind, whatever the order."""
+    paths = Paths.at(shutil.copytree(pristine_home, tmp_path / "home")).ensure()
+    store = Store(paths.db)
+    return paths, store, ModelRegistry(paths.models, store), corpus[2]
 
 
 def test_collection_period_shift_is_flagged_on_embeddings_and_predictions(home):
@@ -309,7 +321,7 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
     drift.record(store, _report("2024-03-02", True))
     req = evaluate()
     assert isinstance(req, dg.RunRequest)
-    assert req.run_config == {"ops": {"model": {"config": {"full": True}}}}
+    assert req.run_config["ops"] == {"model": {"config": {"full": True}}}
     assert req.tags[DRIFT_TAG] == "2024-03-02" and req.run_key.startswith("drift-retrain:2024-03-02:")
     assert isinstance(evaluate(), dg.SkipReason)  # acted on
     drift.record(store, _report("2024-03-03", True))
@@ -354,7 +366,8 @@ def test_drift_retrain_bookmark_survives_a_lost_cursor(paths, store):
 
 
 def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
-    """Last in the module: it replaces the champion the other tests compare against."""
+    """It replaces the champion: on its own copy of the data root (``home``), so the other
+    tests still compare against the champion trained on day 1."""
     from stream_sentinel.definitions import build_definitions
     from stream_sentinel.sensors.drift import DRIFT_TAG
 

@@ -6,10 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
-from types import SimpleNamespace
 
 import dagster as dg
 import pytest
@@ -17,16 +15,11 @@ from confluent_kafka import Consumer, Producer
 
 from stream_sentinel import feedback as fb
 from stream_sentinel.config import Settings
-from stream_sentinel.definitions import build_definitions
-from stream_sentinel.resources import KafkaResource, StreamSentinelResource
-from stream_sentinel.sensors.feedback import build_feedback_sensors, evaluate_kafka
+from stream_sentinel.sensors.feedback import build_feedback_sensors
 from stream_sentinel.store import Store
 
 from .conftest import create_topic, kill_when_paused, start_broker
-
-
-def vote(rid, label="spam", source="alice", confidence=1.0, ts="2024-05-01T12:00:00Z"):
-    return {"record_id": rid, "label": label, "source": source, "confidence": confidence, "ts": ts}
+from .helpers import KILLED_RUN, execute, flush_tick, tick, vote
 
 
 def produce(bootstrap, topic, messages, keyed=True):
@@ -46,23 +39,6 @@ def topic(kafka_broker, monkeypatch):
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
     monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TOPIC", name)
     return name
-
-
-def tick(paths, instance, cursor=None, flush=False):
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home)),
-                             "kafka": KafkaResource()}) as res:
-        out = evaluate_kafka(res.sentinel, res.kafka, cursor, flush=flush)
-    if isinstance(out, dg.SkipReason):
-        return SimpleNamespace(run_requests=[], skip_message=out.skip_message, cursor=None)
-    return SimpleNamespace(run_requests=out.run_requests, skip_message=None, cursor=out.cursor)
-
-
-def execute(paths, instance, request):
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
-    result = job.execute_in_process(run_config=request.run_config, instance=instance, raise_on_error=False,
-                                    tags={"dagster/run_key": request.run_key})
-    assert result.success
-    return result
 
 
 def count(paths, table="feedback_events"):
@@ -137,7 +113,7 @@ def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance,
     produce(bootstrap, topic, [vote(f"r{i}") for i in range(5)])
     held = tick(paths, instance)
     assert held.run_requests == [] and "waiting for the batch policy" in held.skip_message
-    flushed = tick(paths, instance, flush=True)
+    flushed = flush_tick(paths)
     assert sum(int(r.tags["stream_sentinel/messages"]) for r in flushed.run_requests) == 5
     monkeypatch.setenv("STREAM_SENTINEL_FEEDBACK_TIMEOUT_SECONDS", "0")
     produce(bootstrap, topic, [vote("late")])
@@ -145,23 +121,12 @@ def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance,
     assert [r.tags["stream_sentinel/messages"] for r in aged.run_requests] == ["1"]
 
 
-KILLED_RUN = textwrap.dedent("""
-    import sys
-    from stream_sentinel import feedback_sources as fs
-    from stream_sentinel.kafka import KafkaSettings
-    from stream_sentinel.store import Store
-    fs.ingest_range(Store(sys.argv[1]), KafkaSettings(sys.argv[2]),
-                    fs.OffsetRange(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])),
-                    frozenset({"spam", "ham"}))
-""")
-
-
 @pytest.mark.parametrize("pause_at", ["feedback_before_write", "feedback_after_write"])
 def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, topic, kafka_broker, tmp_path,
                                                               pause_at):
     bootstrap = kafka_broker.state().bootstrap
     produce(bootstrap, topic, [vote(f"r{i}") for i in range(300)] + [b"garbage"], keyed=False)
-    plan = tick(paths, instance, flush=True)  # unkeyed: a partition may hold fewer than the batch size
+    plan = flush_tick(paths)  # unkeyed: a partition may hold fewer than the batch size
     (first, *rest) = plan.run_requests
     cfg = first.run_config["ops"]["feedback"]["config"]
     kill_when_paused([sys.executable, "-c", KILLED_RUN, str(paths.db), bootstrap, cfg["topic"],
@@ -177,7 +142,7 @@ def test_malformed_messages_reach_the_dlq_and_the_rejects_table(paths, instance,
     bootstrap = kafka_broker.state().bootstrap
     bad = [b"{oops", json.dumps(vote("r1", label="maybe")), json.dumps(vote("r2", confidence=7))]
     produce(bootstrap, topic, [vote("ok1"), *bad, vote("ok2", label="ham")], keyed=False)
-    for r in tick(paths, instance, flush=True).run_requests:
+    for r in flush_tick(paths).run_requests:
         execute(paths, instance, r)
     assert count(paths) == 2
     with Store(paths.db).connect() as con:

@@ -18,7 +18,7 @@ from stream_sentinel.learning.models import TrainParams, load_training_set, spli
 from stream_sentinel.learning.registry import ModelRegistry
 
 from .conftest import drop
-from .test_models import WINDOW, ingest_records, ingest_with_labels, label_records
+from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, label_records
 
 
 def _strict_loads(text: str):
@@ -224,8 +224,6 @@ def test_a_promotion_scores_new_records_and_rescores_only_a_recent_window(paths,
     """Before: every promoted version rescored every record (176,492 rows for 11,620 records
     after 31 versions). Now new records always, older ones only within the window; every
     record still has one served answer."""
-    from .test_models import candidate
-
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, demo_embedder, demo_records, demo_labels, WINDOW, "a")
     m1 = candidate(registry, store, demo_embedder).version.version

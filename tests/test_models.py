@@ -11,47 +11,14 @@ import dagster as dg
 import pandas as pd
 
 from stream_sentinel import feedback as fb
-from stream_sentinel import ingest, pipeline
 from stream_sentinel.learning import loop as learning
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.learning.models import TrainParams, load_training_set
 from stream_sentinel.learning.registry import ModelRegistry
 
-from .conftest import drop, kill_when_paused
-
-WINDOW = slice(1000, 1500)  # a stretch of the demo stream with both spam and ham
-
-
-def ingest_with_labels(paths, store, embedder, demo_records, labels, part: slice, name: str):
-    recs = demo_records[part]
-    ingest_records(paths, store, embedder, recs, name)
-    if labels is not None:
-        label_records(store, recs, labels, name)
-
-
-def ingest_records(paths, store, embedder, recs: list[dict], name: str) -> None:
-    """Records through the product's file path (scan, batches, files), then embedded."""
-    drop(paths.raw, f"{name}.jsonl", recs)
-    ingest.scan(paths, store, debounce_s=1)
-    for b in ingest.plan_batches(store):
-        for sha in b.files:
-            ingest.process_file(paths, store, sha)
-    pipeline.embed_partition(store, embedder, None)
-
-
-def label_records(store, recs, labels, name: str, when: str = "2024-01-01"):
-    events = [fb.Event(fb.Position(f"test-{name}", 0, i), r["id"], labels[r["id"]], "oracle", 1.0,
-                       pd.Timestamp(when, tz="UTC").to_pydatetime()) for i, r in enumerate(recs)]
-    fb.write(store, events, [], "file")
-    fb.resolve_labels(store, fb.ConsensusConfig())
-
-
-def candidate(registry, store, embedder, full=False):
-    ts = load_training_set(store, embedder.model_id, "spam")
-    learning.persist_training_set(store, ts, embedder.model_id)
-    ts = learning.training_set_for_version(store, ts.data_version, embedder.model_id)
-    return learning.train_candidate(registry, store, ts, embedder.model_id, TrainParams(), full=full)
+from .conftest import kill_when_paused
+from .helpers import WINDOW, candidate, ingest_with_labels, label_records
 
 
 def test_first_full_version_then_continued_child_with_exact_lineage(paths, store, demo_embedder, demo_records,
@@ -66,7 +33,9 @@ def test_first_full_version_then_continued_child_with_exact_lineage(paths, store
     assert candidate(registry, store, embedder).version is None  # no new labels, no candidate
 
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
-    child = candidate(registry, store, embedder)
+    # 200 more labels grow the training split 1.4x: under a refit rule looser than that the
+    # champion is continued (the default rule, 1.2x, refits: checked at the end)
+    child = candidate(registry, store, embedder, params=TrainParams(refit_growth=2.0))
     v = child.version
     assert (child.strategy, v.parent_version, v.semver) == ("incremental", first.version.version, "1.0.1")
     assert v.training_set_version != first.version.training_set_version
@@ -86,6 +55,7 @@ def test_first_full_version_then_continued_child_with_exact_lineage(paths, store
         (first.version.version, None, "champion", "full"), (v.version, first.version.version, "candidate",
                                                             "incremental")]
     assert all("valid" in r["metrics"] for r in rows)
+    assert candidate(registry, store, embedder).strategy == "full"  # the default refit rule at 1.4x
 
 
 def _training_run(paths, instance, full=False):
