@@ -138,3 +138,14 @@ def test_up_relays_dagster_output_without_the_run_queue_line(tmp_path):
     assert out.getvalue().splitlines() == keep
     assert child.tend().startswith("exited with code 3")
     assert cli.is_noise(queue) and not any(cli.is_noise(line) for line in keep)
+
+
+def test_up_s_dagster_home_is_its_real_path(tmp_path):
+    """`dagster dev` warns that "the dagster.yaml in the current folder will not be used" when
+    its (real) working folder differs from DAGSTER_HOME, a symlink included: `up` gives it both
+    as the resolved path."""
+    from stream_sentinel import dagster_home as dh
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert dh.prepare(tmp_path / "link" / "dagster") == (tmp_path / "real" / "dagster").resolve()
