@@ -1,17 +1,26 @@
 """Dagster assets, checks and jobs: thin wrappers over the stream_sentinel library."""
 
+import dagster as dg
+
 from .checks import checks_job, index_checks, no_parked_units
-from .drift import daily_drift_report, drift_job, drift_report, recent_drift_job, recent_drift_report
+from .catalog import catalog
+from .drift import build_daily_drift_schedule, drift_job, drift_report, recent_drift_job, recent_drift_report
 from .feedback import feedback, feedback_job, labels
 from .ingest import embeddings, ingest_job, raw_records, vector_index
 from .models import (champion, learning_alerts, live_accuracy, model, predictions, training_job, training_set,
                      weekly_full_retrain)
-from .partitions import daily_arrivals
+from .partitions import daily_arrivals, declared_daily_arrivals
 
 all_assets = [raw_records, embeddings, vector_index, feedback, labels, training_set, model, champion, predictions, live_accuracy,
               drift_report, recent_drift_report]
 all_checks = [*index_checks, no_parked_units, learning_alerts]
 all_jobs = [ingest_job, checks_job, feedback_job, training_job, drift_job, recent_drift_job]
-all_schedules = [weekly_full_retrain, daily_drift_report]
 
-__all__ = ["all_assets", "all_checks", "all_jobs", "all_schedules", "daily_arrivals", "drift_job", "feedback_job", "ingest_job", "training_job"]
+
+def all_schedules(partitions_def: dg.DailyPartitionsDefinition = declared_daily_arrivals) -> list[dg.ScheduleDefinition]:
+    """The schedules, for the daily calendar the code location loaded with."""
+    return [weekly_full_retrain, build_daily_drift_schedule(partitions_def)]
+
+
+__all__ = ["all_assets", "all_checks", "all_jobs", "all_schedules", "catalog", "daily_arrivals", "drift_job",
+           "feedback_job", "ingest_job", "training_job"]

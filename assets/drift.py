@@ -12,7 +12,7 @@ from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .ingest import embeddings
 from .models import predictions
-from .partitions import daily_arrivals
+from .partitions import declared_daily_arrivals
 
 
 def _num(x) -> float:
@@ -30,15 +30,15 @@ def _report_checks(asset: str) -> list[dg.AssetCheckSpec]:
 
 
 @dg.asset(
-    partitions_def=daily_arrivals, deps=[embeddings, predictions], group_name="monitoring",
+    partitions_def=declared_daily_arrivals, deps=[embeddings, predictions], group_name="monitoring",
     kinds={"evidently", "duckdb"},
-    # one run per day: each day gets its own materialization, so its metadata (share drifted,
-    # embedding drift, accuracy) plots over time; the reference sample is cached, so a day costs seconds
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    # A backfill runs one day per run (Dagster's default without a backfill_policy): each day
+    # gets its own materialization, so its metadata (share drifted, embedding drift, accuracy)
+    # plots over time; the reference sample is cached, so a day costs seconds.
     check_specs=_report_checks("drift_report"),
     description="Evidently drift report of one arrival day against the champion's training window (its "
     "training-set data version): features, text embeddings, predictions, labels, accuracy. HTML under "
-    "reports/<day>.html, per-column rows in DuckDB drift_metrics, headline in drift_reports.",
+    "`reports/<day>.html`, per-column rows in DuckDB `drift_metrics`, headline in `drift_reports`.",
 )
 def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource, embedder: EmbedderResource):
     cfg = drift.DriftConfig.from_env()
@@ -97,7 +97,7 @@ class RecentDriftConfig(dg.Config):
     description="The rolling drift report: the latest STREAM_SENTINEL_DRIFT_RECENT_RECORDS records (at most half "
     "of all) against the champion's training window minus those records, made again every "
     "STREAM_SENTINEL_DRIFT_RECENT_EVERY new records by recent_drift_sensor. Daily partitions report finished days; "
-    "this one shows the stream minutes after `up`. HTML under reports/recent/.",
+    "this one shows the stream minutes after `up`. HTML under `reports/recent/`.",
 )
 def recent_drift_report(context: dg.AssetExecutionContext, config: RecentDriftConfig,
                         sentinel: StreamSentinelResource, embedder: EmbedderResource):
@@ -115,11 +115,18 @@ drift_job = dg.define_asset_job("drift_job", selection=[drift_report],
                                 description="The drift report of one arrival day (backfill any range from the UI).")
 
 
-@dg.schedule(name="daily_drift_report", job=drift_job, cron_schedule="30 0 * * *", execution_timezone="UTC",
-             default_status=dg.DefaultScheduleStatus.RUNNING,
-             description="Yesterday's (UTC) drift report, every day at 00:30 once the day is complete.")
-def daily_drift_report(context: dg.ScheduleEvaluationContext):
-    day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
-    if day < daily_arrivals.start.strftime("%Y-%m-%d"):
-        return dg.SkipReason(f"{day} is before the first partition")
-    return dg.RunRequest(run_key=f"drift:{day}", partition_key=day)
+def build_daily_drift_schedule(partitions_def: dg.DailyPartitionsDefinition) -> dg.ScheduleDefinition:
+    """The daily report schedule, for the calendar the code location loaded with: a day
+    before its first partition is skipped instead of requested (it is not a partition)."""
+    first = partitions_def.start.strftime("%Y-%m-%d")
+
+    @dg.schedule(name="daily_drift_report", job=drift_job, cron_schedule="30 0 * * *", execution_timezone="UTC",
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
+                 description="Yesterday's (UTC) drift report, every day at 00:30 once the day is complete.")
+    def daily_drift_report(context: dg.ScheduleEvaluationContext):
+        day = (context.scheduled_execution_time - timedelta(days=1)).date().isoformat()
+        if day < first:
+            return dg.SkipReason(f"{day} is before the first partition ({first})")
+        return dg.RunRequest(run_key=f"drift:{day}", partition_key=day)
+
+    return daily_drift_report

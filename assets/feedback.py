@@ -59,7 +59,7 @@ def feedback(context: dg.AssetExecutionContext, config: FeedbackConfig, sentinel
     with store.connect() as con:
         total_events, total_rejects = con.execute(
             "SELECT (SELECT count(*) FROM feedback_events), (SELECT count(*) FROM feedback_rejects)").fetchone()
-    meta.update({"feedback_events": total_events, "feedback_rejects": total_rejects,
+    meta.update({"feedback_events": total_events, "feedback_rejects": total_rejects, "dagster/row_count": total_events,
                  "duration_s": round(time.perf_counter() - started, 3)})
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(f"{total_events}:{total_rejects}"))
 
@@ -77,7 +77,8 @@ def labels(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) 
     counts = fb.resolve_labels(sentinel.store(), sentinel.settings.consensus_config())
     version = counts.pop("data_version")
     context.log.info(f"labels: {counts}")
-    return dg.MaterializeResult(metadata=counts, data_version=dg.DataVersion(version))
+    return dg.MaterializeResult(metadata={**counts, "dagster/row_count": sentinel.store().row_count("labels")},
+                                data_version=dg.DataVersion(version))
 
 
 feedback_job = dg.define_asset_job(

@@ -9,7 +9,7 @@ from pydantic import Field
 from stream_sentinel import ingest, pipeline
 from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
-from .partitions import daily_arrivals
+from .partitions import declared_daily_arrivals as daily_arrivals
 
 
 # Files are written in groups of 20, each one held DuckDB session and one transaction
@@ -67,7 +67,8 @@ def raw_records(
         "records_ingested": ingested,
         "records_skipped_identical": skipped,
         "records_rejected": rejected,
-        "partition_records": ingest.partition_record_count(store, part),
+        "partition_records": (rows := ingest.partition_record_count(store, part)),
+        "dagster/row_count": rows,  # the partition's rows of `records`
         "duration_s": round(time.perf_counter() - started, 3),
     }
     if problems:
@@ -110,6 +111,8 @@ def embeddings(
             "records_already_embedded": result.already,
             "duration_s": round(result.seconds, 3),
             "texts_per_s": round(result.texts_per_s, 1),
+            # the partition's rows of `embeddings` for the current model
+            "dagster/row_count": ingest.partition_record_count(store, part) - left,
         },
         data_version=dg.DataVersion(pipeline.embeddings_data_version(store, result.model_id, part)),
     )

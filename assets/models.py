@@ -51,7 +51,7 @@ def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
     run_facts.put(sentinel.store(), context.run.run_id, "training_set", ts.data_version)
     counts = ts.frame["split"].value_counts().to_dict()
     return dg.MaterializeResult(
-        metadata={"data_version": ts.data_version, "rows": len(ts.frame), "train": counts.get("train", 0),
+        metadata={"data_version": ts.data_version, "rows": len(ts.frame), "dagster/row_count": len(ts.frame), "train": counts.get("train", 0),
                   "valid": counts.get("valid", 0), "golden": counts.get("golden", 0),
                   "positive_label": ts.positive_label, "negative_label": ts.negative_label,
                   "positives": int(ts.frame["y"].sum()),
@@ -157,7 +157,8 @@ def predictions(context: dg.AssetExecutionContext, sentinel: StreamSentinelResou
     s = sentinel.settings
     n = learning.score_new_records(registry, sentinel.store(), embedder.model_id, s.ab_share, s.ab_routing,
                                    s.rescore_window)
-    return dg.MaterializeResult(metadata={"scored": n, "model_version": registry.champion_version() or ""})
+    return dg.MaterializeResult(metadata={"scored": n, "model_version": registry.champion_version() or "",
+                                          "dagster/row_count": sentinel.store().row_count("predictions")})
 
 
 @dg.asset(deps=[labels, predictions], group_name="learning", kinds={"duckdb"},

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -633,7 +635,7 @@ def cmd_up(args) -> int:
     children = {
         # started in DAGSTER_HOME: the code location is imported by module name from the
         # installed package, whatever folder `up` was started in
-        "dagster dev": Supervised(dagster_cmd, env, cwd=dagster_home),
+        "dagster dev": Supervised(dagster_cmd, {**env, "PYTHONUNBUFFERED": "1"}, cwd=dagster_home, drop=is_noise),
         "embedding server": Supervised(embed_cmd, env),
     }
 
@@ -660,12 +662,39 @@ def cmd_up(args) -> int:
                 p.terminate()
 
 
+# Lines of the Dagster stack that say nothing a user of `up` acts on. Dagster has no setting
+# for them: the run queue's line is logged at INFO by the daemon's run coordinator on every
+# dequeue tick (each second) while a run holds the one slot, and `dagster dev --log-level
+# warning` would also hide what matters at INFO (links, runs launched, sensor requests).
+# Everything else (errors, warnings, tracebacks, run events) passes.
+NOISE = (
+    re.compile(r"\d+ runs are currently in progress\. Maximum is \d+, won't launch more\."),
+)
+
+
+def is_noise(line: str) -> bool:
+    return any(p.search(line) for p in NOISE)
+
+
+def relay(stream, out, drop) -> None:
+    """Copy a child's output to ``out`` line by line, leaving out the lines ``drop`` names."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        if not drop(line):
+            out.write(line)
+            out.flush()
+    stream.close()
+
+
 class Supervised:
     """A child process of `up` that is started again when it exits, with backoff (1 s,
-    doubling to 30 s; back to 1 s after a minute of health)."""
+    doubling to 30 s; back to 1 s after a minute of health). With ``drop``, its output
+    (stdout and stderr, its own children's included) passes through ``relay`` to ``out``
+    (default: this process's stderr)."""
 
-    def __init__(self, cmd: list[str], env: dict, cwd: Path | None = None):
-        self.cmd, self.env, self.cwd = cmd, env, cwd
+    def __init__(self, cmd: list[str], env: dict, cwd: Path | None = None, drop=None, out=None):
+        self.cmd, self.env, self.cwd, self.drop, self.out = cmd, env, cwd, drop, out
+        self.relay: threading.Thread | None = None
         self.proc: subprocess.Popen | None = None
         self.delay = 1.0
         self.started = 0.0
@@ -676,7 +705,14 @@ class Supervised:
         if self.proc is None:
             if now < self.due:
                 return ""
-            self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True)
+            if self.drop is None:
+                self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True)
+            else:
+                self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                self.relay = threading.Thread(target=relay, args=(self.proc.stdout, self.out or sys.stderr, self.drop),
+                                              name="relay", daemon=True)
+                self.relay.start()
             self.started = now
             return "started" if self.due == 0.0 else "started again"
         code = self.proc.poll()

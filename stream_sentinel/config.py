@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 HOME_ENV = "STREAM_SENTINEL_HOME"
 DEFAULT_HOME = ".stream_sentinel"
+PARTITIONS_START_ENV = "STREAM_SENTINEL_PARTITIONS_START"
+# The first partition of a data root made before its first day was recorded: the calendar
+# such roots were built with, so none of their partitions disappears.
+LEGACY_PARTITIONS_START = "2024-01-01"
 
 
 def home_from_env() -> Path:
@@ -72,9 +77,51 @@ class Paths:
         """Where `stream-sentinel embed-server` listens (see stream_sentinel.embedding.server)."""
         return self.home / "embedder.sock"
 
+    @property
+    def first_day_file(self) -> Path:
+        """The UTC day the data root was made (``YYYY-MM-DD``): where its daily partitions start."""
+        return self.home / "first_day"
+
+    def first_day(self, today: date | None = None) -> str:
+        """The first arrival day this data root can have, so the daily partitions start there.
+
+        Files are partitioned by the day they arrive, and nothing arrives before the root
+        exists: starting the calendar on that day shows a new user's first day as the only
+        partition, instead of years of "missing" days before it. Read, never written, here
+        (the code location calls this when it loads); ``ensure()`` records it. A root made
+        before the day was recorded (it has a database already) keeps the old 2024-01-01
+        start; a root that does not exist yet starts today.
+        """
+        try:
+            return date.fromisoformat(self.first_day_file.read_text().strip()).isoformat()
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            raise ValueError(f"{self.first_day_file} does not hold a YYYY-MM-DD day; set {PARTITIONS_START_ENV} "
+                             "or delete the file (the data root's first day is then today)") from None
+        if self.db.exists():
+            return LEGACY_PARTITIONS_START
+        return (today or datetime.now(timezone.utc).date()).isoformat()
+
+    def note_arrival(self, day: date) -> None:
+        """Move the recorded first day back to ``day`` if it is earlier.
+
+        Only files registered with a fixed, past arrival time (tests, backfill demos) arrive
+        before the root was made; their days must be partitions too. The code location sees
+        the new first day when it loads next."""
+        if day.isoformat() < self.first_day():
+            from .atomic import write_bytes_atomic
+
+            self.home.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.first_day_file, (day.isoformat() + "\n").encode())
+
     def ensure(self) -> "Paths":
         for p in (self.raw, self.failed, self.index, self.models, self.reports, self.feedback):
             p.mkdir(parents=True, exist_ok=True)
+        if not self.first_day_file.exists():
+            from .atomic import write_bytes_atomic
+
+            write_bytes_atomic(self.first_day_file, (self.first_day() + "\n").encode())
         return self
 
 
@@ -186,6 +233,7 @@ class Settings:
     retry_max_attempts: int = 4  # failed runs of a unit (batch, range, feedback file) before it is parked
     retry_base_delay_s: float = 20.0  # backoff after the first failed run; doubles, up to 5 min
     retry_parked_s: float = 900.0  # a parked unit is still tried this often
+    partitions_start: str = ""  # first daily partition (YYYY-MM-DD); empty = the data root's first day
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -236,7 +284,20 @@ class Settings:
             retry_max_attempts=env_num("STREAM_SENTINEL_RETRY_MAX_ATTEMPTS", d.retry_max_attempts, int),
             retry_base_delay_s=env_num("STREAM_SENTINEL_RETRY_BASE_SECONDS", d.retry_base_delay_s),
             retry_parked_s=env_num("STREAM_SENTINEL_RETRY_PARKED_SECONDS", d.retry_parked_s),
+            partitions_start=os.environ.get(PARTITIONS_START_ENV, "").strip(),
         )
+
+    def partitions_start_for(self, paths: Paths) -> str:
+        """The first daily partition: ``partitions_start`` when set, else the data root's first day.
+
+        A malformed day is refused here, with the variable's name, when the code location
+        loads, not at the first run that needs a partition key."""
+        if not self.partitions_start:
+            return paths.first_day()
+        try:
+            return date.fromisoformat(self.partitions_start).isoformat()
+        except ValueError:
+            raise ValueError(f"{PARTITIONS_START_ENV}={self.partitions_start!r} is not a day (YYYY-MM-DD)") from None
 
     def retry_policy(self):
         from .retry import RetryPolicy

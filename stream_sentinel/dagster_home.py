@@ -37,13 +37,17 @@ def location(paths: Paths) -> Path:
 
 
 def prepare(home: str | os.PathLike[str]) -> Path:
-    """Create the instance folder ``home`` with the packaged files in it, and return it (absolute).
+    """Create the instance folder ``home`` with the packaged files in it, and return it (absolute,
+    symlinks resolved: `up` starts `dagster dev` in this folder with ``DAGSTER_HOME`` set to
+    it, and Dagster warns that "the dagster.yaml in the current folder will not be used"
+    when its real working directory and ``DAGSTER_HOME`` differ, even by a symlink).
 
     The files are the product's settings (run queue of one, run monitoring, retries), so they
     are written again when the installed version differs: an upgrade takes effect at the next
     `up`. Atomic writes, so a Dagster process starting meanwhile never reads half a file."""
     home = Path(home).absolute()
     home.mkdir(parents=True, exist_ok=True)
+    home = home.resolve()
     for name in PACKAGED:
         data, target = packaged(name), home / name
         if not target.is_file() or target.read_bytes() != data:

@@ -13,8 +13,8 @@ import os
 
 import dagster as dg
 
-from stream_sentinel.assets import all_assets, all_checks, all_jobs, all_schedules
-from stream_sentinel.config import Settings
+from stream_sentinel.assets import all_assets, all_checks, all_jobs, all_schedules, catalog, daily_arrivals
+from stream_sentinel.config import Paths, Settings
 from stream_sentinel.resources import EmbedderResource, KafkaResource, StreamSentinelResource
 from stream_sentinel.sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
                                      build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor)
@@ -32,11 +32,14 @@ def kafka_resource() -> KafkaResource:
 
 def build_definitions(settings: Settings | None = None, home: str | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
+    # the daily calendar starts on the configured day or the data root's first day (read,
+    # not created, here: `up` and the resource create the data root)
+    start = settings.partitions_start_for(Paths.at(home) if home else Paths.from_env())
     return dg.Definitions(
-        assets=all_assets,
+        assets=catalog(all_assets, start),
         asset_checks=all_checks,
         jobs=all_jobs,
-        schedules=all_schedules,
+        schedules=all_schedules(daily_arrivals(start)),
         sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings), build_retrain_sensor(settings),
                  build_drift_retrain_sensor(settings), build_recent_drift_sensor(settings), build_run_liveness_sensor(),
                  # declarative automation for the middle of the graph (vector_index after an

@@ -263,6 +263,8 @@ def scan(paths: Paths, store: Store, debounce_s: float = 2.0, now: datetime | No
     is quarantined too. A ``waiting`` file goes back to ``pending`` once it is older than the
     settle window, or becomes ``superseded`` when it changed (its new content is registered).
     """
+    if now is not None:  # files registered on a past day: that day becomes a partition too
+        paths.note_arrival(now.astimezone(timezone.utc).date())
     now = now or utcnow()
     result = ScanResult()
     walk = walk_files(paths.raw, is_record_file)

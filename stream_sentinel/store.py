@@ -389,6 +389,52 @@ def vectors_from_arrow(column, n: int):
 _SCHEMA_DONE: set[str] = set()
 
 
+def table_columns(table: str) -> list[tuple[str, str, bool, str]]:
+    """(name, type, nullable, comment) of a table or view of ``SCHEMA``, in column order.
+
+    Read from an in-memory database made from the schema itself, so the data catalog's
+    column lists cannot drift from the DDL and need no data file (the code location asks
+    when it loads). The comment is the column's ``--`` note in ``SCHEMA``, if any.
+    """
+    return list(_schema_columns().get(table, ()))
+
+
+def _schema_columns() -> dict[str, tuple[tuple[str, str, bool, str], ...]]:
+    global _COLUMNS
+    if _COLUMNS is None:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(SCHEMA)
+            rows = con.execute("""SELECT table_name, column_name, data_type, is_nullable = 'YES'
+                                  FROM information_schema.columns ORDER BY table_name, ordinal_position""").fetchall()
+        finally:
+            con.close()
+        notes = _column_notes()
+        out: dict[str, list] = {}
+        for table, name, dtype, nullable in rows:
+            out.setdefault(table, []).append((name, dtype, bool(nullable), notes.get((table, name), "")))
+        _COLUMNS = {t: tuple(cols) for t, cols in out.items()}
+    return _COLUMNS
+
+
+_COLUMNS: dict[str, tuple[tuple[str, str, bool, str], ...]] | None = None
+
+
+def _column_notes() -> dict[tuple[str, str], str]:
+    """The ``-- note`` after a column in ``SCHEMA``, by (table, column)."""
+    notes, table = {}, None
+    for line in SCHEMA.splitlines():
+        head = line.strip()
+        if head.upper().startswith("CREATE TABLE"):
+            table = head.split()[-2] if head.endswith("(") else None
+        elif table and "--" in head and not head.startswith("--"):
+            col, note = head.split("--", 1)
+            name = col.strip().split(" ", 1)[0]
+            if name:
+                notes[(table, name)] = note.strip()
+    return notes
+
+
 class StoreBusy(RuntimeError):
     """Another process held the DuckDB file for longer than we were willing to wait."""
 
@@ -519,6 +565,14 @@ class Store:
         return self
 
     # ---- read helpers shared by the CLI, asset checks and tests ---------------------
+
+    def row_count(self, table: str, where: str = "", params: list | None = None) -> int:
+        """Rows of one of the schema's tables (optionally those matching ``where``)."""
+        if table not in _schema_columns():
+            raise ValueError(f"{table!r} is not a table of the schema")
+        with self.connect() as con:
+            sql = f"SELECT count(*) FROM {table}" + (f" WHERE {where}" if where else "")
+            return int(con.execute(sql, params or []).fetchone()[0])
 
     def status(self) -> dict[str, int]:
         with self.connect() as con:

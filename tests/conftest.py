@@ -24,7 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 def paths(tmp_path, monkeypatch) -> Paths:
     monkeypatch.setenv("STREAM_SENTINEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("STREAM_SENTINEL_DEBOUNCE_SECONDS", "1")
-    return Paths.at(tmp_path / "home").ensure()
+    made = Paths.at(tmp_path / "home")
+    # the tests' files arrive on fixed days of 2024 and 2025 (ingest's `now`): a data root
+    # "made" on 2024-01-01 has those days among its daily partitions
+    made.home.mkdir(parents=True)
+    made.first_day_file.write_text("2024-01-01\n")
+    return made.ensure()
 
 
 @pytest.fixture

@@ -80,6 +80,8 @@ def test_micro_batch_end_to_end_then_rerun_then_incremental(paths, instance, dem
     assert (raw["records_ingested"], raw["records_rejected"], raw["files_quarantined"]) == (120, 0, 0)
     emb = _meta(result, "embeddings")
     assert emb["records_embedded"] == 120 and emb["model_id"].startswith("all-MiniLM-L6-v2@")
+    # the catalog's row count of each table-like asset: the partition's rows
+    assert raw["dagster/row_count"] == emb["dagster/row_count"] == 120
     idx = _meta(result, "vector_index")
     assert (idx["mode"], idx["ntotal"], idx["version"]) == ("rebuild", 120, "v000001")
     day = batch.partition_key

@@ -114,3 +114,38 @@ def test_search_without_an_index_explains_what_to_do(paths):
     out = cli("search", "anything", check=False)
     assert out.returncode == 1 and "no index yet" in out.stderr
 
+
+
+def test_up_relays_dagster_output_without_the_run_queue_line(tmp_path):
+    """`up` shows the Dagster stack's output but not the queue's once-a-second INFO line;
+    errors, warnings and run events pass."""
+    import io
+
+    from stream_sentinel import cli
+
+    queue = "2026-12-02 17:00:01 +0000 - dagster.daemon.QueuedRunCoordinatorDaemon - INFO - " \
+            "1 runs are currently in progress. Maximum is 1, won't launch more."
+    keep = ["dagster.daemon.SensorDaemon - INFO - Sensor raw_files_sensor requested run 1a2b",
+            "Serving dagster-webserver on http://127.0.0.1:3000 in process 42",
+            "dagster - ERROR - ingest_job - 1a2b - STEP_FAILURE - boom"]
+    script = "import sys\n" + "".join(f"print({line!r}, flush=True)\n" for line in (queue, keep[0], queue, keep[1])) \
+        + f"print({keep[2]!r}, file=sys.stderr)\nsys.exit(3)\n"
+    out = io.StringIO()
+    child = cli.Supervised([sys.executable, "-c", script], dict(os.environ), cwd=tmp_path, drop=cli.is_noise, out=out)
+    assert child.tend() == "started"
+    child.proc.wait(timeout=30)
+    child.relay.join(timeout=10)
+    assert out.getvalue().splitlines() == keep
+    assert child.tend().startswith("exited with code 3")
+    assert cli.is_noise(queue) and not any(cli.is_noise(line) for line in keep)
+
+
+def test_up_s_dagster_home_is_its_real_path(tmp_path):
+    """`dagster dev` warns that "the dagster.yaml in the current folder will not be used" when
+    its (real) working folder differs from DAGSTER_HOME, a symlink included: `up` gives it both
+    as the resolved path."""
+    from stream_sentinel import dagster_home as dh
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert dh.prepare(tmp_path / "link" / "dagster") == (tmp_path / "real" / "dagster").resolve()

@@ -393,8 +393,10 @@ def test_drift_retrain_run_is_full_and_names_its_drift_report(home, instance):
 
 
 def test_daily_schedule_requests_yesterdays_partition():
-    from stream_sentinel.assets.drift import daily_drift_report
+    from stream_sentinel.assets import daily_arrivals
+    from stream_sentinel.assets.drift import build_daily_drift_schedule
 
+    daily_drift_report = build_daily_drift_schedule(daily_arrivals("2024-01-01"))
     ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2024, 3, 5, 0, 30, tzinfo=timezone.utc))
     req = daily_drift_report(ctx)
     assert isinstance(req, dg.RunRequest) and req.partition_key == "2024-03-04" and req.run_key == "drift:2024-03-04"
