@@ -21,41 +21,17 @@ from pathlib import Path
 from . import jsonout
 from .config import HOME_ENV, Paths, Settings
 
-# The tags a sensor launch carries (the keys Dagster shows on every sensor run, and that the
-# daemon's de-duplication reads). Dagster exports no public constant for them; spelled out
-# here so `run --once` needs no private `dagster._core` import. tests/test_daemon_e2e.py
-# asserts the daemon's own runs carry exactly these keys.
-RUN_KEY_TAG = "dagster/run_key"
-SENSOR_NAME_TAG = "dagster/sensor_name"
 
-
-
-def _instance():
-    """The instance of ``$DAGSTER_HOME`` (where `up` runs), else an ephemeral one: `run --once`
-    and `model retrain` work on a data root that no `up` has touched."""
-    import dagster as dg
-
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-
-def _console(level: str) -> dict:
-    """Run config that keeps Dagster's per-event DEBUG lines off the terminal."""
-    return {"loggers": {"console": {"config": {"log_level": level}}}}
-
-
-def metadata_values(metadata) -> dict:
-    """Dagster metadata entries as plain values (what a table cell or JSON wants)."""
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+# what `run --once` (and `model retrain`) exit with; documented in the README and in --help
+EXIT_CODES = {"ok": 0, "failed": 1, "rejected": 3}
+OUTCOME_ORDER = ["ok", "rejected", "failed"]  # the worst outcome of the runs decides
+EXIT_HELP = ("exit status: 0 every run succeeded (WARN checks that failed are printed, not counted); "
+             "1 a run failed or an ERROR check failed; 2 bad usage or configuration; "
+             "3 nothing failed, but the promotion gate rejected a candidate (the champion stays)")
 
 
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _model_id(settings: Settings) -> str:
-    """The id the embeddings of this configuration are stored under (model, precision)."""
-    from .embedding.embedder import model_id
-
-    return model_id(settings.model_path, settings.embed_precision, settings.device, settings.embed_backend)
 
 
 def _emit(obj, as_json: bool, human) -> None:
@@ -68,44 +44,29 @@ def _emit(obj, as_json: bool, human) -> None:
 # ------------------------------------------------------------------------------ status
 
 
-def collect_status(paths: Paths) -> dict:
-    from .index import IndexStore
-    from .store import Store
+def cmd_run(args) -> int:
+    if not args.once:
+        _err("only `stream-sentinel run --once` exists; the continuous mode is `stream-sentinel up`")
+        return 2
+    from .sensors.once import run_once
+    from .status import collect_status
 
+    paths = Paths.from_env().ensure()
     settings = Settings.from_env()
-    mid = _model_id(settings)
-    store = Store(paths.db)
-    out: dict = {"home": str(paths.home), "model_id": mid}
-    out.update(store.status())
-    with store.connect() as con:
-        out["embedded"] = int(con.execute(
-            "SELECT count(*) FROM embeddings WHERE model_id = ?", [mid]).fetchone()[0])
-    meta = IndexStore(paths.index).read_meta()
-    out["index_ntotal"] = meta.ntotal if meta else 0
-    out["index_version"] = meta.version if meta else None
-    out["index_model_id"] = meta.model_id if meta else None
-    out["unembedded"] = out["records"] - out["embedded"]
-    with store.connect() as con:
-        one = lambda q: int(con.execute(q).fetchall()[0][0])  # noqa: E731
-        out["feedback_events"] = one("SELECT count(*) FROM feedback_events")
-        out["feedback_rejects"] = one("SELECT count(*) FROM feedback_rejects")
-        out["quarantined_feedback_files"] = one("SELECT count(*) FROM feedback_files WHERE status = 'quarantined'")
-        # entries of raw/ and feedback/ the scans cannot read (what, and why), 20 at most
-        out["scan_problem_paths"] = {f"{area}/{path}": reason for area, path, reason in con.execute(
-            "SELECT area, path, reason FROM scan_problems ORDER BY area, path LIMIT 20").fetchall()}
-        out["labels"] = {status: n for status, n in con.execute(
-            "SELECT status, count(*) FROM labels GROUP BY 1 ORDER BY 1").fetchall()}
-        out["labels"]["total"] = sum(out["labels"].values())
-        out["kafka_lag"] = {f"{t}:{p}": lag for t, p, lag in con.execute(
-            'SELECT topic, "partition", lag FROM kafka_lag ORDER BY 1, 2').fetchall()}
-    from .learning.loop import learning_metrics
-    from .learning.registry import ModelRegistry
-
-    out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())
-    return out
+    outcomes = run_once(paths, settings, args.wait_seconds, say=_err)
+    if outcomes is None:
+        print("nothing to do: no new files, feedback or labels")
+        return 0
+    st = collect_status(paths, settings)
+    print(jsonout.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
+                                         "rejected_records", "feedback_events", "feedback_rejects", "labels")}
+                     | {"champion": st["learning"]["current_model"]}))
+    return EXIT_CODES[max(outcomes, key=OUTCOME_ORDER.index, default="ok")]
 
 
 def cmd_status(args) -> int:
+    from .status import collect_status
+
     paths = Paths.from_env().ensure()
     st = collect_status(paths)
 
@@ -163,159 +124,6 @@ def cmd_search(args) -> int:
 # ------------------------------------------------------------------------------ run --once
 
 
-def cmd_run(args) -> int:
-    if not args.once:
-        _err("only `stream-sentinel run --once` exists; the continuous mode is `stream-sentinel up`")
-        return 2
-    import dagster as dg
-
-    from stream_sentinel.resources import KafkaResource, StreamSentinelResource
-    from stream_sentinel.sensors.feedback import evaluate_files, evaluate_kafka
-    from stream_sentinel.sensors.raw_files import batch_run_request
-
-    from . import ingest, pipeline
-    from .definitions import build_definitions
-    from .store import Store
-
-    paths = Paths.from_env().ensure()
-    settings = Settings.from_env()
-    store = Store(paths.db)
-    scanned = ingest.scan(paths, store, settings.debounce_s)
-    # a cron or CI job that just wrote its files expects them in this run: wait out the
-    # debounce of files already there (bounded, for a file that never stops growing)
-    deadline = time.monotonic() + args.wait_seconds
-    while scanned.unstable and time.monotonic() < deadline:
-        _err(f"waiting for {len(scanned.unstable)} file(s) still being written (unchanged for "
-             f"{settings.debounce_s:g} s counts as done; at most {args.wait_seconds:g} s)")
-        time.sleep(max(0.1, min(settings.debounce_s / 2, deadline - time.monotonic())))
-        scanned = ingest.scan(paths, store, settings.debounce_s)
-    ingest.plan_batches(store, settings.batch_max_files, settings.batch_max_records)
-    batches = ingest.unfinished_batches(store)
-    if scanned.unstable:
-        _err(f"{len(scanned.unstable)} file(s) still being written after {args.wait_seconds:g} s; "
-             "they wait for the next run")
-    for rel, why in scanned.problems:
-        _err(f"raw/{rel}: {why}")
-    batch_days = {b.partition_key for b in batches}
-    # days whose records miss vectors for the current model: a failed run, or a new model
-    catch_up = [d for d in pipeline.partitions_with_unembedded(store, _model_id(settings))
-                if d not in batch_days]
-    # feedback: everything pending, regardless of the micro-batch policy (a flush)
-    feedback_requests: list[tuple[str, dg.RunRequest]] = []
-    with dg.build_resources({"sentinel": StreamSentinelResource(), "kafka": KafkaResource()}) as res:
-        for sensor_name, outcome in (("feedback_files_sensor", evaluate_files(res.sentinel, None)),
-                                     ("feedback_kafka_sensor", evaluate_kafka(res.sentinel, res.kafka, None, flush=True))):
-            if isinstance(outcome, dg.SensorResult):
-                feedback_requests += [(sensor_name, r) for r in outcome.run_requests]
-            elif "not configured" not in outcome.skip_message and "no new" not in outcome.skip_message:
-                _err(f"{sensor_name}: {outcome.skip_message}")
-    if not batches and not catch_up and not feedback_requests and not _training_due(settings):
-        print("nothing to do: no new files, feedback or labels")
-        return 0
-    defs = build_definitions(settings)
-    ingest_job = defs.resolve_job_def("ingest_job")
-    feedback_job = defs.resolve_job_def("feedback_job")
-    instance = _instance()
-    outcomes: list[str] = []
-
-    def report(result) -> None:
-        outcome, lines = run_outcome(result)
-        outcomes.append(outcome)
-        for line in lines:
-            _err(f"    {line}")
-
-    total = len(batches) + len(catch_up) + len(feedback_requests)
-    n = 0
-    with instance:
-        for batch in batches:
-            n += 1
-            req = batch_run_request(batch)
-            _err(f"[{n}/{total}] {batch.run_key}: {len(batch.files)} file(s), ~{batch.est_records} records")
-            # same tags as a sensor launch, so a daemon started later does not run the batch again
-            tags = {**req.tags, RUN_KEY_TAG: batch.run_key, SENSOR_NAME_TAG: "raw_files_sensor"}
-            run_config = {**req.run_config, **_console("INFO")}
-            report(ingest_job.execute_in_process(run_config=run_config, partition_key=batch.partition_key,
-                                                 instance=instance, tags=tags, raise_on_error=False))
-        for day in catch_up:
-            n += 1
-            _err(f"[{n}/{total}] {day}: embedding records that have no vector for the current model")
-            report(ingest_job.execute_in_process(
-                run_config=_console("INFO"), partition_key=day, instance=instance, raise_on_error=False,
-                asset_selection=[dg.AssetKey("embeddings"), dg.AssetKey("vector_index")]))
-        for sensor_name, req in feedback_requests:
-            n += 1
-            _err(f"[{n}/{total}] feedback {req.run_key}")
-            tags = {**req.tags, RUN_KEY_TAG: req.run_key, SENSOR_NAME_TAG: sensor_name}
-            report(feedback_job.execute_in_process(run_config={**req.run_config, **_console("INFO")},
-                                                   instance=instance, tags=tags, raise_on_error=False))
-        # new labels (from the feedback just ingested) -> one training run, flushed like the feedback
-        if _training_due(settings):
-            n += 1
-            _err(f"[{n}/{total + 1}] training on new labels")
-            training_job = defs.resolve_job_def("training_job")
-            report(training_job.execute_in_process(run_config=_console("INFO"), instance=instance,
-                                                   raise_on_error=False))
-    st = collect_status(paths)
-    print(jsonout.dumps({k: st[k] for k in ("records", "embedded", "index_ntotal", "quarantined_files",
-                                         "rejected_records", "feedback_events", "feedback_rejects", "labels")}
-                     | {"champion": st["learning"]["current_model"]}))
-    return EXIT_CODES[max(outcomes, key=OUTCOME_ORDER.index, default="ok")]
-
-
-# what `run --once` (and `model retrain`) exit with; documented in the README and in --help
-EXIT_CODES = {"ok": 0, "failed": 1, "rejected": 3}
-OUTCOME_ORDER = ["ok", "rejected", "failed"]  # the worst outcome of the runs decides
-EXIT_HELP = ("exit status: 0 every run succeeded (WARN checks that failed are printed, not counted); "
-             "1 a run failed or an ERROR check failed; 2 bad usage or configuration; "
-             "3 nothing failed, but the promotion gate rejected a candidate (the champion stays)")
-GATE = "candidate_beats_champion"
-
-
-def run_outcome(result) -> tuple[str, list[str]]:
-    """ok | rejected | failed for one in-process run, and the lines that say why.
-
-    A candidate the gate rejects is the gate doing its job, not a failure: the blocking check
-    stops the run before promotion (Dagster marks the run failed), so a run whose only
-    failure is that check's step reports ``rejected``. WARN checks never fail a run."""
-    import dagster as dg
-
-    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
-    warns = [c for c in failed_checks if c.severity == dg.AssetCheckSeverity.WARN]
-    errors = [c for c in failed_checks if c.severity != dg.AssetCheckSeverity.WARN]
-    lines = [f"warning: check {c.check_name} (WARN) did not pass: {c.description or ''}".rstrip(": ")
-             for c in warns]
-    for event in result.get_asset_materialization_events() + result.get_asset_observation_events():
-        if event.asset_key != dg.AssetKey("model"):
-            continue
-        found = (event.step_materialization_data.materialization if event.is_step_materialization
-                 else event.asset_observation_data.asset_observation)
-        meta = metadata_values(found.metadata)
-        lines.append(f"model: candidate {meta.get('candidate') or 'none'} "
-                     f"({meta.get('strategy')}: {meta.get('reason')})")
-    rejected = [c for c in errors if c.check_name == GATE]
-    other_errors = [c for c in errors if c.check_name != GATE]
-    failed_steps = {e.step_key for e in result.get_step_failure_events()}
-    for c in rejected:
-        cand = c.metadata.get("candidate")
-        lines.append(f"candidate {cand.value if cand else ''} rejected by {GATE}: {c.description}")
-    if result.success and not other_errors:
-        return "ok", lines + [f"ok (run id {result.run_id})"]
-    if rejected and not other_errors and failed_steps <= {"model"}:
-        return "rejected", lines + [f"ok: the champion stays (run id {result.run_id})"]
-    why = [f"check {c.check_name} failed" for c in other_errors] + [f"step {k} failed" for k in sorted(failed_steps)]
-    return "failed", lines + [f"FAILED ({', '.join(why) or 'run failed'}); run id {result.run_id}"]
-
-
-def _training_due(settings: Settings) -> bool:
-    import dagster as dg
-
-    from stream_sentinel.resources import StreamSentinelResource
-    from stream_sentinel.sensors.training import evaluate_retrain
-
-    with dg.build_resources({"sentinel": StreamSentinelResource()}) as res:
-        return isinstance(evaluate_retrain(res.sentinel, flush=True), dg.RunRequest)
-
-
 # ------------------------------------------------------------------------------ feedback
 
 
@@ -364,6 +172,7 @@ def cmd_feedback(args) -> int:
 
 
 def cmd_model(args) -> int:
+    from .sensors.once import console as _console, dagster_instance as _instance, run_outcome
     from .learning.registry import ModelRegistry
     from .store import Store
 
@@ -453,6 +262,7 @@ def _drift_human(d: dict) -> None:
 def cmd_drift(args) -> int:
     from . import drift
     from .learning.registry import ModelRegistry
+    from .status import embedding_model_id
     from .store import Store
 
     paths = Paths.from_env().ensure()
@@ -473,7 +283,7 @@ def cmd_drift(args) -> int:
     if args.drift_command == "run":
         registry = ModelRegistry(paths.models, store)
         try:
-            res = drift.run_range(store, registry, paths.reports, _model_id(Settings.from_env()),
+            res = drift.run_range(store, registry, paths.reports, embedding_model_id(Settings.from_env()),
                                   args.start, args.end, args.time_field, cfg)
         except ValueError as exc:
             _err(str(exc))
@@ -487,6 +297,7 @@ def cmd_drift(args) -> int:
 
 
 def _drift_backfill(args) -> int:
+    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
     """drift_report for every day of a range, one run per day, recorded in the Dagster instance
     (the UI's backfill does the same through the daemon)."""
     from datetime import date, timedelta
@@ -530,6 +341,7 @@ def _drift_backfill(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
     import dagster as dg
 
     from .definitions import build_definitions

@@ -32,6 +32,18 @@ def test_model_id_and_dimension_need_no_torch_and_track_content(tmp_path):
     assert model_id(copy).startswith("my-model@")
 
 
+def test_model_id_is_one_sha256_over_file_names_and_bytes():
+    """The id stored with every embedding: a change to how it is computed would make every
+    stored vector look stale and re-embed a whole data root after an upgrade."""
+    import hashlib
+
+    root = default_model_path()
+    h = hashlib.sha256()
+    for p in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    assert model_id(root).split("@sha256:")[1][:16] == h.hexdigest()[:16]
+
+
 def test_empty_batch_and_configured_batch_size(tmp_path):
     e = Embedder.load(batch_size=4)
     assert e.embed([]).shape == (0, 384)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from stream_sentinel import cli, jsonout
+from stream_sentinel.sensors.once import run_outcome
 from stream_sentinel.learning import loop as learning
 from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
@@ -260,7 +261,7 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
                         "VALUES ('update', 5000, ?, now())", [json.dumps({"strategy": "incremental"})])
     job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
     first = job.execute_in_process(instance=instance, raise_on_error=False)
-    outcome, lines = cli.run_outcome(first)
+    outcome, lines = run_outcome(first)
     assert first.success and outcome == "ok", lines
     assert any("updates_under_1s (WARN)" in line for line in lines)
     again = job.execute_in_process(instance=instance, raise_on_error=False)
@@ -270,7 +271,7 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
     assert "no new labels" in obs.asset_observation_data.asset_observation.metadata["reason"].value
     latest = instance.get_latest_materialization_event(dg.AssetKey("model"))
     assert latest.asset_materialization.metadata["candidate"].value  # still the real version
-    outcome, lines = cli.run_outcome(again)
+    outcome, lines = run_outcome(again)
     assert outcome == "ok" and any("model: candidate none" in line for line in lines)
 
     # a queued training run holds the sensor: it reads every label there is when it starts
@@ -360,7 +361,7 @@ def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store
     job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
     result = job.execute_in_process(instance=instance, raise_on_error=False)
     assert result.success  # not a failed run
-    outcome, lines = cli.run_outcome(result)
+    outcome, lines = run_outcome(result)
     assert outcome == "ok" and any("waiting for both classes ('spam' and 'ham')" in line for line in lines), lines
     assert not result.asset_materializations_for_node("model")
     assert ModelRegistry(paths.models, store).champion_version() is None

@@ -174,7 +174,7 @@ def test_a_copy_of_quarantined_content_is_quarantined_too(paths, store):
 
 
 def test_status_counts_quarantined_feedback_files_and_shows_scan_problems(paths, store):
-    from stream_sentinel.cli import collect_status
+    from stream_sentinel.status import collect_status
 
     drop(paths.feedback, "garbage.jsonl", "not json\nstill not\n")
     drop(paths.feedback, "copy.jsonl", "not json\nstill not\n", age=0)  # same bytes, dropped later

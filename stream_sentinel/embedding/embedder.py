@@ -111,8 +111,11 @@ def _files_id(path: str | os.PathLike[str] | None) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0")
+        # one digest over every file's name and bytes (not a digest of digests: the id of an
+        # installed model must not change, or every stored embedding would look stale)
         with open(p, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
     mid = f"{model_name(root)}@sha256:{h.hexdigest()[:16]}"
     with _LOCK:
         _ID_CACHE[key] = mid
