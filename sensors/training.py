@@ -8,9 +8,9 @@ labels never train twice however often the sensor ticks.
 
 import dagster as dg
 
-from stream_sentinel.learning import loop as learning
 from stream_sentinel.assets.models import training_job
 from stream_sentinel.config import Settings
+from stream_sentinel.learning import loop as learning
 from stream_sentinel.resources import StreamSentinelResource
 
 from .units import run_waiting, skip_while_busy

@@ -11,6 +11,7 @@ from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.index import IndexStore
+from stream_sentinel.sensors.once import metadata_values
 from stream_sentinel.store import Store
 
 from .conftest import drop
@@ -29,7 +30,7 @@ def _run(paths, instance, partition_key, files=()):
 
 def _meta(result, asset):
     (mat,) = [m for m in result.asset_materializations_for_node(asset)]
-    return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+    return metadata_values(mat.metadata)
 
 
 UNPARTITIONED = {"vector_index"}  # one index over every day
