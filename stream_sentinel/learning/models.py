@@ -361,7 +361,8 @@ def linear_state(ref: "Reference", half_life: float) -> LinearState:
 def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = None,
                   half_life: float = 0.0) -> np.ndarray:
     """A class-balanced ridge classifier on the embeddings of every labelled record, as one
-    feature column: a linear view of all labels that needs no state between versions.
+    feature column: a linear view of all labels, kept by the labels (``LinearState``), not
+    by model versions.
 
     Like the kNN columns it is computed from the labels known at scoring time, so a new label
     moves it at once; unlike them it sees a direction in the whole embedding, which is what an
@@ -372,24 +373,26 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
     out = np.zeros(len(vectors), dtype=np.float32)
     if len(ref.vectors) < 2 or not len(vectors) or len(set(ref.y.tolist())) < 2:
         return out
-    with _one_blas_thread():
-        return _linear_scores(ref, vectors, ids, half_life, out)
-
-
-def _linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None, half_life: float,
-                   out: np.ndarray) -> np.ndarray:
-    state = linear_state(ref, half_life)
-    V = np.hstack([vectors.astype(np.float64), np.ones((len(vectors), 1))])
-    out[:] = V @ state.coef(None)
-    if ids is not None:
+    rows = inside = None
+    if ids is not None:  # rows that are in the reference score out of fold
         pos_of = {rid: j for j, rid in enumerate(ref.ids)}
         rows = np.array([pos_of.get(x, -1) for x in ids])
         inside = np.flatnonzero(rows >= 0)
-        for k in range(LINEAR_FOLDS):
-            sel = inside[rows[inside] % LINEAR_FOLDS == k]
-            if len(sel):
-                c_k = state.coef(k)
-                out[sel] = 0.0 if c_k is None else V[sel] @ c_k
+    folds = sorted(set((rows[inside] % LINEAR_FOLDS).tolist())) if inside is not None else []
+    with _one_blas_thread():  # the d x d work: small, and slowed by threads beside OpenMP pools
+        state = linear_state(ref, half_life)
+        coefs = {k: state.coef(k) for k in [None, *folds]}
+    # the products with the scored rows: float32, no copy of the rows (a million rows in
+    # float64 with an intercept column would be a 3 GB copy), BLAS threads allowed
+    X = np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def apply(c: np.ndarray, sel=slice(None)) -> np.ndarray:
+        return X[sel] @ c[:-1].astype(np.float32) + np.float32(c[-1])
+
+    out[:] = apply(coefs[None])
+    for k in folds:
+        sel = inside[rows[inside] % LINEAR_FOLDS == k]
+        out[sel] = 0.0 if coefs[k] is None else apply(coefs[k], sel)
     return out
 
 
