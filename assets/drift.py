@@ -1,8 +1,8 @@
 """drift_report: Evidently reports per arrival day, and recent_drift_report over the latest
 records, each against the champion's training window."""
 
-from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -41,19 +41,28 @@ def _report_checks(asset: str) -> list[dg.AssetCheckSpec]:
     "`reports/<day>.html`, per-column rows in DuckDB `drift_metrics`, headline in `drift_reports`.",
 )
 def drift_report(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource, embedder: EmbedderResource):
-    cfg = drift.DriftConfig.from_env()
+    cfg = sentinel.drift_config
+    cfg.validate()  # the stat test names (Evidently's)
     res = drift.run_partition(sentinel.store(), sentinel.registry(), sentinel.paths.reports, embedder.model_id,
                               context.partition_key, cfg)
-    yield from _report_events(context, res, cfg)
+    yield from _report_events(context, res, cfg, sentinel)
 
 
-def _report_events(context, res: drift.DriftResult, cfg: drift.DriftConfig):
+def report_url(sentinel: StreamSentinelResource, report_path: str) -> str:
+    """The report on the API (`stream-sentinel serve`): browsers refuse file:// links from a web page."""
+    from urllib.parse import quote
+
+    rel = Path(report_path).resolve().relative_to(sentinel.paths.reports.resolve())
+    return f"{sentinel.settings.api_base_url}/reports/{quote(rel.as_posix())}"
+
+
+def _report_events(context, res: drift.DriftResult, cfg: drift.DriftConfig, sentinel: StreamSentinelResource):
     """The materialization and both checks of one report (daily or rolling)."""
     context.log.info(f"drift {res.window_key}: {res.status}; {res.message}")
     meta = {
         "status": res.status, "message": res.message, "drifted": res.drifted,
         "report": dg.MetadataValue.path(res.report_path),
-        "report_url": dg.MetadataValue.url(f"file://{res.report_path}"),
+        "report_url": dg.MetadataValue.url(report_url(sentinel, res.report_path)),
         "rule": drift.rule(cfg),
         "n_current": res.n_current, "n_reference": res.n_reference, "n_labelled": res.n_labelled,
         "reference_excluded": res.reference_excluded, "n_accuracy": res.n_accuracy,
@@ -101,11 +110,12 @@ class RecentDriftConfig(dg.Config):
 )
 def recent_drift_report(context: dg.AssetExecutionContext, config: RecentDriftConfig,
                         sentinel: StreamSentinelResource, embedder: EmbedderResource):
-    cfg = drift.DriftConfig.from_env()
+    cfg = sentinel.drift_config
+    cfg.validate()  # the stat test names (Evidently's)
     store = sentinel.store()
-    upto = config.upto_vec_id or drift.recent_due(store, replace(cfg, recent_every=0)) or 0
+    upto = config.upto_vec_id or drift.recent_due(store, cfg, every=0) or 0
     res = drift.run_recent(store, sentinel.registry(), sentinel.paths.reports, embedder.model_id, upto, cfg)
-    yield from _report_events(context, res, cfg)
+    yield from _report_events(context, res, cfg, sentinel)
 
 
 recent_drift_job = dg.define_asset_job("recent_drift_job", selection=[recent_drift_report],

@@ -38,7 +38,7 @@ def raw_records(
 ) -> dg.MaterializeResult:
     started = time.perf_counter()
     part = context.partition_key
-    store = sentinel.store()
+    store, s = sentinel.store(), sentinel.settings
     shas = list(config.files) or ingest.files_for_partition(store, part)
     wrong = ingest.files_outside_partition(store, shas, part)
     if wrong:
@@ -47,7 +47,8 @@ def raw_records(
     ingested = skipped = rejected = 0
     problems = []
     for start in range(0, len(shas), FILES_PER_SESSION):
-        for out in ingest.process_files(sentinel.paths, store, shas[start:start + FILES_PER_SESSION]):
+        for out in ingest.process_files(sentinel.paths, store, shas[start:start + FILES_PER_SESSION],
+                                        s.settle_s, s.ingest_db_memory):
             totals[out.status] += 1
             ingested, skipped, rejected = ingested + out.ingested, skipped + out.skipped, rejected + out.rejected
             if out.status != "processed":

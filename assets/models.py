@@ -46,7 +46,6 @@ def _build_training_set(sentinel: StreamSentinelResource, embedder: EmbedderReso
           "label set, which every model version references.")
 def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource,
                  embedder: EmbedderResource) -> dg.MaterializeResult:
-    s = sentinel.settings
     ts = _build_training_set(sentinel, embedder)
     run_facts.put(sentinel.store(), context.run.run_id, "training_set", ts.data_version)
     counts = ts.frame["split"].value_counts().to_dict()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from stream_sentinel.ingest import DEFAULT_DB_MEMORY  # noqa: E402
+from stream_sentinel.config import DEFAULT_DB_MEMORY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,13 @@ reports itself unconfigured and feedback comes from the drop folder instead."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import dagster as dg
 from pydantic import PrivateAttr
 
-from stream_sentinel.kafka import KafkaSettings
+from stream_sentinel.kafka import ENV_VARS, KafkaSettings
 
 
 class KafkaResource(dg.ConfigurableResource):
@@ -21,6 +22,14 @@ class KafkaResource(dg.ConfigurableResource):
     ssl_ca_location: Optional[str] = None
 
     _settings: Optional[KafkaSettings] = PrivateAttr(default=None)
+
+    @classmethod
+    def from_env(cls) -> "KafkaResource":
+        """Kafka settings by reference: the UI shows the variable names, the values (a password)
+        stay in the environment and are resolved in the run. Only variables that are set are
+        referenced (an unset ``dg.EnvVar`` fails the run)."""
+        refs = {field: dg.EnvVar(var) for field, var in ENV_VARS.items() if os.environ.get(var)}
+        return cls(**refs)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         env = KafkaSettings.from_env()

@@ -1,56 +1,78 @@
-"""Resources wrap the library; every field left unset falls back to the environment.
+"""Resources wrap the library; their fields are the settings, typed and visible in the UI.
 
-Values are resolved in ``setup_for_execution`` (at run or tick time), never at import,
-so one code location serves any data root and tests can point it at a temp folder.
+The environment is read when the code location loads (``from_settings``: its values become
+the fields' defaults, see ``sections.py``), never at import and never inside a run, so what
+the resource page shows is what runs use, and a run can override any field in the launchpad.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 WORKER_TAG = "stream_sentinel/worker"  # read by sensors/liveness.py
 
 from stream_sentinel import procs
-from stream_sentinel.config import Paths, Settings
+from stream_sentinel.config import HOME_ENV, Paths, Settings
+from stream_sentinel.drift import DriftConfig
 from stream_sentinel.embedding.embedder import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
 from stream_sentinel.learning.registry import ModelRegistry
 from stream_sentinel.store import Store
 
+from .sections import (SENTINEL_SECTIONS, ABSettings, DriftSettings, FeedbackSettings, IndexSettings,
+                       IngestSettings, LearningSettings, RetrySettings, ServingSettings, described,
+                       section_values, with_defaults)
+
 
 class StreamSentinelResource(dg.ConfigurableResource):
-    """The data root (files, DuckDB, index) and the ingest knobs."""
+    """The data root (files, DuckDB, index) and every tunable of the loop, by section."""
 
-    home: Optional[str] = None  # default: $STREAM_SENTINEL_HOME or ./.stream_sentinel
-    debounce_seconds: Optional[float] = None
-    batch_max_files: Optional[int] = None
-    batch_max_records: Optional[int] = None
-    rebuild_ratio: Optional[float] = None
-    keep_backups: Optional[int] = None
+    home: Optional[str] = Field(default=None, description=f"the data root; empty: ${HOME_ENV} or ./.stream_sentinel")
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
+    ab: ABSettings = Field(default_factory=ABSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     _paths: Paths = PrivateAttr()
     _settings: Settings = PrivateAttr()
+    _drift: DriftConfig = PrivateAttr()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, drift: DriftConfig | None = None,
+                      home: str | None = None) -> "StreamSentinelResource":
+        """The resource whose field defaults are these settings (the code location's)."""
+        values = {field: section_values(settings, group) for field, group in SENTINEL_SECTIONS.items()}
+        values["drift"] = section_values(drift or DriftConfig.from_env(), "drift")
+        values["home"] = str(Paths.at(home).home if home else Paths.from_env().home)
+        return with_defaults(cls, values)()
+
+    @classmethod
+    def from_env(cls, home: str | None = None) -> "StreamSentinelResource":
+        return cls.from_settings(Settings.from_env(), DriftConfig.from_env(), home)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        env = Settings.from_env()
-        self._settings = dataclasses.replace(
-            env,
-            debounce_s=env.debounce_s if self.debounce_seconds is None else self.debounce_seconds,
-            batch_max_files=self.batch_max_files or env.batch_max_files,
-            batch_max_records=self.batch_max_records or env.batch_max_records,
-            rebuild_ratio=env.rebuild_ratio if self.rebuild_ratio is None else self.rebuild_ratio,
-            keep_backups=env.keep_backups if self.keep_backups is None else self.keep_backups,
-        )
+        values: dict = {}
+        for field in SENTINEL_SECTIONS:
+            values.update(getattr(self, field).model_dump())
+        self._settings = Settings(**values)  # checks every rule (a launchpad value too), naming the variable
+        self._drift = DriftConfig(**self.drift.model_dump())
         self._paths = (Paths.at(self.home) if self.home else Paths.from_env()).ensure()
         run = context.run
         if run is not None and context.instance is not None and run.tags.get(WORKER_TAG) != (me := procs.identity()):
             # who runs this run: run_liveness_sensor fails the run if this process dies mid-run
             context.instance.add_run_tags(run.run_id, {WORKER_TAG: me})
+
+    @property
+    def drift_config(self) -> DriftConfig:
+        return self._drift
 
     @property
     def paths(self) -> Paths:
@@ -73,25 +95,36 @@ class StreamSentinelResource(dg.ConfigurableResource):
 class EmbedderResource(dg.ConfigurableResource):
     """The sentence-transformers model: a local folder, loaded offline, once per process."""
 
-    model_path: Optional[str] = None  # default: $STREAM_SENTINEL_MODEL_PATH or the bundled MiniLM
-    device: Optional[str] = None  # cpu | cuda
-    batch_size: Optional[int] = None
-    precision: Optional[str] = None  # auto (bf16 on CPUs with bf16 units, else fp32) | fp32 | bf16
-    backend: Optional[str] = None  # torch (default) | onnx | onnx-int8 (the `onnx` extra; exported once, cached)
-    # a warm model shared by all runs (`stream-sentinel embed-server`, started by `up`);
-    # default: $STREAM_SENTINEL_HOME/embedder.sock. Without a server runs embed in-process.
-    server_socket: Optional[str] = None
+    model_path: Optional[str] = described(Settings, "model_path")
+    device: str = described(Settings, "device")
+    batch_size: int = described(Settings, "embed_batch_size")
+    precision: Literal["auto", "fp32", "bf16"] = described(Settings, "embed_precision")
+    backend: Literal["torch", "onnx", "onnx-int8"] = described(Settings, "embed_backend")
+    server_socket: Optional[str] = Field(
+        default=None, description="a warm model shared by all runs (`stream-sentinel embed-server`, started by "
+        "`up`); set to <data root>/embedder.sock when the code location loads. Without a server runs embed "
+        "in-process.")
+    derived_dir: Optional[str] = Field(
+        default=None, description="where ONNX exports of the model are cached; set to <data root>/models/embedding "
+        "when the code location loads")
 
     _embedder: Embedder = PrivateAttr()
     _remote: object = PrivateAttr(default=None)
     _looked_for_server: bool = PrivateAttr(default=False)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, home: str | None = None) -> "EmbedderResource":
+        """The resource whose field defaults are these settings (the code location's)."""
+        paths = Paths.at(home) if home else Paths.from_env()
+        return with_defaults(cls, {"model_path": settings.model_path, "device": settings.device,
+                                   "batch_size": settings.embed_batch_size, "precision": settings.embed_precision,
+                                   "backend": settings.embed_backend, "server_socket": str(paths.embed_socket),
+                                   "derived_dir": str(paths.embedding_models)})()
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        env = Settings.from_env()
-        self._embedder = Embedder.load(self.model_path or env.model_path, self.device or env.device,
-                                       self.batch_size or env.embed_batch_size,
-                                       self.precision or env.embed_precision, self.backend or env.embed_backend,
-                                       Paths.from_env().embedding_models)
+        derived = Path(self.derived_dir) if self.derived_dir else Paths.from_env().embedding_models
+        self._embedder = Embedder.load(self.model_path, self.device, self.batch_size, self.precision, self.backend,
+                                       derived)
 
     @property
     def embedder(self) -> Embedder:

@@ -24,7 +24,7 @@ from .units import run_waiting, skip_while_busy
 @skip_while_busy
 def evaluate_drift_retrain(sentinel: StreamSentinelResource, cursor: str | None = None,
                            ) -> dg.SensorResult | dg.SkipReason:
-    cfg = drift.DriftConfig.from_env()
+    cfg = sentinel.drift_config
     requested = drift.RetrainTrigger.from_json(cursor) if cursor else None
     trigger = drift.retrain_due(sentinel.store(lock_timeout_s=20), cfg.cooldown_s, requested=requested)
     if trigger is None:
@@ -54,7 +54,7 @@ def build_drift_retrain_sensor(settings: Settings) -> dg.SensorDefinition:
 def evaluate_recent_drift(sentinel: StreamSentinelResource, instance: dg.DagsterInstance | None = None,
                           ) -> dg.RunRequest | dg.SkipReason:
     """A rolling report once there are records for both sides, then every N new records."""
-    cfg = drift.DriftConfig.from_env()
+    cfg = sentinel.drift_config
     if run_waiting(instance, recent_drift_job.name):
         return dg.SkipReason("a rolling drift report is queued")
     if sentinel.registry().champion_version() is None:

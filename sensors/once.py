@@ -84,9 +84,9 @@ def run_outcome(result) -> tuple[str, list[str]]:
     return "failed", lines + [f"FAILED ({', '.join(why) or 'run failed'}); run id {result.run_id}"]
 
 
-def training_due() -> bool:
+def training_due(paths: Paths, settings: Settings) -> bool:
     """What retrain_sensor would say with the labels flushed: is there anything to train on?"""
-    with dg.build_resources({"sentinel": StreamSentinelResource()}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_settings(settings, home=str(paths.home))}) as res:
         return isinstance(evaluate_retrain(res.sentinel, flush=True), dg.RunRequest)
 
 
@@ -98,7 +98,7 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
     from stream_sentinel.definitions import build_definitions
 
     store = Store(paths.db)
-    scanned = ingest.scan(paths, store, settings.debounce_s)
+    scanned = ingest.scan(paths, store, settings.debounce_s, settle_s=settings.settle_s)
     # a cron or CI job that just wrote its files expects them in this run: wait out the
     # debounce of files already there (bounded, for a file that never stops growing)
     deadline = time.monotonic() + wait_seconds
@@ -106,7 +106,7 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
         say(f"waiting for {len(scanned.unstable)} file(s) still being written (unchanged for "
              f"{settings.debounce_s:g} s counts as done; at most {wait_seconds:g} s)")
         time.sleep(max(0.1, min(settings.debounce_s / 2, deadline - time.monotonic())))
-        scanned = ingest.scan(paths, store, settings.debounce_s)
+        scanned = ingest.scan(paths, store, settings.debounce_s, settle_s=settings.settle_s)
     ingest.plan_batches(store, settings.batch_max_files, settings.batch_max_records)
     batches = ingest.unfinished_batches(store)
     if scanned.unstable:
@@ -120,16 +120,17 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
                 if d not in batch_days]
     # feedback: everything pending, regardless of the micro-batch policy (a flush)
     feedback_requests: list[tuple[str, dg.RunRequest]] = []
-    with dg.build_resources({"sentinel": StreamSentinelResource(), "kafka": KafkaResource()}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_settings(settings, home=str(paths.home)),
+                             "kafka": KafkaResource.from_env()}) as res:
         for sensor_name, outcome in (("feedback_files_sensor", evaluate_files(res.sentinel, None)),
                                      ("feedback_kafka_sensor", evaluate_kafka(res.sentinel, res.kafka, None, flush=True))):
             if isinstance(outcome, dg.SensorResult):
                 feedback_requests += [(sensor_name, r) for r in outcome.run_requests]
             elif "not configured" not in outcome.skip_message and "no new" not in outcome.skip_message:
                 say(f"{sensor_name}: {outcome.skip_message}")
-    if not batches and not catch_up and not feedback_requests and not training_due():
+    if not batches and not catch_up and not feedback_requests and not training_due(paths, settings):
         return None
-    defs = build_definitions(settings)
+    defs = build_definitions(settings, home=str(paths.home))
     ingest_job = defs.resolve_job_def("ingest_job")
     feedback_job = defs.resolve_job_def("feedback_job")
     instance = dagster_instance()
@@ -166,7 +167,7 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
             report(feedback_job.execute_in_process(run_config={**req.run_config, **console("INFO")},
                                                    instance=instance, tags=tags, raise_on_error=False))
         # new labels (from the feedback just ingested) -> one training run, flushed like the feedback
-        if training_due():
+        if training_due(paths, settings):
             n += 1
             say(f"[{n}/{total + 1}] training on new labels")
             training_job = defs.resolve_job_def("training_job")

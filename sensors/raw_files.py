@@ -96,7 +96,8 @@ def evaluate(sentinel: StreamSentinelResource, cursor: str | None,
     last_seq = int(state.get("batch_seq", 0))
     s = sentinel.settings
     store = sentinel.store(lock_timeout_s=TICK_LOCK_TIMEOUT_S)
-    scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S)
+    scanned = ingest.scan(sentinel.paths, store, s.debounce_s, lock_timeout_s=TICK_LOCK_TIMEOUT_S,
+                          settle_s=s.settle_s)
     held = ingest_run_waiting(instance)
     left = 0.0 if held else running_ingest_left(instance)
     if not held and left <= PLAN_LEAD_S:

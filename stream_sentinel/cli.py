@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import jsonout
-from .config import HOME_ENV, Paths, Settings
+from .config import HOME_ENV, Paths, SettingError, Settings
 
 
 # what `run --once` (and `model retrain`) exit with; documented in the README and in --help
@@ -127,30 +127,6 @@ def cmd_search(args) -> int:
 # ------------------------------------------------------------------------------ feedback
 
 
-def send_feedback(messages: list[dict], settings: Settings, paths: Paths) -> str:
-    """To Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else one file in the feedback/ drop folder."""
-    from .kafka import KafkaSettings, producer, produce_json
-
-    kafka = KafkaSettings.from_env()
-    if kafka is not None:
-        prod = producer(kafka)
-        for m in messages:
-            produce_json(prod, settings.feedback_topic, m["record_id"], m)
-        left = prod.flush(60)
-        if left:
-            raise RuntimeError(f"{left} feedback message(s) not acknowledged by {kafka.bootstrap_servers}")
-        return f"kafka topic {settings.feedback_topic}"
-    import uuid
-    from datetime import datetime, timezone
-
-    from .atomic import write_bytes_atomic
-
-    name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
-    # a hidden temp name, fsync, rename: the drop-folder sensor never sees half a file
-    write_bytes_atomic(paths.feedback / name, "".join(json.dumps(m) + "\n" for m in messages).encode())
-    return str(paths.feedback / name)
-
-
 def cmd_feedback(args) -> int:
     from datetime import datetime, timezone
 
@@ -164,6 +140,8 @@ def cmd_feedback(args) -> int:
     if not isinstance(checked, Event):
         _err(f"not sent: {checked.rule}: {checked.error}")
         return 2
+    from .feedback_sources import send_feedback
+
     print(f"sent to {send_feedback([msg], settings, paths)}")
     return 0
 
@@ -269,6 +247,7 @@ def cmd_drift(args) -> int:
     store = Store(paths.db)
     try:
         cfg = drift.DriftConfig.from_env()
+        cfg.validate()
     except ValueError as exc:
         _err(str(exc))
         return 2
@@ -297,13 +276,11 @@ def cmd_drift(args) -> int:
 
 
 def _drift_backfill(args) -> int:
-    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
     """drift_report for every day of a range, one run per day, recorded in the Dagster instance
     (the UI's backfill does the same through the daemon)."""
     from datetime import date, timedelta
 
-    import dagster as dg
-
+    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
     from .definitions import build_definitions
 
     try:
@@ -341,10 +318,8 @@ def _drift_backfill(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
-    import dagster as dg
-
     from .definitions import build_definitions
+    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
 
     job = build_definitions().resolve_job_def("index_checks_job")
     instance = _instance()
@@ -381,6 +356,8 @@ def cmd_demo(args) -> int:
         time.sleep(max(0.0, args.after))
         messages = demo.feedback_messages(labels_path, start=args.start, limit=args.limit,
                                           reviewers=args.reviewers, noise=args.noise, seed=args.seed)
+        from .feedback_sources import send_feedback
+
         settings = Settings.from_env()
         sent = 0
         step = max(1, args.per_file)
@@ -435,8 +412,10 @@ def cmd_up(args) -> int:
              "--reviewers", "2", "--noise", "0.05"], env=env))
     # the warm model every run shares (saves each run the ~5 s of importing torch and loading it)
     embed_cmd = [sys.executable, "-m", "stream_sentinel.cli", "embed-server"]
+    api_cmd = [sys.executable, "-m", "stream_sentinel.cli", "serve"]
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
-         f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}")
+         f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}\n"
+         f"API         {Settings.from_env().api_base_url} (OpenAPI: /openapi.json)")
     # this interpreter's Dagster (not the first `dagster` on PATH): the environment `up` is installed in
     dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(dagster_home / dh.WORKSPACE_FILE),
                    "-h", args.host, "-p", str(args.port)]
@@ -449,6 +428,7 @@ def cmd_up(args) -> int:
         # installed package, whatever folder `up` was started in
         "dagster dev": Supervised(dagster_cmd, {**env, "PYTHONUNBUFFERED": "1"}, cwd=dagster_home, drop=is_noise),
         "embedding server": Supervised(embed_cmd, env),
+        "API": Supervised(api_cmd, env),
     }
 
     def forward(signum, frame):
@@ -560,6 +540,22 @@ def cmd_embed_export(args) -> int:
     out = {"backend": args.backend, "model_id": model_id(settings.model_path, "fp32", "cpu", args.backend),
            "file": str(path), "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}
     print(jsonout.dumps(out) if args.json else f"{out['model_id']}: {out['file']} ({out['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .serving import create_app
+
+    settings = Settings.from_env()
+    host = args.host or settings.api_host
+    port = args.port or settings.api_port
+    app = create_app(Paths.from_env(), settings)
+    _err(f"Stream Sentinel API on http://{'[' + host + ']' if ':' in host else host}:{port} "
+         f"(OpenAPI: /openapi.json){'; bearer token required' if app.state.svc.token else ''}")
+    # no access log: a path or query string can carry a payload (a search text, a record id)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
     return 0
 
 
@@ -688,6 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--json", action="store_true")
     db.set_defaults(func=cmd_drift)
 
+    sv = sub.add_parser("serve", help="the HTTP API: records, feedback, models, metrics, drift reports "
+                        "(`up` starts it)")
+    sv.add_argument("--host", default=None, help="default $STREAM_SENTINEL_API_HOST or 127.0.0.1")
+    sv.add_argument("--port", type=int, default=None, help="default $STREAM_SENTINEL_API_PORT or 8765")
+    sv.set_defaults(func=cmd_serve)
+
     es = sub.add_parser("embed-server", help="keep the embedding model loaded for every run (`up` starts it)")
     es.add_argument("--socket", default=None, help="Unix socket (default: $STREAM_SENTINEL_HOME/embedder.sock)")
     es.add_argument("--no-compile", action="store_true",
@@ -726,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except SettingError as exc:  # a variable with a bad value: its name and rule, no traceback
+        _err(f"configuration: {exc}")
+        return 2
     except KeyboardInterrupt:
         return 130
 

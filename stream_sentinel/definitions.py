@@ -9,29 +9,24 @@ is imported here, so the code location loads fast.
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from stream_sentinel.assets import all_assets, all_checks, all_jobs, all_schedules, catalog, daily_arrivals
 from stream_sentinel.config import Paths, Settings
+from stream_sentinel.drift import DriftConfig
 from stream_sentinel.resources import EmbedderResource, KafkaResource, StreamSentinelResource
 from stream_sentinel.sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
                                      build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor)
 
 
-def kafka_resource() -> KafkaResource:
-    """Kafka settings by reference: the UI shows the variable names, values stay in the environment."""
-    refs = {field: dg.EnvVar(var) for field, var in (
-        ("bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS"), ("security_protocol", "KAFKA_SECURITY_PROTOCOL"),
-        ("sasl_mechanism", "KAFKA_SASL_MECHANISM"), ("sasl_username", "KAFKA_SASL_USERNAME"),
-        ("sasl_password", "KAFKA_SASL_PASSWORD"), ("ssl_ca_location", "KAFKA_SSL_CA_LOCATION"))
-        if os.environ.get(var)}
-    return KafkaResource(**refs)
-
-
-def build_definitions(settings: Settings | None = None, home: str | None = None) -> dg.Definitions:
+def build_definitions(settings: Settings | None = None, home: str | None = None,
+                      drift_config: DriftConfig | None = None) -> dg.Definitions:
+    """The code location. Settings come from the environment unless given, read here (when the
+    code location loads), checked (a bad value fails the load with the variable's name) and
+    shown as the resources' field defaults; sensor intervals and the partition calendar are
+    fixed at load, every other field can be set per run."""
     settings = settings or Settings.from_env()
+    drift_config = drift_config or DriftConfig.from_env()
     # the daily calendar starts on the configured day or the data root's first day (read,
     # not created, here: `up` and the resource create the data root)
     start = settings.partitions_start_for(Paths.at(home) if home else Paths.from_env())
@@ -48,13 +43,16 @@ def build_definitions(settings: Settings | None = None, home: str | None = None)
                      "automation_sensor", target=dg.AssetSelection.all(), minimum_interval_seconds=15,
                      default_status=dg.DefaultSensorStatus.RUNNING)],
         resources={
-            "sentinel": StreamSentinelResource(home=home),
-            "embedder": EmbedderResource(),
-            "kafka": kafka_resource(),
+            "sentinel": StreamSentinelResource.from_settings(settings, drift_config, home),
+            "embedder": EmbedderResource.from_settings(settings, home),
+            "kafka": KafkaResource.from_env(),
         },
         # micro-batches are small: one process per run, not one per step
         executor=dg.in_process_executor,
     )
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Loaded by Dagster when the code location loads (not at import)."""
+    return build_definitions()

@@ -25,9 +25,9 @@ import hashlib
 import html
 import io
 import json
-import os
 import re
 import time
+import typing
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -36,70 +36,69 @@ import numpy as np
 import pandas as pd
 
 from .atomic import write_bytes_atomic
-from .config import env_num
+from .config import check_settings, env_values, setting
 from .store import Store, vectors_from_arrow
 
-EMBEDDING_METHODS = ("model", "mmd", "distance", "ratio")
 PCA_COMPONENTS = 3  # embedding components shown (and tested) as columns in the HTML report
+
+
+_D = "STREAM_SENTINEL_DRIFT_"
 
 
 @dataclass(frozen=True)
 class DriftConfig:
+    """How drift reports judge a window; each field has its variable (``setting``)."""
+
     # None: Evidently's default choice by column type and sample size (KS / chi-square up to 1,000
     # rows, normed Wasserstein / Jensen-Shannon above). PSI is biased upwards on small samples:
     # on a 100-row day of the same period it passed its 0.1 bar on half the columns.
-    num_method: str | None = None  # any Evidently stat test: psi, ks, wasserstein, ...
-    cat_method: str | None = None  # chisquare, jensenshannon, psi, ...
-    num_threshold: float | None = None  # None: the method's default
-    cat_threshold: float | None = None
+    num_method: str | None = setting(None, _D + "NUM_METHOD", "Evidently stat test for numeric columns (psi, "
+                                     "ks, wasserstein, ...); empty: Evidently's choice by size", "drift")
+    cat_method: str | None = setting(None, _D + "CAT_METHOD", "stat test for categorical columns (chisquare, "
+                                     "jensenshannon, psi, ...)", "drift")
+    num_threshold: float | None = setting(None, _D + "NUM_THRESHOLD", "empty: the method's default", "drift")
+    cat_threshold: float | None = setting(None, _D + "CAT_THRESHOLD", "empty: the method's default", "drift")
     # distance: Evidently's distance between the mean embeddings, judged by a permutation test
     # (p < embedding_alpha). On the demo data it flagged the collection-period shift in 40 of
     # 40 samples of 100-1000 rows. It raised about as many false alarms on random halves of one
     # period as alpha allows. Evidently's bootstrap bar missed the shift at 200 rows, and its
     # classifier method was unstable at that size.
-    embedding_method: str = "distance"  # distance | model | mmd | ratio
-    embedding_threshold: float | None = None  # a fixed score bar instead of the test's
-    embedding_alpha: float = 0.01  # a daily report at 0.05 would cry wolf about every 20 days
-    sample_cap: int = 5000  # rows per side for the column tests
-    embedding_sample: int = 1000  # rows per side for the embedding test
-    min_rows: int = 30  # fewer current rows: "insufficient data"
-    min_labelled: int = 30  # fewer labelled rows: no label drift and no accuracy
-    drift_share: float = 0.3  # share of drifted feature columns that counts as drift (WARN check)
-    accuracy_drop: float = 0.05  # accuracy this far under the champion's validation accuracy
-    cooldown_s: float = 86400.0  # one drift-triggered full retrain per episode, at most one per cooldown
-    recent_records: int = 1000  # the rolling report: the latest this many records (at most half of all)
-    recent_every: int = 500  # ... made again once this many more records arrived
+    embedding_method: typing.Literal["distance", "model", "mmd", "ratio"] = setting(
+        "distance", _D + "EMBEDDING_METHOD", "how embedding drift is judged", "drift")
+    embedding_threshold: float | None = setting(None, _D + "EMBEDDING_THRESHOLD", "a fixed score bar instead "
+                                                "of the test's", "drift")
+    # a daily report at 0.05 would cry wolf about every 20 days
+    embedding_alpha: float = setting(0.01, _D + "EMBEDDING_ALPHA", "permutation test level", "drift",
+                                     low=0, high=1)
+    sample_cap: int = setting(5000, _D + "SAMPLE_CAP", "rows per side for the column tests", "drift", low=1)
+    embedding_sample: int = setting(1000, _D + "EMBEDDING_SAMPLE", "rows per side for the embedding test",
+                                    "drift", low=1)
+    min_rows: int = setting(30, _D + "MIN_ROWS", "fewer current rows: insufficient data", "drift", low=1)
+    min_labelled: int = setting(30, _D + "MIN_LABELLED", "fewer labelled rows: no label drift, no accuracy",
+                                "drift", low=1)
+    drift_share: float = setting(0.3, _D + "SHARE", "share of drifted feature columns that counts as drift",
+                                 "drift", low=0, high=1)
+    accuracy_drop: float = setting(0.05, _D + "ACCURACY_DROP", "accuracy this far under the champion's "
+                                   "validation accuracy (negative: any accuracy counts, to try the check)",
+                                   "drift", low=-1, high=1)
+    cooldown_s: float = setting(86400.0, _D + "COOLDOWN_SECONDS", "one drift-triggered full retrain per "
+                                "episode, at most one per cooldown", "drift", low=0)
+    recent_records: int = setting(1000, _D + "RECENT_RECORDS", "the rolling report: the latest this many "
+                                  "records (at most half of all)", "drift", low=1)
+    recent_every: int = setting(500, _D + "RECENT_EVERY", "... made again once this many more records "
+                                "arrived", "drift", low=1)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
     @classmethod
-    def from_env(cls) -> "DriftConfig":
-        d = cls()
-        opt = lambda name: (lambda v: None if v in (None, "") else float(v))(os.environ.get(name))  # noqa: E731
-        cfg = cls(
-            num_method=os.environ.get("STREAM_SENTINEL_DRIFT_NUM_METHOD") or None,
-            cat_method=os.environ.get("STREAM_SENTINEL_DRIFT_CAT_METHOD") or None,
-            num_threshold=opt("STREAM_SENTINEL_DRIFT_NUM_THRESHOLD"),
-            cat_threshold=opt("STREAM_SENTINEL_DRIFT_CAT_THRESHOLD"),
-            embedding_method=os.environ.get("STREAM_SENTINEL_DRIFT_EMBEDDING_METHOD") or d.embedding_method,
-            embedding_threshold=opt("STREAM_SENTINEL_DRIFT_EMBEDDING_THRESHOLD"),
-            embedding_alpha=env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_ALPHA", d.embedding_alpha),
-            sample_cap=env_num("STREAM_SENTINEL_DRIFT_SAMPLE_CAP", d.sample_cap, int),
-            embedding_sample=env_num("STREAM_SENTINEL_DRIFT_EMBEDDING_SAMPLE", d.embedding_sample, int),
-            min_rows=env_num("STREAM_SENTINEL_DRIFT_MIN_ROWS", d.min_rows, int),
-            min_labelled=env_num("STREAM_SENTINEL_DRIFT_MIN_LABELLED", d.min_labelled, int),
-            drift_share=env_num("STREAM_SENTINEL_DRIFT_SHARE", d.drift_share),
-            accuracy_drop=env_num("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", d.accuracy_drop),
-            cooldown_s=env_num("STREAM_SENTINEL_DRIFT_COOLDOWN_SECONDS", d.cooldown_s),
-            recent_records=env_num("STREAM_SENTINEL_DRIFT_RECENT_RECORDS", d.recent_records, int),
-            recent_every=env_num("STREAM_SENTINEL_DRIFT_RECENT_EVERY", d.recent_every, int),
-        )
-        cfg.validate()
-        return cfg
+    def from_env(cls, environ=None) -> "DriftConfig":
+        return cls(**env_values(cls, environ))
 
     def validate(self) -> None:
-        if self.embedding_method not in EMBEDDING_METHODS:
-            raise ValueError(f"embedding drift method {self.embedding_method!r} is not one of "
-                             f"{', '.join(EMBEDDING_METHODS)}")
+        """The stat test names, which only Evidently knows: checked where a report is made
+        (importing Evidently when the code location loads would slow every load)."""
         for name in (self.num_method, self.cat_method):
             if name is not None and not _known_stattest(name):
                 raise ValueError(f"unknown Evidently stat test {name!r} (e.g. psi, ks, wasserstein, chisquare, "
@@ -625,11 +624,13 @@ def run_range(store: Store, registry, reports_dir: Path, embedding_model_id: str
                       end=t1.isoformat(), report_name=name, cfg=cfg)
 
 
-def recent_due(store: Store, cfg: DriftConfig) -> int | None:
+def recent_due(store: Store, cfg: DriftConfig, every: int | None = None) -> int | None:
     """The newest record (vec_id) a rolling report should end at, or None when none is due:
     a first one as soon as there are records for both sides, then one per ``recent_every``
     new records. Daily partitions report a finished day; this one shows the latest stretch
-    of the stream minutes after `up`, not after the next midnight."""
+    of the stream minutes after `up`, not after the next midnight. ``every`` replaces
+    ``recent_every`` (0: a report is due whenever there is a record it has not seen)."""
+    every = cfg.recent_every if every is None else every
     with store.connect() as con:
         hi, total = con.execute("SELECT coalesce(max(vec_id), 0), count(*) FROM records").fetchone()
         last = con.execute("""SELECT max(CAST(regexp_extract(window_key, '[.][.]([0-9]+)$', 1) AS BIGINT))
@@ -637,7 +638,7 @@ def recent_due(store: Store, cfg: DriftConfig) -> int | None:
         if last is None:
             return hi if total >= 2 * cfg.min_rows else None
         newer = con.execute("SELECT count(*) FROM records WHERE vec_id > ?", [last]).fetchone()[0]
-    return hi if newer >= cfg.recent_every else None
+    return hi if newer >= every else None
 
 
 def run_recent(store: Store, registry, reports_dir: Path, embedding_model_id: str, upto_vec_id: int,

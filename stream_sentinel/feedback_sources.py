@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import feedback as fb
 from . import kafka as kf
-from .atomic import pause_point
-from .config import Paths
+from .atomic import pause_point, write_bytes_atomic
+from .config import Paths, Settings
 from .store import Store
 
 
@@ -369,3 +371,23 @@ def file_batches(store: Store, after_seq: int = 0) -> list[FileBatch]:
                WHERE b.seq > ? GROUP BY ALL HAVING bool_or(f.status = 'pending') ORDER BY b.seq""",
             [after_seq]).fetchall()
     return [FileBatch(seq, key, tuple(files)) for seq, key, files in rows]
+
+
+def send_feedback(messages: list[dict], settings: Settings, paths: Paths) -> str:
+    """To Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else one file in the feedback/ drop folder
+    (the CLI's `feedback send` and the API's POST /v1/feedback); returns where they went.
+    Raises RuntimeError when Kafka does not acknowledge every message within 60 s."""
+    kafka = kf.KafkaSettings.from_env()
+    if kafka is not None:
+        prod = kf.producer(kafka)
+        for m in messages:
+            kf.produce_json(prod, settings.feedback_topic, m["record_id"], m)
+        left = prod.flush(60)
+        if left:
+            raise RuntimeError(f"{left} feedback message(s) not acknowledged by {kafka.bootstrap_servers}")
+        return f"kafka topic {settings.feedback_topic}"
+    name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+    # a hidden temp name, fsync, rename: the drop-folder sensor never sees half a file
+    write_bytes_atomic(paths.feedback / name, "".join(json.dumps(m, ensure_ascii=False) + "\n"
+                                                      for m in messages).encode())
+    return str(paths.feedback / name)

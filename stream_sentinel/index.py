@@ -23,7 +23,7 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -58,12 +58,19 @@ class LoadedIndex:
     record_ids: list[str]
     meta: IndexMeta
     path: Path
+    _lookup: dict[int, str] | None = field(default=None, repr=False, compare=False)
+
+    def lookup(self) -> dict[int, str]:
+        """vec_id -> record id, built once per loaded version (a server searches it many times)."""
+        if self._lookup is None:
+            self._lookup = dict(zip(self.vec_ids.tolist(), self.record_ids))
+        return self._lookup
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         if self.meta.ntotal == 0:
             return [[] for _ in range(len(queries))]
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.meta.ntotal))
-        lookup = dict(zip(self.vec_ids.tolist(), self.record_ids))
+        lookup = self.lookup()
         return [[(lookup[int(i)], float(s)) for s, i in zip(srow, irow) if i != -1]
                 for srow, irow in zip(scores, ids)]
 

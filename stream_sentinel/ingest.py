@@ -43,21 +43,13 @@ import duckdb
 import pandas as pd
 
 from .atomic import pause_point, write_json_atomic
-from .config import Paths, env_num
+from .config import DB_MEMORY_ENV, DEFAULT_SETTLE_S, SETTLE_ENV, Paths, env_num, memory_limit
 from .records import FileUnparseable, Record, Reject, is_json_lines, is_record_file, read_records
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 CHUNK_RECORDS = 5000  # items (records and rejects) per transaction of a file
-# a file whose end looks unfinished is given this long (since its last change) to be completed
-SETTLE_ENV = "STREAM_SENTINEL_SETTLE_SECONDS"
-DEFAULT_SETTLE_S = 60.0
-# DuckDB's memory limit while a file is written: its buffer pool and checkpoints otherwise
-# grow with the file (bench/ingest_memory.py)
-DB_MEMORY_ENV = "STREAM_SENTINEL_INGEST_DB_MEMORY"
-DEFAULT_DB_MEMORY = "64MB"
-_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", re.IGNORECASE)
 
 
 def utcnow() -> datetime:
@@ -235,9 +227,10 @@ def record_scan_problems(con, area: str, problems: list[tuple[str, str]], when: 
             [[area, p, r, when, when] for p, r in sorted(current.items())])
 
 
-def settle_seconds() -> float:
-    """How long a file whose end looks unfinished is given to be completed (see :func:`process_file`)."""
-    return env_num(SETTLE_ENV, DEFAULT_SETTLE_S)
+def settle_seconds(given: float | None = None) -> float:
+    """How long a file whose end looks unfinished is given to be completed (see :func:`process_file`):
+    ``given`` (the ingest settings), else ``STREAM_SENTINEL_SETTLE_SECONDS``, else 60 s."""
+    return float(given) if given is not None else env_num(SETTLE_ENV, DEFAULT_SETTLE_S)
 
 
 def _supersede(con, sha: str, reason: str, out: "FileOutcome | None" = None) -> None:
@@ -251,7 +244,7 @@ def _supersede(con, sha: str, reason: str, out: "FileOutcome | None" = None) -> 
 
 
 def scan(paths: Paths, store: Store, debounce_s: float = 2.0, now: datetime | None = None,
-         lock_timeout_s: float | None = None) -> ScanResult:
+         lock_timeout_s: float | None = None, settle_s: float | None = None) -> ScanResult:
     """Register every stable, not yet known file under ``raw/``.
 
     A file is stable when its mtime is at least ``debounce_s`` old and its size and
@@ -324,7 +317,7 @@ def scan(paths: Paths, store: Store, debounce_s: float = 2.0, now: datetime | No
         result.quarantined.append(seen.rel_path)
         if first_time:
             copied.append((seen, sha))
-    settle_ns = settle_seconds() * 1e9
+    settle_ns = settle_seconds(settle_s) * 1e9
     supersede: list[tuple[str, str]] = []
     ready: list[str] = []
     for sha, (rel, regs) in waiting.items():
@@ -701,12 +694,11 @@ class _MemoryCap:
     table), :meth:`lift` restores the limit from before and the file is processed again from
     its last commit."""
 
-    def __init__(self, store: Store):
-        self.store, self.prev, self.want = store, None, os.environ.get(DB_MEMORY_ENV, DEFAULT_DB_MEMORY).strip()
-        if self.want.lower() in ("", "0", "off", "none"):
+    def __init__(self, store: Store, want: str | None = None):
+        limit = memory_limit(os.environ.get(DB_MEMORY_ENV, "") if want is None else want)
+        self.store, self.prev, self.want = store, None, limit or "off"
+        if limit is None:
             return
-        if not _MEMORY_SIZE.fullmatch(self.want):
-            raise ValueError(f"{DB_MEMORY_ENV}={self.want!r} is not a size such as 64MB or 1GiB")
         with store.connect() as con:
             prev = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
             con.execute(f"SET memory_limit = '{self.want}'")
@@ -730,7 +722,8 @@ def _write(store: Store, out: FileOutcome, arrival: date, items: list[Record | R
         then(con)
 
 
-def process_file(paths: Paths, store: Store, sha: str) -> FileOutcome:
+def process_file(paths: Paths, store: Store, sha: str, settle_s: float | None = None,
+                 db_memory: str | None = None) -> FileOutcome:
     """Ingest one registered file; safe to call again for the same file.
 
     The file is committed every ``CHUNK_RECORDS`` items, each chunk in one transaction with the
@@ -742,24 +735,25 @@ def process_file(paths: Paths, store: Store, sha: str) -> FileOutcome:
     registered by the next scan. One whose end looks unfinished (a JSON Lines last line without
     its newline that does not parse, a JSON document or gzip stream that ends too early, an
     empty file) stays ``waiting`` while it is younger than the settle window
-    (``STREAM_SENTINEL_SETTLE_SECONDS``); the scan re-examines it."""
+    (``settle_s``, else ``STREAM_SENTINEL_SETTLE_SECONDS``); the scan re-examines it. ``db_memory``
+    caps DuckDB while the file is written (else ``STREAM_SENTINEL_INGEST_DB_MEMORY``)."""
     with store.session():
-        cap = _MemoryCap(store)
+        cap = _MemoryCap(store, db_memory)
         try:
             try:
-                return _process_file(paths, store, sha)
+                return _process_file(paths, store, sha, settle_s)
             except duckdb.OutOfMemoryException:
                 want = cap.want
                 if not cap.lift():
                     raise
                 log.warning("DuckDB needed more than %s=%s for %s; processing it again, from its last commit, "
                             "without that cap", DB_MEMORY_ENV, want, sha)
-                return _process_file(paths, store, sha)  # idempotent: the failed transaction rolled back
+                return _process_file(paths, store, sha, settle_s)  # idempotent: the failed transaction rolled back
         finally:
             cap.lift()
 
 
-def _process_file(paths: Paths, store: Store, sha: str) -> FileOutcome:
+def _process_file(paths: Paths, store: Store, sha: str, settle_s: float | None = None) -> FileOutcome:
     with store.connect() as con:
         row = con.execute("SELECT path, arrival_date, status, quarantine_path, error FROM files WHERE sha256 = ?",
                           [sha]).fetchone()
@@ -803,7 +797,7 @@ def _process_file(paths: Paths, store: Store, sha: str) -> FileOutcome:
     if prog is not None:
         done, out.ingested, out.skipped, out.rejected = prog
     plain_lines = is_json_lines(src.name) and not src.name.lower().endswith(".gz")
-    settle_s = settle_seconds()
+    settle_s = settle_seconds(settle_s)
     chunk: list[Record | Reject] = []
     held: Reject | None = None  # a line that did not parse, kept until we know it is not the last
     consumed = 0
@@ -885,7 +879,8 @@ def _superseded(store: Store, out: FileOutcome, reason: str) -> FileOutcome:
     return out
 
 
-def process_files(paths: Paths, store: Store, shas: list[str]) -> list[FileOutcome]:
+def process_files(paths: Paths, store: Store, shas: list[str], settle_s: float | None = None,
+                  db_memory: str | None = None) -> list[FileOutcome]:
     """Ingest registered files, in order; safe to call again for the same files.
 
     Small, readable files (the common micro-batch: many files of tens of records) are parsed
@@ -937,7 +932,7 @@ def process_files(paths: Paths, store: Store, shas: list[str]) -> list[FileOutco
                     items = None  # process_file decides: wait for the writer, or reject the line
             if items is None or len(items) > CHUNK_RECORDS:
                 write_group()  # files stay in order: the first occurrence of an id wins
-                outcomes[sha] = process_file(paths, store, sha)
+                outcomes[sha] = process_file(paths, store, sha, settle_s, db_memory)
                 continue
             out = outcomes[sha] = FileOutcome(sha, row[0], "processed")
             parsed.append(_parsed(out, row[1], items))

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "stream-sentinel.feedback"
 GROUP_ID = "stream-sentinel-feedback"
+# each connection setting and its variable (the resource references them with dg.EnvVar)
+ENV_VARS = {"bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS", "security_protocol": "KAFKA_SECURITY_PROTOCOL",
+            "sasl_mechanism": "KAFKA_SASL_MECHANISM", "sasl_username": "KAFKA_SASL_USERNAME",
+            "sasl_password": "KAFKA_SASL_PASSWORD", "ssl_ca_location": "KAFKA_SSL_CA_LOCATION"}
 SECRET_KEYS = {"sasl.password", "ssl.key.password", "ssl.keystore.password"}
 
 
@@ -35,12 +39,10 @@ class KafkaSettings:
 
     @classmethod
     def from_env(cls) -> "KafkaSettings | None":
-        servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not servers:
+        """None without ``KAFKA_BOOTSTRAP_SERVERS`` (feedback then comes from the drop folder)."""
+        if not os.environ.get(ENV_VARS["bootstrap_servers"]):
             return None
-        return cls(servers, os.environ.get("KAFKA_SECURITY_PROTOCOL"), os.environ.get("KAFKA_SASL_MECHANISM"),
-                   os.environ.get("KAFKA_SASL_USERNAME"), os.environ.get("KAFKA_SASL_PASSWORD"),
-                   os.environ.get("KAFKA_SSL_CA_LOCATION"))
+        return cls(**{name: os.environ.get(var) or None for name, var in ENV_VARS.items()})
 
     def client_config(self) -> dict:
         cfg = {"bootstrap.servers": self.bootstrap_servers, "socket.timeout.ms": 10000,

@@ -6,19 +6,26 @@ Feedback: votes, Kafka producing, ticks of the real feedback_kafka_sensor, feedb
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
+import httpx
 import pandas as pd
 
 from stream_sentinel import feedback as fb
 from stream_sentinel import ingest, pipeline
 from stream_sentinel.learning import loop as learning
-from stream_sentinel.config import Settings
-from stream_sentinel.definitions import build_definitions, kafka_resource
+from stream_sentinel.definitions import build_definitions
+from stream_sentinel.devtools.kafka_broker import free_port
 from stream_sentinel.learning.models import TrainParams, load_training_set
-from stream_sentinel.resources import StreamSentinelResource
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
 
 from .conftest import drop
 
@@ -68,11 +75,11 @@ def vote(rid, label="spam", source="alice", confidence=1.0, ts="2024-05-01T12:00
 def tick(paths, instance, cursor=None):
     """One tick of the deployed feedback_kafka_sensor (the definition from ``build_definitions``),
     on ``instance``, with the resources a code location gives it."""
-    defs = build_definitions(Settings(), home=str(paths.home))
+    defs = build_definitions(home=str(paths.home))
     sensor = defs.resolve_sensor_def("feedback_kafka_sensor")
     with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs,
-        resources={"sentinel": StreamSentinelResource(home=str(paths.home)), "kafka": kafka_resource()},
+        resources={"sentinel": StreamSentinelResource.from_env(home=str(paths.home)), "kafka": KafkaResource.from_env()},
     ) as ctx:
         return sensor.evaluate_tick(ctx)
 
@@ -82,11 +89,10 @@ def flush_tick(paths):
 
     The sensor has no flush: `run --once` calls the function the sensor calls, ``evaluate_kafka``,
     with ``flush=True`` (no cursor, no instance), as here. The result has the shape of a tick."""
-    from stream_sentinel.resources import KafkaResource
     from stream_sentinel.sensors.feedback import evaluate_kafka
 
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home)),
-                             "kafka": KafkaResource()}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home)),
+                             "kafka": KafkaResource.from_env()}) as res:
         out = evaluate_kafka(res.sentinel, res.kafka, None, flush=True)
     if isinstance(out, dg.SkipReason):
         return SimpleNamespace(run_requests=[], skip_message=out.skip_message, cursor=None)
@@ -94,7 +100,7 @@ def flush_tick(paths):
 
 
 def execute(paths, instance, request):
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("feedback_job")
     result = job.execute_in_process(run_config=request.run_config, instance=instance, raise_on_error=False,
                                     tags={"dagster/run_key": request.run_key})
     assert result.success
@@ -111,3 +117,54 @@ KILLED_RUN = textwrap.dedent("""
                     fs.OffsetRange(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])),
                     frozenset({"spam", "ham"}))
 """)
+
+
+# ------------------------------------------------------------------ the HTTP API
+
+
+class Api(httpx.Client):
+    """A client of a `stream-sentinel serve` process started by :func:`serve`."""
+
+    log_path: Path
+
+    def server_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def serve(paths, token: str | None = None, env: dict[str, str] | None = None, port: int | None = None,
+          timeout_s: float = 60):
+    """A real `stream-sentinel serve` process for the data root ``paths`` on ``port`` (default: a free one)."""
+    port = port or free_port()
+    environ = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home), **(env or {})}
+    environ.pop("STREAM_SENTINEL_API_TOKEN", None)
+    if token:
+        environ["STREAM_SENTINEL_API_TOKEN"] = token
+    log_path = paths.home.parent / f"api-{port}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "serve", "--port", str(port)],
+                                env=environ, stdout=out, stderr=subprocess.STDOUT)
+    api = Api(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    api.log_path = log_path
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}:\n{api.server_log()}")
+            try:
+                if api.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"serve did not answer /healthz in {timeout_s} s:\n{api.server_log()}")
+            time.sleep(0.1)
+        yield api
+    finally:
+        api.close()
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,6 @@ import shutil
 from datetime import datetime, timezone
 
 from stream_sentinel import ingest
-from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.index import IndexStore
@@ -18,7 +17,7 @@ from .conftest import drop
 
 
 def _defs(paths):
-    return build_definitions(Settings(), home=str(paths.home))
+    return build_definitions(home=str(paths.home))
 
 
 def _run(paths, instance, partition_key, files=()):

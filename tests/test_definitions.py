@@ -36,10 +36,10 @@ def test_a_new_data_root_starts_its_partitions_on_its_first_day(tmp_path):
     paths.first_day_file.write_text("2026-11-20\n")  # ... a root made some days ago keeps its day
     graph = _graph(Settings(), home)
     assert {_start(graph, a) for a in DAILY} == {"2026-11-20"}
-    job = build_definitions(Settings(), home=str(home)).resolve_job_def("ingest_job")
+    job = build_definitions(home=str(home)).resolve_job_def("ingest_job")
     assert job.partitions_def.get_first_partition_key() == "2026-11-20"
     # the schedule skips days before the first partition instead of requesting them
-    schedule = build_definitions(Settings(), home=str(home)).resolve_schedule_def("daily_drift_report")
+    schedule = build_definitions(home=str(home)).resolve_schedule_def("daily_drift_report")
     early = schedule.evaluate_tick(dg.build_schedule_context(
         scheduled_execution_time=datetime(2026, 11, 20, 0, 30, tzinfo=timezone.utc)))
     assert early.skip_message and "before the first partition (2026-11-20)" in early.skip_message
@@ -96,7 +96,7 @@ def test_loading_the_code_location_warns_about_nothing():
     report's backfill_policy printed a BetaWarning in every process that loaded them)."""
     code = ("import warnings\nwarnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as seen:\n"
-            "    import stream_sentinel.definitions as d\n    d.defs.resolve_asset_graph()\n"
+            "    import stream_sentinel.definitions as d\n    d.defs().resolve_asset_graph()\n"
             "print([f'{w.category.__name__}: {w.message}' for w in seen if 'dagster' in w.filename\n"
             "       or 'stream_sentinel' in w.filename or 'Beta' in w.category.__name__\n"
             "       or 'Deprecat' in w.category.__name__ or 'Preview' in w.category.__name__])")

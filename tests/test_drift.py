@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,9 +22,11 @@ from stream_sentinel import feedback as fb
 from stream_sentinel.config import Paths
 from stream_sentinel.learning.models import TrainParams, load_training_set
 from stream_sentinel.learning.registry import ModelRegistry
+from stream_sentinel.devtools.kafka_broker import free_port
 from stream_sentinel.store import Store
 
 from .conftest import drop
+from .helpers import serve
 
 DAYS = ["2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04"]
 CFG = drift.DriftConfig()
@@ -263,12 +266,14 @@ def test_checks_warn_on_feature_share_and_error_on_embedding_drift_with_accuracy
     from stream_sentinel.definitions import build_definitions
 
     paths, store, registry, emb = home
+    api_port = free_port()
+    monkeypatch.setenv("STREAM_SENTINEL_API_PORT", str(api_port))  # where the report links point
     # any accuracy counts as a drop: the ERROR check must fire on the day whose embeddings drifted;
-    # PSI instead of Evidently's default KS on the features (it flags all four on this small day)
-    monkeypatch.setenv("STREAM_SENTINEL_DRIFT_ACCURACY_DROP", "-1")
-    monkeypatch.setenv("STREAM_SENTINEL_DRIFT_NUM_METHOD", "psi")
+    # PSI instead of Evidently's default KS on the features (it flags all four on this small day).
+    # Set for this run only, as a user would in the launchpad: the next runs use the defaults.
     job = build_definitions(home=str(paths.home)).resolve_job_def("drift_job")
-    result = job.execute_in_process(partition_key=DAYS[1], instance=instance, raise_on_error=False)
+    result = job.execute_in_process(partition_key=DAYS[1], instance=instance, raise_on_error=False, run_config={
+        "resources": {"sentinel": {"config": {"drift": {"accuracy_drop": -1.0, "num_method": "psi"}}}}})
     assert result.success  # checks report, they do not fail the run
     evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not evals["feature_drift_share"].passed
@@ -278,14 +283,19 @@ def test_checks_warn_on_feature_share_and_error_on_embedding_drift_with_accuracy
     mat = result.asset_materializations_for_node("drift_report")[0]
     assert mat.metadata["drifted"].value is True and mat.metadata["report"].value.endswith(f"{DAYS[1]}.html")
     assert mat.metadata["model_version"].value == registry.champion_version()
+    # the link in the Dagster UI opens: http on the API, not file:// (which browsers refuse)
+    url = mat.metadata["report_url"].value
+    assert url == f"http://127.0.0.1:{api_port}/reports/{DAYS[1]}.html"
+    with serve(paths, port=api_port):
+        page = httpx.get(url, timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.content == Path(mat.metadata["report"].value).read_bytes()
     with store.connect() as con:
         methods = {m for (m,) in con.execute("SELECT method FROM drift_metrics WHERE window_key = ? AND "
                                              "column_group = 'feature' AND column_name <> 'has_html'",
                                              [DAYS[1]]).fetchall()}
     assert {m.lower() for m in methods} == {"psi"}, methods
 
-    monkeypatch.delenv("STREAM_SENTINEL_DRIFT_ACCURACY_DROP")
-    monkeypatch.delenv("STREAM_SENTINEL_DRIFT_NUM_METHOD")
     calm = job.execute_in_process(partition_key=DAYS[2], instance=instance)
     assert all(e.passed for e in calm.get_asset_check_evaluations())
     few = job.execute_in_process(partition_key=DAYS[3], instance=instance)
@@ -308,7 +318,7 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
     def evaluate():
         from stream_sentinel.sensors.drift import evaluate_drift_retrain
 
-        with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+        with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
             out = evaluate_drift_retrain(res.sentinel, cursor["value"])
         if isinstance(out, dg.SkipReason):
             return out
@@ -340,7 +350,7 @@ def test_drift_sensor_requests_one_full_retrain_per_episode(paths, store, monkey
     with store.connect() as con:
         assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'drift_retrain'").fetchone()[0] == 0
     # through the sensor definition too
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         out = sensor(dg.build_sensor_context(resources={"sentinel": res.sentinel}, cursor=cursor["value"]))
     assert isinstance(out, dg.SkipReason)
 
@@ -351,7 +361,7 @@ def test_drift_retrain_bookmark_survives_a_lost_cursor(paths, store):
     from stream_sentinel.sensors.drift import evaluate_drift_retrain
 
     drift.record(store, _report("2024-04-02", True))
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         first = evaluate_drift_retrain(res.sentinel, None)
         assert isinstance(first, dg.SensorResult)
         trigger = drift.RetrainTrigger.from_json(first.cursor)
@@ -417,7 +427,7 @@ def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(
 
     paths, store, registry, emb = home
     monkeypatch.setenv("STREAM_SENTINEL_HOME", str(paths.home))
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         req = evaluate_recent_drift(res.sentinel, instance)
     assert isinstance(req, dg.RunRequest) and req.run_key.startswith("drift-recent:")
     job = build_definitions(home=str(paths.home)).resolve_job_def("recent_drift_job")
@@ -436,9 +446,13 @@ def test_a_rolling_report_shows_the_latest_records_without_waiting_for_midnight(
     assert capsys.readouterr().out.splitlines()[0] == f"{d['window_key']}: {d['message']}"
     meta = result.asset_materializations_for_node("recent_drift_report")[0].metadata
     assert meta["rule"].value == drift.rule(drift.DriftConfig.from_env())
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         again = evaluate_recent_drift(res.sentinel, instance)
     assert isinstance(again, dg.SkipReason) and "new records" in again.skip_message
+    # launched by hand (the launchpad, no run config): a report up to the newest record, due or not
+    by_hand = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert by_hand.success
+    assert by_hand.asset_materializations_for_node("recent_drift_report")[0].metadata["status"].value == "ok"
 
 
 def test_the_headline_follows_the_rule_and_names_what_else_moved():

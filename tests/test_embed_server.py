@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 
-from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.embedding.server import RemoteEmbedder, connect
 from stream_sentinel.store import Store
@@ -52,7 +51,7 @@ def _ingest(paths, instance, name, records):
     store = Store(paths.db)
     ingest.scan(paths, store, debounce_s=1)
     (batch,) = ingest.plan_batches(store)
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("ingest_job")
     result = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": list(batch.files)}}}},
                                     partition_key=batch.partition_key, instance=instance)
     (mat,) = result.asset_materializations_for_node("embeddings")

@@ -228,12 +228,12 @@ def test_cli_sends_to_kafka_and_run_once_flushes_it_into_status(paths, topic, ka
 
 
 def test_kafka_secrets_are_env_var_references_and_never_printed(monkeypatch):
-    from stream_sentinel.definitions import kafka_resource
     from stream_sentinel.kafka import KafkaSettings, redacted
+    from stream_sentinel.resources.kafka import KafkaResource
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
     monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2-secret")
-    res = kafka_resource()
+    res = KafkaResource.from_env()
     assert isinstance(res.sasl_password, dg.EnvVar) and res.sasl_password.env_var_name == "KAFKA_SASL_PASSWORD"
     assert "hunter2" not in repr(res)
     settings = KafkaSettings.from_env()

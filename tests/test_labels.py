@@ -13,7 +13,6 @@ import pandas as pd
 
 from stream_sentinel import feedback as fb
 from stream_sentinel import ingest
-from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 
 from .conftest import drop, record
@@ -75,7 +74,7 @@ def _feedback_file(paths, name, messages):
 
 
 def _run_feedback(paths, instance, files=()):
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("feedback_job")
     result = job.execute_in_process(run_config={"ops": {"feedback": {"config": {"files": list(files)}}}},
                                     instance=instance, raise_on_error=False)
     assert result.success
@@ -106,7 +105,7 @@ def test_drop_folder_feedback_resolves_when_the_record_lands(paths, store, insta
     for b in (ingest.scan(paths, store, debounce_s=1), ingest.plan_batches(store))[1]:
         for sha in b.files:
             ingest.process_file(paths, store, sha)
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("feedback_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("feedback_job")
     assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("labels")]).success
     with store.connect() as con:
         assert dict(con.execute("SELECT record_id, status FROM labels").fetchall()) == {

@@ -259,7 +259,7 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
         for _ in range(3):
             con.execute("INSERT INTO learning_events (event_type, duration_ms, detail, created_at) "
                         "VALUES ('update', 5000, ?, now())", [json.dumps({"strategy": "incremental"})])
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
     first = job.execute_in_process(instance=instance, raise_on_error=False)
     outcome, lines = run_outcome(first)
     assert first.success and outcome == "ok", lines
@@ -276,7 +276,7 @@ def test_a_training_run_with_nothing_new_makes_no_model_materialization(paths, s
 
     # a queued training run holds the sensor: it reads every label there is when it starts
     ingest_with_labels(paths, store, demo_embedder, demo_records, demo_labels, slice(1600, 1700), "c")
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         assert isinstance(evaluate_retrain(res.sentinel, flush=True, instance=instance), dg.RunRequest)
         instance.create_run_for_job(job, status=dg.DagsterRunStatus.NOT_STARTED)
         held = evaluate_retrain(res.sentinel, flush=True, instance=instance)
@@ -358,7 +358,7 @@ def test_one_class_so_far_is_a_clear_waiting_state_not_a_failed_run(paths, store
     hams = [r for r in demo_records if demo_labels[r["id"]] == "ham"][:120]
     ingest_records(paths, store, demo_embedder, hams, "hams")
     label_records(store, hams, demo_labels, "hams")
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
     result = job.execute_in_process(instance=instance, raise_on_error=False)
     assert result.success  # not a failed run
     outcome, lines = run_outcome(result)

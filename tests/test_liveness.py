@@ -57,9 +57,9 @@ def _fail_run(instance, unit_key: str) -> None:
 
 
 def _raw_tick(paths, instance, cursor=None):
-    defs = build_definitions(Settings(), home=str(paths.home))
+    defs = build_definitions(home=str(paths.home))
     with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                 resources={"sentinel": StreamSentinelResource(home=str(paths.home))}) as ctx:
+                                 resources={"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as ctx:
         return build_raw_files_sensor(Settings()).evaluate_tick(ctx)
 
 
@@ -101,7 +101,7 @@ def test_failed_feedback_file_is_retried(paths, store, instance, monkeypatch):
 
     def tick(cursor):
         with dg.build_sensor_context(instance=instance, cursor=cursor, resources={
-                "sentinel": StreamSentinelResource(home=str(paths.home))}) as ctx:
+                "sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as ctx:
             return files_sensor.evaluate_tick(ctx)
 
     first = tick(None)
@@ -131,7 +131,7 @@ def test_kafka_lag_counts_unrecorded_ranges_and_failed_ranges_are_retried(paths,
 
     def tick(cursor):
         with dg.build_sensor_context(instance=instance, cursor=cursor, resources={
-                "sentinel": StreamSentinelResource(home=str(paths.home)), "kafka": KafkaResource()}) as ctx:
+                "sentinel": StreamSentinelResource.from_env(home=str(paths.home)), "kafka": KafkaResource.from_env()}) as ctx:
             return kafka_sensor.evaluate_tick(ctx)
 
     # every partition is listed, the one with nothing to read too

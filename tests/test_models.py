@@ -12,7 +12,6 @@ import pandas as pd
 
 from stream_sentinel import feedback as fb
 from stream_sentinel.learning import loop as learning
-from stream_sentinel.config import Settings
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.learning.models import TrainParams, load_training_set
 from stream_sentinel.learning.registry import ModelRegistry
@@ -59,7 +58,7 @@ def test_first_full_version_then_continued_child_with_exact_lineage(paths, store
 
 
 def _training_run(paths, instance, full=False):
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
     return job.execute_in_process(run_config={"ops": {"model": {"config": {"full": full}}}}, instance=instance,
                                   raise_on_error=False)
 
@@ -107,7 +106,7 @@ def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, demo_em
     on a fresh instance builds its training set itself."""
     embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("training_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("training_job")
     with dg.instance_for_test() as fresh:  # no training_set materialization anywhere
         alone = job.execute_in_process(instance=fresh, raise_on_error=False,
                                        asset_selection=[dg.AssetKey("model"), dg.AssetKey("champion")])
@@ -187,7 +186,7 @@ def test_retrain_policy_waits_for_enough_new_labels(paths, store, demo_embedder,
     from stream_sentinel.sensors.training import evaluate_retrain
 
     def evaluate(flush=False):
-        with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+        with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
             return evaluate_retrain(res.sentinel, flush=flush)
 
     monkeypatch.setenv("STREAM_SENTINEL_RETRAIN_MIN_LABELS", "1000")

@@ -23,6 +23,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 import stream_sentinel
@@ -111,7 +112,8 @@ def test_the_installed_wheel_runs_without_the_checkout(venv):
 import json, sys
 import dagster as dg
 import stream_sentinel, stream_sentinel.assets, stream_sentinel.sensors, stream_sentinel.resources
-from stream_sentinel.definitions import defs
+from stream_sentinel.definitions import defs as load
+defs = load()
 dg.Definitions.validate_loadable(defs)
 print(json.dumps({"files": {m: sys.modules[m].__file__ for m in ("stream_sentinel", "stream_sentinel.assets",
                   "stream_sentinel.sensors", "stream_sentinel.resources", "stream_sentinel.definitions")},
@@ -159,11 +161,13 @@ def _locations(port: int) -> list[dict]:
 @pytest.mark.daemon
 def test_up_runs_from_the_wheel(venv, tmp_path):
     """`stream-sentinel up`, started from the installed wheel in a folder that is no checkout:
-    the webserver serves the code location, loaded from the packaged workspace; SIGTERM stops
-    the whole stack. (No demo feed, no compile: what is tested is that it starts.)"""
-    port = free_port()
+    the webserver serves the code location, loaded from the packaged workspace, and the HTTP API
+    answers; SIGTERM stops the whole stack. (No demo feed, no compile: what is tested is that
+    it starts.)"""
+    port, api_port = free_port(), free_port()
     log_path = tmp_path / "up.log"
-    env = {**venv["env"], "STREAM_SENTINEL_HOME": str(tmp_path / "data"), "STREAM_SENTINEL_EMBED_COMPILE": "0"}
+    env = {**venv["env"], "STREAM_SENTINEL_HOME": str(tmp_path / "data"), "STREAM_SENTINEL_EMBED_COMPILE": "0",
+           "STREAM_SENTINEL_API_PORT": str(api_port)}
     with open(log_path, "w") as log:
         up = subprocess.Popen([str(venv["root"] / "bin" / "stream-sentinel"), "up", "--no-demo", "--port", str(port)],
                               cwd=venv["cwd"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -177,6 +181,13 @@ def test_up_runs_from_the_wheel(venv, tmp_path):
         assert up.poll() is None, f"`up` exited with {up.returncode}:\n{log_path.read_text()[-3000:]}"
         assert [(e["name"], e["loadStatus"], e["locationOrLoadError"]["__typename"]) for e in entries] == \
             [("stream_sentinel", "LOADED", "RepositoryLocation")], f"{entries}\n{log_path.read_text()[-3000:]}"
+        health = None
+        while time.monotonic() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5).json()
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert health is not None and health["status"] == "ok", log_path.read_text()[-3000:]
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
@@ -194,6 +205,7 @@ def test_up_runs_from_the_wheel(venv, tmp_path):
     # Dagster's own output passes through `up`'s relay (the link to the UI), without the
     # BetaWarning every process that loaded the definitions used to print
     assert "Serving dagster-webserver on" in out and "BetaWarning" not in out, out[-3000:]
+    assert f"API         http://127.0.0.1:{api_port}" in out
 
 
 def test_the_editable_install_maps_the_folders_of_this_checkout():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import dagster as dg
@@ -15,11 +16,12 @@ from .conftest import drop, record
 
 
 def _tick(paths, instance, cursor=None, **knobs):
-    defs = build_definitions(Settings(), home=str(paths.home))
+    defs = build_definitions(home=str(paths.home))
     sensor = build_raw_files_sensor(Settings())
     with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs,
-        resources={"sentinel": StreamSentinelResource(home=str(paths.home), **knobs)},
+        resources={"sentinel": StreamSentinelResource.from_settings(
+            dataclasses.replace(Settings.from_env(), **knobs), home=str(paths.home))},
     ) as ctx:
         return sensor.evaluate_tick(ctx)
 
@@ -82,7 +84,7 @@ def test_duplicates_and_unstable_files_are_reported_not_launched(paths, instance
     first = _tick(paths, instance)
     drop(paths.raw, "copy.jsonl", [record(1)])
     drop(paths.raw, "writing.jsonl", [record(2)], age=0)
-    tick = _tick(paths, instance, cursor=first.cursor, debounce_seconds=10)
+    tick = _tick(paths, instance, cursor=first.cursor, debounce_s=10)
     assert tick.run_requests == []
     assert "1 duplicate file(s)" in tick.skip_message and "1 file(s) still being written" in tick.skip_message
 
@@ -92,7 +94,7 @@ def test_new_files_wait_while_an_ingest_run_is_queued(paths, instance):
     drop(paths.raw, "a.jsonl", [record(1)])
     first = _tick(paths, instance)
     (req,) = first.run_requests
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("ingest_job")
     queued = instance.create_run_for_job(job, run_config=req.run_config, tags={"dagster/partition": req.partition_key},
                                          status=dg.DagsterRunStatus.NOT_STARTED)
     drop(paths.raw, "b.jsonl", [record(2)])
@@ -119,7 +121,7 @@ def test_next_batch_is_planned_shortly_before_the_running_ingest_run_ends(paths,
     first = _tick(paths, instance)
     (req,) = first.run_requests
     assert req.tags["stream_sentinel/records"] == "1"
-    job = build_definitions(Settings(), home=str(paths.home)).resolve_job_def("ingest_job")
+    job = build_definitions(home=str(paths.home)).resolve_job_def("ingest_job")
     running = instance.create_run_for_job(
         job, run_config=req.run_config, status=dg.DagsterRunStatus.STARTED,
         tags={"dagster/partition": req.partition_key, "stream_sentinel/records": "4000"})

@@ -39,7 +39,7 @@ def test_every_sensor_skips_while_the_store_is_held(paths, instance, monkeypatch
     monkeypatch.setattr(Store, "_acquire", lambda self, timeout_s=None: wait(self, 0.5))
     drop(paths.raw, "a.jsonl", [record(1)])
     drop(paths.feedback, "f.jsonl", [{"record_id": "r1", "label": "spam"}])
-    with dg.build_resources({"sentinel": StreamSentinelResource(home=str(paths.home))}) as res:
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home))}) as res:
         sentinel = res.sentinel
         # the recent-drift sensor asks for a champion first; make it see one without the store
         monkeypatch.setattr(type(sentinel.registry()), "champion_version", lambda self: "m000001")

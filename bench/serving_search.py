@@ -1,0 +1,136 @@
+"""Search over HTTP: does a record's exact subject find that record first? Dense vs hybrid.
+
+Builds a data root with the demo corpus (the product's file path, embeddings precomputed
+once by the real model, the real FAISS index), starts `stream-sentinel serve` on it in its
+own process, and asks `GET /v1/search` from this process, one request at a time, with the
+subject line (the first line of the text) of records whose subject is unique in the corpus
+and has at least three words. Every query runs in each mode in the same run: `dense` (the
+vector index alone, the behaviour before issue 14), `lexical` (BM25 alone) and `hybrid`
+(both, fused by reciprocal rank: the default). Reports recall@1 and latency per mode; the
+query embedding is included (the server's own model: no embedding server is started).
+
+    python bench/serving_search.py [--queries 300] [--limit 6046]
+
+Ends with one JSON line, like every bench script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+import common  # noqa: E402  (puts the repo on sys.path)
+from stream_sentinel import ingest, pipeline  # noqa: E402
+from stream_sentinel.config import Paths, Settings  # noqa: E402
+from stream_sentinel.devtools.kafka_broker import free_port  # noqa: E402
+from stream_sentinel.embedding.embedder import Embedder  # noqa: E402
+from stream_sentinel.index import IndexStore  # noqa: E402
+from stream_sentinel.store import Store  # noqa: E402
+
+MODES = ("dense", "lexical", "hybrid")
+
+
+class Precomputed:
+    def __init__(self, embedder, by_text: dict):
+        self.model_id, self.dim, self.by_text = embedder.model_id, embedder.dim, by_text
+
+    def embed(self, texts):
+        return np.stack([self.by_text[t] for t in texts])
+
+
+def subject(rec: dict) -> str:
+    return rec["text"].split("\n", 1)[0].strip()
+
+
+def build(root: Path, recs: list[dict], vecs: np.ndarray, embedder) -> str:
+    paths = Paths.at(root).ensure()
+    store = Store(paths.db).init()
+    for i in range(0, len(recs), 500):
+        (paths.raw / f"part-{i:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[i:i + 500]))
+    ingest.scan(paths, store, debounce_s=0)
+    for b in ingest.plan_batches(store, 100, 10_000_000):
+        ingest.process_files(paths, store, list(b.files))
+    pipeline.embed_partition(store, Precomputed(embedder, {r["text"]: v for r, v in zip(recs, vecs)}), None)
+    return pipeline.update_index(store, IndexStore(paths.index), embedder.model_id, embedder.dim).meta.version
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) * 1000.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--limit", type=int, default=None, help="records of the demo corpus (default all)")
+    args = ap.parse_args()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    recs, _, _ = common.corpus()
+    recs = recs[: args.limit] if args.limit else recs
+    s = Settings.from_env()
+    embedder = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend)
+    vecs, embed_s = common.demo_vectors(embedder, recs)
+    counts: dict[str, int] = {}
+    for r in recs:
+        counts[subject(r).lower()] = counts.get(subject(r).lower(), 0) + 1
+    candidates = [r for r in recs if counts[subject(r).lower()] == 1 and len(subject(r).split()) >= 3]
+    probes = random.Random(7).sample(candidates, min(args.queries, len(candidates)))
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        root = Path(tmp) / "home"
+        version = build(root, recs, vecs, embedder)
+        port = free_port()
+        env = {**os.environ, "STREAM_SENTINEL_HOME": str(root)}
+        env.pop("STREAM_SENTINEL_API_TOKEN", None)
+        log = open(Path(tmp) / "serve.log", "wb")
+        server = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "serve", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    h = api.get("/healthz").json()
+                    if h["search"]["index_version"] == version and h["search"]["lexical_records"] == len(recs):
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit(f"the server did not load the index:\n{(Path(tmp) / 'serve.log').read_text()}")
+                time.sleep(0.2)
+            api.get("/v1/search", params={"q": "warm up the model", "mode": "dense"})
+            results = {}
+            for mode in MODES:
+                hits, seconds = 0, []
+                for rec in probes:
+                    t0 = time.perf_counter()
+                    found = api.get("/v1/search", params={"q": subject(rec), "k": 10, "mode": mode}).json()
+                    seconds.append(time.perf_counter() - t0)
+                    hits += bool(found["results"]) and found["results"][0]["id"] == rec["id"]
+                results[mode] = {"recall_at_1": round(hits / len(probes), 4), "p50_ms": round(percentile(seconds, 50), 2),
+                                 "p99_ms": round(percentile(seconds, 99), 2)}
+                print(f"{mode:>8}: recall@1 {results[mode]['recall_at_1']:.3f} ({hits}/{len(probes)}), "
+                      f"p50 {results[mode]['p50_ms']:.1f} ms, p99 {results[mode]['p99_ms']:.1f} ms", flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+            log.close()
+    common.save({"bench": "serving_search", "cpu": cpu, "cores": os.cpu_count(), "records": len(recs),
+                 "queries": len(probes), "embedding_model": embedder.model_id, "results": results,
+                 "hybrid_over_dense_recall": round(results["hybrid"]["recall_at_1"] /
+                                                   max(results["dense"]["recall_at_1"], 1e-9), 3)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The ASGI application behind ``stream-sentinel serve``.
+
+Why Starlette and not FastAPI: the Dagster webserver already brings Starlette and uvicorn,
+so the API adds no dependency, and the checks that matter here are the data contracts the
+sensors apply (``records.validate``, ``feedback.validate``), not a second, pydantic copy of
+them that could drift apart: a record the API accepts is a record ingest accepts, by
+construction. The OpenAPI document is generated from the endpoint docstrings.
+
+Rules every endpoint keeps:
+
+* The request path never writes DuckDB (a run may hold its lock for minutes): records and
+  feedback become files in the data root, or Kafka messages, that the sensors pick up.
+  Reads wait at most ``STORE_WAIT_S`` for the database and answer ``503`` with
+  ``Retry-After`` when a run holds it longer.
+* Every error is JSON, ``{"error": {"code", "message", "field"?}}`` with a 4xx status for
+  anything a client sent (a body that is too large, not UTF-8, not JSON, the wrong shape);
+  a 500 is a bug.
+* With ``STREAM_SENTINEL_API_TOKEN`` set, every endpoint but ``/healthz`` wants
+  ``Authorization: Bearer <token>``, compared in constant time.
+* Payloads are never logged (uvicorn's access log is off: a query string is a payload too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from .. import feedback as fb
+from .metrics import ApiMetrics, LoopCollector, RequestMetrics
+from ..atomic import write_bytes_atomic
+from ..config import Paths, Settings
+from ..jsonout import dumps
+from ..records import JSONProblem, Reject, loads, validate
+from ..store import Store, StoreBusy
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "STREAM_SENTINEL_API_TOKEN"
+STORE_WAIT_S = 2.0  # how long a read waits for a run's database lock before answering 503
+OPEN_PATHS = frozenset({"/healthz"})
+MAX_QUERY_CHARS = 2000
+MAX_K = 100
+REFRESH_S = 0.5  # how often the served index and model are checked for a new version
+SNAPSHOT_S = 5.0  # how often Kafka lag and drift flags are read for /metrics
+API_RECORDS_DIR = "api"  # raw/api/<day>/...: records posted to the API
+
+
+class ApiError(Exception):
+    """A request the API refuses: status, a stable code, a message naming what is wrong."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.extra = status, code, message, field, extra
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSON that strict parsers accept (NaN and infinities become null, see ``jsonout``)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    body.update(extra)
+    return StrictJSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+@dataclass
+class Service:
+    """What the endpoints share: the data root, the settings, the token."""
+
+    paths: Paths
+    settings: Settings
+    token: str | None = None
+    search: Any = None  # search.SearchService
+    metrics: Any = None  # metrics.ApiMetrics
+    loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
+
+    def store(self) -> Store:
+        return Store(self.paths.db, lock_timeout_s=STORE_WAIT_S)
+
+    def registry(self):
+        from ..learning.registry import ModelRegistry
+
+        return ModelRegistry(self.paths.models, self.store())
+
+
+class BearerToken:
+    """ASGI middleware: with a token configured, every path but ``OPEN_PATHS`` wants it."""
+
+    def __init__(self, app, token: str | None):
+        self.app = app
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.token is None or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 self.token):
+            response = error_response(401, "unauthorized", f"this server wants 'Authorization: Bearer <token>' "
+                                      f"(the value of {TOKEN_ENV} where it runs)", field="Authorization",
+                                      headers={"WWW-Authenticate": 'Bearer realm="stream-sentinel"'})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# ------------------------------------------------------------------ request bodies
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise ApiError(400, "bad_content_length", f"Content-Length {declared[:40]!r} is not a number",
+                           field="Content-Length") from None
+        if too_big:
+            raise ApiError(413, "body_too_large", f"the body is {declared} bytes; this server takes at most "
+                           f"{limit} (STREAM_SENTINEL_API_MAX_BODY_BYTES)", field="body")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"the body is over {limit} bytes "
+                           "(STREAM_SENTINEL_API_MAX_BODY_BYTES)", field="body")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """One JSON value, strictly: UTF-8, no NaN or Infinity, nesting and numbers bounded."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_utf8", f"the body is not UTF-8 (byte {exc.start} is {body[exc.start]:#04x})",
+                       field="body") from None
+    if not text.strip():
+        raise ApiError(400, "invalid_json", "the body is empty; it must be a JSON object", field="body")
+    try:
+        return loads(text)
+    except JSONProblem as exc:
+        raise ApiError(400, exc.rule, f"the body is not valid JSON: {exc.message}", field="body") from None
+
+
+def items_of(obj: Any, key: str, limit: int) -> list[Any]:
+    """``obj[key]``, which must be a non-empty list of at most ``limit`` items."""
+    if not isinstance(obj, dict):
+        raise ApiError(422, "bad_body", f"the body must be a JSON object with a {key!r} list, "
+                       f"got {type(obj).__name__}", field="body")
+    items = obj.get(key)
+    if not isinstance(items, list):
+        raise ApiError(422, "bad_body", f"{key!r} must be a list, got "
+                       f"{'nothing' if items is None else type(items).__name__}", field=key)
+    if not items:
+        raise ApiError(422, "empty", f"{key!r} is empty", field=key)
+    if len(items) > limit:
+        raise ApiError(413, "too_many_items", f"{len(items)} items in {key!r}; at most {limit} per request "
+                       "(STREAM_SENTINEL_API_MAX_ITEMS)", field=key)
+    return items
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ------------------------------------------------------------------ endpoints
+def healthz(request: Request) -> Response:
+    """
+    summary: Liveness, and what is being served
+    description: Open even when a token is set. The champion version (the registry's pointer),
+      the current vector index (version, size, embedding model), the configured embedding model.
+    responses:
+      200: {description: "{status, champion, index, embedding_model}"}
+    """
+    from ..index import IndexStore
+    from ..status import embedding_model_id
+
+    svc: Service = request.app.state.svc
+    meta = IndexStore(svc.paths.index).read_meta()
+    return StrictJSONResponse({
+        "status": "ok",
+        "champion": svc.registry().champion_version(),
+        "index": None if meta is None else {"version": meta.version, "size": meta.ntotal,
+                                            "embedding_model": meta.model_id, "type": meta.index_type},
+        "embedding_model": embedding_model_id(svc.settings),
+        "search": svc.search.describe(),
+    })
+
+
+def list_models(request: Request) -> Response:
+    """
+    summary: The model registry
+    description: Every version (as stream-sentinel model list --json), the champion and the challenger.
+    responses:
+      200: {description: "{champion, challenger, models: [version, ...]}"}
+      503: {description: a run holds the database; try again after Retry-After}
+    """
+    reg = request.app.state.svc.registry()
+    return StrictJSONResponse({"champion": reg.champion_version(), "challenger": reg.challenger_version(),
+                               "models": [v.as_json() for v in reg.list()]})
+
+
+def get_model(request: Request) -> Response:
+    """
+    summary: One model version
+    description: >
+      {version} is a version (m000003), "champion" or "challenger": parent, training-set
+      data version, parameters, metrics, status.
+    responses:
+      200: {description: the version}
+      404: {description: "no such version (error code unknown_version)"}
+    """
+    reg = request.app.state.svc.registry()
+    name = request.path_params["version"]
+    version = {"champion": reg.champion_version, "challenger": reg.challenger_version}.get(name, lambda: name)()
+    v = reg.get(version) if version else None
+    if v is None:
+        raise ApiError(404, "unknown_version", f"no model version {name[:80]!r}"
+                       + (" (there is none yet)" if name in ("champion", "challenger") else ""), field="version")
+    return StrictJSONResponse(v.as_json())
+
+
+def get_learning_metrics(request: Request) -> Response:
+    """
+    summary: Learning metrics
+    description: total_updates, successful_updates, failed_updates, avg_update_time_ms,
+      samples_processed, current_model_score, improvement_rate, promotions, rejections, rollbacks.
+    responses:
+      200: {description: the metrics}
+    """
+    from ..learning.loop import learning_metrics
+
+    svc: Service = request.app.state.svc
+    return StrictJSONResponse(learning_metrics(svc.store(), svc.registry().champion_version()))
+
+
+def get_report(request: Request) -> Response:
+    """
+    summary: A drift report (HTML)
+    description: >
+      /reports/<name>.html, as linked from the report_url of drift_report in the Dagster UI.
+    responses:
+      200: {description: the report}
+      404: {description: "no such report (error code unknown_report)"}
+    """
+    svc: Service = request.app.state.svc
+    name = request.path_params["name"]
+    root = svc.paths.reports.resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError):  # a NUL byte, a path too long
+        path = None
+    if path is None or not name.endswith(".html") or not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(404, "unknown_report", f"no drift report {name[:120]!r}", field="name")
+    return FileResponse(path, media_type="text/html; charset=utf-8")
+
+
+async def post_records(request: Request) -> Response:
+    """
+    summary: Add records
+    description: >
+      Body {"records": [record, ...]}, each per the data contract (id, text, event_time,
+      features, label, anything else). All are checked first with the rules ingest applies; if any breaks
+      one, nothing is written and the answer is 422 listing each (index, id, rule, error). Otherwise they
+      are written as one JSON Lines file under raw/api/<day>/ (temp name, fsync, rename) for the next
+      sensor tick.
+    requestBody:
+      content: {application/json: {example: {records: [{id: r1, text: hello, event_time: "2026-12-03T08:00:00Z"}]}}}
+    responses:
+      202: {description: "{accepted, file, sha256}"}
+      413: {description: body or batch too large}
+      422: {description: "records break the contract (error.records: [{index, id, rule, error}])"}
+    """
+    svc: Service = request.app.state.svc
+    s = svc.settings
+    items = items_of(parse_json(await read_body(request, s.api_max_body_bytes)), "records", s.api_max_items)
+    broken = []
+    for i, obj in enumerate(items):
+        checked = validate(obj, f"records[{i}]")
+        if isinstance(checked, Reject):
+            broken.append({"index": i, "id": checked.record_id, "rule": checked.rule, "error": checked.message})
+    if broken:
+        raise ApiError(422, "invalid_records", f"{len(broken)} of {len(items)} records break the data contract; "
+                       "nothing was written", field="records", records=broken[:100])
+    data = "".join(json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
+                   for obj in items).encode("utf-8")
+    now = _utcnow()
+    rel = Path(API_RECORDS_DIR) / f"{now:%Y-%m-%d}" / f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:12]}.jsonl"
+    await run_in_threadpool(write_bytes_atomic, svc.paths.raw / rel, data)
+    log.info("records: %d accepted into raw/%s", len(items), rel)
+    return StrictJSONResponse({"accepted": len(items), "file": rel.as_posix(),
+                               "sha256": hashlib.sha256(data).hexdigest()}, status_code=202)
+
+
+async def post_feedback(request: Request) -> Response:
+    """
+    summary: Send label feedback
+    description: >
+      Body: one feedback message (record_id, label, source, confidence, ts) or
+      {"feedback": [message, ...]}. ts defaults to now and source to "api". Checked with the rules
+      the feedback sensors apply (a label outside STREAM_SENTINEL_LABELS is refused); sent to Kafka when
+      KAFKA_BOOTSTRAP_SERVERS is set, else written to the feedback/ drop folder.
+    requestBody:
+      content: {application/json: {example: {record_id: r1, label: spam, source: alice, confidence: 0.9}}}
+    responses:
+      202: {description: "{accepted, to}"}
+      422: {description: "messages break the contract (error.feedback: [{index, record_id, rule, error}])"}
+      503: {description: Kafka did not acknowledge the messages}
+    """
+    from ..feedback_sources import send_feedback
+
+    svc: Service = request.app.state.svc
+    s = svc.settings
+    body = parse_json(await read_body(request, s.api_max_body_bytes))
+    single = isinstance(body, dict) and "feedback" not in body
+    items = [body] if single else items_of(body, "feedback", s.api_max_items)
+    messages, broken = [], []
+    now = _utcnow().isoformat()
+    for i, obj in enumerate(items):
+        msg = {"source": "api", "ts": now, **obj} if isinstance(obj, dict) else obj
+        checked = fb.validate(fb.Position("api", 0, i), json.dumps(msg, ensure_ascii=False), None,
+                              s.allowed_labels)
+        if isinstance(checked, fb.Rejected):
+            rid = msg.get("record_id") if isinstance(msg, dict) else None
+            broken.append({"index": i, "record_id": rid if isinstance(rid, str) else None,
+                           "rule": checked.rule, "error": checked.error})
+        else:
+            messages.append(msg)
+    if broken:
+        raise ApiError(422, "invalid_feedback", f"{len(broken)} of {len(items)} feedback messages break the "
+                       "contract; none was sent", field="feedback", feedback=broken[:100])
+    try:
+        to = await run_in_threadpool(send_feedback, messages, s, svc.paths)
+    except RuntimeError as exc:  # Kafka did not acknowledge in time
+        raise ApiError(503, "feedback_not_delivered", str(exc)) from None
+    log.info("feedback: %d message(s) sent to %s", len(messages), to)
+    return StrictJSONResponse({"accepted": len(messages), "to": to}, status_code=202)
+
+
+def search(request: Request) -> Response:
+    """
+    summary: Search the records
+    description: >
+      Nearest records to a text: the dense vector index and BM25 over the texts, fused by
+      reciprocal rank (mode=hybrid, the default), or either alone (mode=dense, mode=lexical).
+      Each result has its id, score, a snippet and its rank in each list.
+    parameters:
+      - {name: q, in: query, required: true, schema: {type: string, maxLength: 2000}}
+      - {name: k, in: query, schema: {type: integer, minimum: 1, maximum: 100, default: 10}}
+      - {name: mode, in: query, schema: {type: string, enum: [hybrid, dense, lexical], default: hybrid}}
+    responses:
+      200: {description: "{query, mode, index_version, results: [{id, score, snippet, dense_rank, lexical_rank}]}"}
+      409: {description: the index was built with another embedding model than this server's}
+      422: {description: a bad q, k or mode}
+    """
+    from .search import MODES, IndexModelMismatch
+
+    svc: Service = request.app.state.svc
+    params = request.query_params
+    q = params.get("q", "")
+    if not q.strip():
+        raise ApiError(422, "bad_query", "q (the text to search for) is required", field="q")
+    if len(q) > MAX_QUERY_CHARS:
+        raise ApiError(422, "bad_query", f"q is {len(q)} characters; at most {MAX_QUERY_CHARS}", field="q")
+    try:
+        k = int(params.get("k", "10"))
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_K:
+        raise ApiError(422, "bad_k", f"k must be an integer from 1 to {MAX_K}, got {params.get('k', '')[:20]!r}",
+                       field="k")
+    mode = params.get("mode", "hybrid")
+    if mode not in MODES:
+        raise ApiError(422, "bad_mode", f"mode must be one of {', '.join(MODES)}, got {mode[:20]!r}", field="mode")
+    try:
+        found = svc.search.search(q, k, mode)
+    except IndexModelMismatch as exc:
+        raise ApiError(409, "index_model_mismatch", str(exc)) from None
+    return StrictJSONResponse({"query": q, "mode": mode, **found})
+
+
+def metrics(request: Request) -> Response:
+    """
+    summary: Prometheus metrics
+    description: >
+      Requests and latency per route, the champion (info), the served index size, Kafka lag,
+      drift flags, in the Prometheus text format.
+    responses:
+      200: {description: the metrics, text/plain}
+    """
+    body, content_type = request.app.state.svc.metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+def openapi(request: Request) -> Response:
+    """
+    summary: This API as OpenAPI 3
+    responses:
+      200: {description: the document}
+    """
+    return StrictJSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
+
+
+SCHEMAS = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "Stream Sentinel", "version": "1"}})
+
+
+# ------------------------------------------------------------------ errors
+async def on_api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc.status, exc.code, exc.message, exc.field, **exc.extra)
+
+
+async def on_store_busy(request: Request, exc: StoreBusy) -> Response:
+    return error_response(503, "database_busy", "a run holds the database; try again shortly",
+                          headers={"Retry-After": "2"})
+
+
+async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, f"{request.method} {request.url.path[:200]}: {exc.detail}",
+                          headers=exc.headers)
+
+
+async def on_bug(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+    return error_response(500, "internal_error", f"the server failed ({type(exc).__name__}); see its log")
+
+
+def read_loop_state(svc: Service) -> None:
+    """Kafka lag and the newest drift verdict of each kind, for /metrics (a short read: when a
+    run holds the database the previous snapshot stays, and its age says so)."""
+    try:
+        with Store(svc.paths.db, lock_timeout_s=0.2).connect() as con:
+            lag = {(t, p): n for t, p, n in con.execute('SELECT topic, "partition", lag FROM kafka_lag').fetchall()}
+            drift = {kind: (window, bool(drifted)) for kind, window, drifted in con.execute(
+                """SELECT kind, window_key, drifted FROM drift_reports WHERE status = 'ok'
+                   QUALIFY row_number() OVER (PARTITION BY kind ORDER BY created_at DESC) = 1""").fetchall()}
+    except StoreBusy:
+        return
+    svc.loop = {"kafka_lag": lag, "drift": drift, "snapshot_at": time.time()}
+
+
+def loop_state(svc: Service) -> dict:
+    from ..learning.registry import ModelRegistry
+
+    index = svc.search.index
+    return {**svc.loop, "champion": ModelRegistry(svc.paths.models, None).champion_version(),
+            "index_version": None if index is None else index.meta.version,
+            "index_size": 0 if index is None else index.meta.ntotal, "lexical_records": len(svc.search.lexical)}
+
+
+def keep_current(svc: Service, stop: threading.Event) -> None:
+    """The background thread: new index versions (and the texts of their new records) are
+    picked up within ``REFRESH_S`` of being published, the loop's state for /metrics every
+    ``SNAPSHOT_S``; an error is logged and tried again."""
+
+    def guarded(step) -> None:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 -- a bad version must not stop the refreshes
+            log.warning("refresh failed (%s: %s); trying again", type(exc).__name__, exc)
+
+    next_snapshot = 0.0
+    while True:
+        guarded(svc.search.refresh)
+        if time.monotonic() >= next_snapshot:
+            guarded(lambda: read_loop_state(svc))
+            next_snapshot = time.monotonic() + SNAPSHOT_S
+        if stop.wait(REFRESH_S):
+            return
+
+
+def create_app(paths: Paths | None = None, settings: Settings | None = None, token: str | None = None) -> Starlette:
+    """The application for a data root (default: the environment's), its settings and token."""
+    paths = paths or Paths.from_env()
+    settings = settings or Settings.from_env()
+    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    from .search import SearchService
+
+    svc = Service(paths.ensure(), settings, token)
+    svc.search = SearchService(svc.paths, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await run_in_threadpool(Store(paths.db).init)  # the tables the reads expect, once
+        stop = threading.Event()
+        keeper = threading.Thread(target=keep_current, args=(svc, stop), name="keep-current", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join(timeout=5)
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{version}", get_model, methods=["GET"]),
+        Route("/v1/learning/metrics", get_learning_metrics, methods=["GET"]),
+        Route("/v1/search", search, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/records", post_records, methods=["POST"]),
+        Route("/v1/feedback", post_feedback, methods=["POST"]),
+        Route("/reports/{name:path}", get_report, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        ApiError: on_api_error, StoreBusy: on_store_busy, HTTPException: on_http_error, Exception: on_bug})
+    app.state.svc = svc
+    svc.metrics = ApiMetrics()
+    svc.metrics.registry.register(LoopCollector(lambda: loop_state(svc)))
+    app.add_middleware(BearerToken, token=token)
+    # outermost: every request is counted, refused ones too
+    app.add_middleware(RequestMetrics, metrics=svc.metrics, templates={r.endpoint: r.path for r in routes})
+    return app

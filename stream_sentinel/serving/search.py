@@ -1,0 +1,283 @@
+"""Search over the records: the dense FAISS index beside BM25, fused by reciprocal rank.
+
+Why both: an embedding of a whole e-mail is about its topic, so a query with a record's exact
+subject line finds *similar* mail first about as often as the record itself; BM25 ranks the
+rare words of that subject, which is what a person pasting a subject or phrase means. The
+ranks are fused (RRF, k = 60): no score scales to calibrate, and a record first in either
+list is near the top of the fused one (bench/serving_search.py measures recall@1 on
+exact-subject queries, dense alone vs hybrid).
+
+The lexical side lives in the API process only: it grows from the ``records`` table by
+``vec_id`` (the order records are written in), so each refresh tokenizes only the new texts
+(bm25s, its own tokenizer with an incremental vocabulary) and rebuilds the sparse score
+matrix, which takes milliseconds per thousand records. A text is cut to its first
+``MAX_TOKENS`` tokens: subject and opening, where the distinctive words are.
+
+Phrases: a record that holds the query's words side by side, in order (stopwords aside), is
+ranked above those that do not, earliest occurrence first (a subject line at position 0
+before a reply that quotes it), then by the fused rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 256  # per record, for BM25 and phrases: the subject and opening, where the telling words are
+MIN_REBUILD_S = 2.0  # the BM25 matrix is rebuilt at most this often (and at most a quarter of the time)
+SNIPPET_CHARS = 200
+RRF_K = 60  # reciprocal rank fusion: 1 / (RRF_K + rank)
+MODES = ("hybrid", "dense", "lexical")
+
+
+def snippet(text: str) -> str:
+    return " ".join(text[: SNIPPET_CHARS * 4].split())[:SNIPPET_CHARS]
+
+
+class Lexical:
+    """BM25 over record texts, grown by appending (records in ``vec_id`` order).
+
+    New texts are tokenized as they come (:meth:`add`, the refresh thread); the score matrix
+    is rebuilt from every document by :meth:`rebuild`, paced so that rebuilding takes at most
+    a quarter of the time (at 100k records one rebuild takes seconds); the previous matrix
+    serves meanwhile, and new records are found by the dense side until they are in."""
+
+    def __init__(self) -> None:
+        from bm25s.tokenization import Tokenizer
+
+        self.high_water = 0  # the largest vec_id taken
+        self._tokenizer = Tokenizer(stopwords="en")
+        self._stop = frozenset(self._tokenizer.stopwords or ())
+        self._ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._snippets: list[str] = []
+        self._docs: list[np.ndarray] = []  # token ids per record (stopwords left out), at most MAX_TOKENS
+        self._retriever = None
+        self._indexed = 0  # records in the current score matrix
+        self._next_rebuild = 0.0
+        self._lock = threading.Lock()  # guards the tokenizer's vocabulary and the swaps
+
+    def __len__(self) -> int:
+        return self._indexed
+
+    @property
+    def pending(self) -> int:
+        return len(self._docs) - self._indexed
+
+    def add(self, ids: list[str], texts: list[str], high_water: int) -> None:
+        """Tokenize new records (one writer: the refresh thread)."""
+        with self._lock:
+            docs = self._tokenizer.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
+        base = len(self._ids)
+        self._docs.extend(np.asarray(d[:MAX_TOKENS], dtype=np.int32) for d in docs)
+        self._snippets.extend(snippet(t) for t in texts)
+        self._row.update((rid, base + i) for i, rid in enumerate(ids))
+        self._ids.extend(ids)
+        self.high_water = max(self.high_water, high_water)
+
+    def rebuild(self, force: bool = False) -> bool:
+        """A new score matrix over every record, when some are pending and it is time."""
+        import bm25s
+        from bm25s.tokenization import Tokenized
+
+        if not self.pending or (not force and time.monotonic() < self._next_rebuild):
+            return False
+        started = time.monotonic()
+        n = len(self._docs)
+        with self._lock:
+            vocab = dict(self._tokenizer.get_vocab_dict())
+        retriever = bm25s.BM25()
+        retriever.index(Tokenized(ids=self._docs[:n], vocab=vocab), show_progress=False)
+        self._retriever, self._indexed = retriever, n  # one reference each: a search sees old or new
+        took = time.monotonic() - started
+        self._next_rebuild = time.monotonic() + max(MIN_REBUILD_S, 3 * took)
+        log.info("search: BM25 over %d records in %.2f s", n, took)
+        return True
+
+    def snippet(self, record_id: str) -> str | None:
+        row = self._row.get(record_id)
+        return None if row is None else self._snippets[row]
+
+    def query_ids(self, query: str) -> tuple[list[int], bool]:
+        """The query's known token ids, and whether every word of it is known (a phrase can match)."""
+        vocab = self._tokenizer.word_to_id
+        words = [w for w in self._tokenizer.splitter(query.lower()) if w not in self._stop]
+        ids = [vocab.get(w) for w in words]
+        known = [i for i in ids if i is not None]
+        return known, bool(ids) and len(known) == len(ids)
+
+    def phrase_at(self, record_id: str, qids: list[int]) -> int | None:
+        """Where the query's words first occur in a record's text in order and side by side
+        (stopwords aside); None when they do not."""
+        row = self._row.get(record_id)
+        if row is None or not qids:
+            return None
+        doc, q = self._docs[row], np.asarray(qids, dtype=np.int32)
+        m = len(q)
+        for i in np.flatnonzero(doc[: max(0, len(doc) - m + 1)] == q[0]):
+            if np.array_equal(doc[i:i + m], q):
+                return int(i)
+        return None
+
+    def search(self, qids: list[int], k: int) -> list[tuple[str, float]]:
+        retriever, n = self._retriever, self._indexed
+        if retriever is None or not n or not qids:
+            return []
+        known = len(retriever.scores["indptr"]) - 1
+        empty = retriever.vocab_dict.get("")
+        qids = [q for q in qids if q < known and q != empty]
+        if not qids:
+            return []
+        scores = retriever.get_scores_from_ids(qids)[:n]
+        k = min(k, int((scores > 0).sum()))
+        if k <= 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(self._ids[i], float(scores[i])) for i in top]
+
+
+def fuse(rankings: list[list[str]], k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion of several rankings (best first): sum of 1 / (RRF_K + rank)."""
+    score: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, rid in enumerate(ranking, 1):
+            score[rid] = score.get(rid, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+class SearchService:
+    """The current vector index, the lexical side and a query embedder, for one API process.
+
+    :meth:`refresh` (the API's background thread, every ``REFRESH_S``) swaps in a new index
+    version as soon as ``CURRENT`` names one, and then adds the new records' texts to BM25
+    (from DuckDB; while a run holds the database that waits for the next refresh, and hits
+    without a snippet get theirs from a short read). A search takes the references it needs
+    once, so a swap never changes an index under a running query.
+
+    The query is embedded by the embedding server when one runs with the index's model
+    (`up` starts it), else by a model loaded in this process on the first search."""
+
+    def __init__(self, paths, settings):
+        self.paths, self.settings = paths, settings
+        self.index = None  # index.LoadedIndex
+        self.lexical = Lexical()
+        self._embedder = None
+        self._embed_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ keeping current
+    def refresh(self) -> None:
+        from ..index import IndexStore
+        from ..store import Store, StoreBusy
+
+        store = IndexStore(self.paths.index)
+        version = store.current_version()
+        if version is not None and (self.index is None or self.index.meta.version != version):
+            loaded = store.load(version)
+            loaded.lookup()  # built once here, not by the first query
+            self.index = loaded
+            log.info("search: index %s (%d vectors)", version, loaded.meta.ntotal)
+        index = self.index
+        if index is None or not len(index.vec_ids):
+            return
+        top = int(index.vec_ids.max())
+        if self.lexical.high_water >= top:
+            self.lexical.rebuild()
+            return
+        try:
+            with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+                rows = con.execute("""SELECT vec_id, id, text FROM records WHERE vec_id > ? AND vec_id <= ?
+                                      ORDER BY vec_id LIMIT 50000""", [self.lexical.high_water, top]).fetchall()
+        except StoreBusy:
+            return  # a run holds the database: next time
+        if rows:
+            self.lexical.add([r[1] for r in rows], [r[2] for r in rows], int(rows[-1][0]))
+        else:
+            self.lexical.high_water = top
+        self.lexical.rebuild()
+
+    # ------------------------------------------------------------------ searching
+    def _query_embedder(self, model_id: str, dim: int):
+        from ..embedding.embedder import Embedder
+        from ..embedding.server import connect
+
+        emb = self._embedder
+        if emb is not None and emb.model_id == model_id:
+            return emb
+        with self._embed_lock:
+            emb = connect(self.paths.embed_socket, model_id, dim)
+            if emb is None:
+                s = self.settings
+                emb = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
+                                    self.paths.embedding_models)
+                if emb.model_id != model_id:
+                    raise IndexModelMismatch(f"the index was built with {model_id} but this server's model is "
+                                             f"{emb.model_id}; backfill embeddings and vector_index first")
+            self._embedder = emb
+            return emb
+
+    def embed_query(self, text: str, model_id: str, dim: int) -> np.ndarray:
+        emb = self._query_embedder(model_id, dim)
+        try:
+            return emb.embed([text])
+        except (OSError, RuntimeError):
+            if emb is self._embedder and type(emb).__name__ == "RemoteEmbedder":
+                self._embedder = None  # the server went away: look again (or load locally) once
+                return self._query_embedder(model_id, dim).embed([text])
+            raise
+
+    def search(self, query: str, k: int, mode: str = "hybrid") -> dict:
+        index = self.index
+        depth = max(k, 50)  # each ranking's depth before fusion and the phrase check
+        dense: list[tuple[str, float]] = []
+        lexical: list[tuple[str, float]] = []
+        if index is not None and mode in ("hybrid", "dense"):
+            vec = self.embed_query(query, index.meta.model_id, index.meta.dim)
+            dense = index.search(vec, depth if mode == "hybrid" else k)[0]
+        qids, whole = self.lexical.query_ids(query)
+        if mode in ("hybrid", "lexical"):
+            lexical = self.lexical.search(qids, depth)
+        if mode == "dense":
+            ranked = dense[:k]
+        else:
+            ranked = fuse([[r for r, _ in dense], [r for r, _ in lexical]], depth) if mode == "hybrid" else lexical
+            if whole and len(qids) > 1:  # a phrase of known words: records holding it first
+                at = {rid: self.lexical.phrase_at(rid, qids) for rid, _ in ranked}
+                ranked = sorted(ranked, key=lambda rs: (at[rs[0]] is None, at[rs[0]] or 0))  # stable: then by rank
+            ranked = ranked[:k]
+        snippets = {rid: self.lexical.snippet(rid) for rid, _ in ranked}
+        missing = [rid for rid, text in snippets.items() if text is None]
+        if missing:  # newer than the lexical side (a run held the database at the last refresh)
+            snippets.update(self._read_snippets(missing))
+        dense_rank = {r: i for i, (r, _) in enumerate(dense, 1)}
+        lexical_rank = {r: i for i, (r, _) in enumerate(lexical, 1)}
+        return {"index_version": None if index is None else index.meta.version,
+                "results": [{"id": rid, "score": round(score, 6), "snippet": snippets.get(rid),
+                             "dense_rank": dense_rank.get(rid), "lexical_rank": lexical_rank.get(rid)}
+                            for rid, score in ranked]}
+
+
+    def _read_snippets(self, ids: list[str]) -> dict[str, str]:
+        from ..store import Store, StoreBusy
+
+        try:
+            with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+                rows = con.execute("SELECT id, text FROM records WHERE id IN (SELECT unnest(?))", [ids]).fetchall()
+        except StoreBusy:
+            return {}
+        return {rid: snippet(text) for rid, text in rows}
+
+    def describe(self) -> dict:
+        index, emb = self.index, self._embedder
+        return {"index_version": None if index is None else index.meta.version,
+                "lexical_records": len(self.lexical),
+                "query_embedder": None if emb is None else ("server" if type(emb).__name__ == "RemoteEmbedder"
+                                                            else "in-process")}
+
+
+class IndexModelMismatch(RuntimeError):
+    pass
