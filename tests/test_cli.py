@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from stream_sentinel.devtools import demo
 from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.records import Record, validate
@@ -52,6 +54,7 @@ def test_replay_writes_whole_files_in_time_order(paths, demo_records):
     assert ids == [r["id"] for r in demo_records[:120]]
 
 
+@pytest.mark.slow
 def test_run_once_status_search_check(paths, demo_records):
     cli("demo-data", "replay", "--limit", "100", "--quiet")
     (paths.raw / "broken.json").write_text('{"id": ')

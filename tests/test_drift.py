@@ -213,6 +213,7 @@ def _cli(args: list[str], home: Path, dagster_home: Path) -> subprocess.Complete
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_backfill_over_three_days_from_the_cli_is_idempotent(home, tmp_path):
     paths, store, registry, emb = home
     dagster_home = tmp_path / "dagster"

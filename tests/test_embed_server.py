@@ -84,6 +84,7 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
     assert connect(paths.embed_socket, embedder.model_id, embedder.dim) is None
 
 
+@pytest.mark.slow
 def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embedder, demo_records, instance):
     # two compiled shapes (128 and 256 tokens) instead of eight: compiling is what takes the
     # time on a CPU without bf16 units (136 s for eight on a 2-core AMD EPYC), not what is tested

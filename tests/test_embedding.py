@@ -50,6 +50,7 @@ def test_empty_batch_and_configured_batch_size(tmp_path):
     assert e.embed([f"text {i}" for i in range(9)]).shape == (9, 384)
 
 
+@pytest.mark.slow
 def test_bf16_precision_keeps_the_neighbours_and_its_own_model_id(demo_records):
     from stream_sentinel.embedding.cpu import cpu_has_bf16
     from stream_sentinel.embedding.embedder import resolve_precision
