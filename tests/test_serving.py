@@ -75,6 +75,9 @@ def test_the_token_guards_every_endpoint_but_healthz(paths):
         assert ok.status_code == 200
     # the token never reaches the server's output (its log is the process's stderr)
     assert "s3cret-token" not in api.server_log()
+    with serve(paths, token="clé-ünïcode") as api:  # a non-ASCII token: compared as UTF-8 bytes
+        assert api.get("/v1/models", headers={"Authorization": "Bearer clé-ünïcode".encode()}).status_code == 200
+        assert api.get("/v1/models", headers={"Authorization": "Bearer cle-unicode"}).status_code == 401
 
 
 def test_records_land_in_raw_and_ingest_takes_them_unchanged(paths, store):

@@ -122,7 +122,9 @@ class BearerToken:
             await self.app(scope, receive, send)
             return
         scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+        # header values arrive as bytes decoded as latin-1: back to those bytes, then compared
+        # with the token's UTF-8 bytes in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"),
                                                                  self.token):
             response = error_response(401, "unauthorized", f"this server wants 'Authorization: Bearer <token>' "
                                       f"(the value of {TOKEN_ENV} where it runs)", field="Authorization",
