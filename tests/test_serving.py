@@ -314,3 +314,28 @@ def test_no_request_gets_a_500_fuzz(paths):
         for fuzz in (records, feedback, search, paths_):
             fuzz()
         assert "Traceback" not in api.server_log()
+
+
+def test_a_run_holding_the_database_gets_503s_for_reads_only(paths, store):
+    """Another process (a run) holds metrics.duckdb: the API starts anyway, reads answer 503
+    with Retry-After after a short wait, and what needs no database (records, health) works."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(paths.db)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with serve(paths) as api:
+            started = time.monotonic()
+            err = _error(api.get("/v1/models"), 503)
+            assert err["code"] == "database_busy" and time.monotonic() - started < 10
+            assert api.get("/v1/learning/metrics").headers["retry-after"] == "2"
+            assert api.post("/v1/records", json={"records": [record(1)]}).status_code == 202
+            holder.kill()
+            holder.wait()
+            assert api.get("/v1/models").status_code == 200  # released: reads work again
+    finally:
+        holder.kill()
+        holder.wait()

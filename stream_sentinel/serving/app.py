@@ -510,7 +510,6 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
 
     @asynccontextmanager
     async def lifespan(app):
-        await run_in_threadpool(Store(paths.db).init)  # the tables the reads expect, once
         stop = threading.Event()
         keeper = threading.Thread(target=keep_current, args=(svc, stop), name="keep-current", daemon=True)
         keeper.start()
