@@ -10,7 +10,9 @@ exact-subject queries, dense alone vs hybrid).
 The lexical side lives in the API process only: it grows from the ``records`` table by
 ``vec_id`` (the order records are written in), so each refresh tokenizes only the new texts
 (bm25s, its own tokenizer with an incremental vocabulary) and rebuilds the sparse score
-matrix, which takes milliseconds per thousand records. A text is cut to its first
+matrix in the background, paced (see :class:`Lexical`). A cold start over 100k records
+(tokenizing every text, then one rebuild) took 72 s on a 2-core AMD EPYC
+(bench/serving_search.py); the dense side serves meanwhile. A text is cut to its first
 ``MAX_TOKENS`` tokens: subject and opening, where the distinctive words are.
 
 Phrases: a record that holds the query's words side by side, in order (stopwords aside), is
