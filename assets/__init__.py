@@ -10,11 +10,12 @@ from .ingest import embeddings, ingest_job, raw_records, vector_index
 from .models import (champion, learning_alerts, live_accuracy, model, predictions, training_job, training_set,
                      weekly_full_retrain)
 from .partitions import daily_arrivals, declared_daily_arrivals
+from .served import served_job, served_predictions
 
 all_assets = [raw_records, embeddings, vector_index, feedback, labels, training_set, model, champion, predictions, live_accuracy,
-              drift_report, recent_drift_report]
+              drift_report, recent_drift_report, served_predictions]
 all_checks = [*index_checks, no_parked_units, learning_alerts]
-all_jobs = [ingest_job, checks_job, feedback_job, training_job, drift_job, recent_drift_job]
+all_jobs = [ingest_job, checks_job, feedback_job, training_job, drift_job, recent_drift_job, served_job]
 
 
 def all_schedules(partitions_def: dg.DailyPartitionsDefinition = declared_daily_arrivals) -> list[dg.ScheduleDefinition]:
@@ -23,4 +24,4 @@ def all_schedules(partitions_def: dg.DailyPartitionsDefinition = declared_daily_
 
 
 __all__ = ["all_assets", "all_checks", "all_jobs", "all_schedules", "catalog", "daily_arrivals", "drift_job",
-           "feedback_job", "ingest_job", "training_job"]
+           "feedback_job", "ingest_job", "served_job", "training_job"]

@@ -128,7 +128,11 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
                 feedback_requests += [(sensor_name, r) for r in outcome.run_requests]
             elif "not configured" not in outcome.skip_message and "no new" not in outcome.skip_message:
                 say(f"{sensor_name}: {outcome.skip_message}")
-    if not batches and not catch_up and not feedback_requests and not training_due(paths, settings):
+    from stream_sentinel import served
+
+    served_unread = served.unread(paths.home, store)
+    if not batches and not catch_up and not feedback_requests and not served_unread \
+            and not training_due(paths, settings):
         return None
     defs = build_definitions(settings, home=str(paths.home))
     ingest_job = defs.resolve_job_def("ingest_job")
@@ -142,7 +146,7 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
         for line in lines:
             say(f"    {line}")
 
-    total = len(batches) + len(catch_up) + len(feedback_requests)
+    total = len(batches) + len(catch_up) + len(feedback_requests) + bool(served_unread)
     n = 0
     with instance:
         for batch in batches:
@@ -160,6 +164,12 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
             report(ingest_job.execute_in_process(
                 run_config=console("INFO"), partition_key=day, instance=instance, raise_on_error=False,
                 asset_selection=[dg.AssetKey("embeddings"), dg.AssetKey("vector_index")]))
+        if served_unread:  # the API's answers, before live accuracy and the A/B arms are read
+            n += 1
+            say(f"[{n}/{total}] prediction log: {len(served_unread)} file(s) with new lines")
+            report(defs.resolve_job_def("served_job").execute_in_process(
+                run_config=console("INFO"), instance=instance, raise_on_error=False,
+                tags={SENSOR_NAME_TAG: "served_predictions_sensor"}))
         for sensor_name, req in feedback_requests:
             n += 1
             say(f"[{n}/{total}] feedback {req.run_key}")

@@ -269,6 +269,19 @@ def consensus(votes: pd.DataFrame, existing_records: Iterable[str], cfg: Consens
     return ConsensusResult(out[cols], reliability)
 
 
+def _keep_resolved_at(labels: pd.DataFrame, before: pd.DataFrame) -> None:
+    """A label that was already what it is keeps the time it became so (``resolved_at``):
+    the labels are recomputed from every vote each time, but when a label became known is
+    the order the model learns in (learning.models: the latest labels are the freshest)."""
+    if not len(labels) or not len(before):
+        return
+    old = before.set_index("record_id")
+    same = labels["record_id"].map(old["label"]).eq(labels["label"]) & \
+        labels["record_id"].map(old["status"]).eq(labels["status"]) & labels["resolved_at"].notna()
+    prior = pd.to_datetime(labels["record_id"].map(old["resolved_at"]), utc=True)
+    labels.loc[same & prior.notna(), "resolved_at"] = prior[same & prior.notna()]
+
+
 def resolve_labels(store: Store, cfg: ConsensusConfig) -> dict[str, int]:
     """Recompute ``labels`` and ``reviewer_reliability`` from all feedback (idempotent)."""
     with store.connect() as con:
@@ -276,7 +289,9 @@ def resolve_labels(store: Store, cfg: ConsensusConfig) -> dict[str, int]:
                                FROM feedback_events""").df()
         existing = [r[0] for r in con.execute(
             "SELECT DISTINCT f.record_id FROM feedback_events f JOIN records r ON r.id = f.record_id").fetchall()]
+        before = con.execute("SELECT record_id, label, status, resolved_at FROM labels").df()
     result = consensus(votes, existing, cfg)
+    _keep_resolved_at(result.labels, before)
     now = pd.Timestamp.now(tz="UTC")
     with store.transaction() as con:
         con.execute("DELETE FROM labels")

@@ -371,7 +371,47 @@ ALTER TABLE training_sets ADD COLUMN IF NOT EXISTS negative_label VARCHAR;
 -- counts them; reference_excluded: reference rows left out because they were current rows too
 ALTER TABLE drift_reports ADD COLUMN IF NOT EXISTS n_accuracy BIGINT;
 ALTER TABLE drift_reports ADD COLUMN IF NOT EXISTS reference_excluded BIGINT;
+-- the API's answers (served.py): one row per answer, the served one and the shadow one
+CREATE TABLE IF NOT EXISTS served_predictions (
+    request_id VARCHAR NOT NULL,
+    i INTEGER NOT NULL,                  -- the record's place in the request
+    role VARCHAR NOT NULL,               -- champion | challenger
+    record_id VARCHAR NOT NULL,
+    routing_key VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    served BOOLEAN NOT NULL,             -- this answer was returned (else scored in shadow)
+    probability DOUBLE NOT NULL,
+    label VARCHAR NOT NULL,
+    input VARCHAR NOT NULL,              -- stored (a known record's embedding) | text
+    served_at TIMESTAMPTZ NOT NULL,
+    file VARCHAR NOT NULL,
+    file_offset BIGINT NOT NULL,
+    loaded_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (request_id, i, role)
+);
+CREATE TABLE IF NOT EXISTS served_files (
+    path VARCHAR PRIMARY KEY,            -- relative to served/
+    bytes_done BIGINT NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS served_rejects (
+    file VARCHAR NOT NULL,
+    file_offset BIGINT NOT NULL,
+    rule VARCHAR NOT NULL,
+    raw BLOB NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (file, file_offset)
+);
+-- a training set's rows in the order their labels became known (learning order); NULL in
+-- sets made before it was kept (those fall back to event time)
+ALTER TABLE training_set_rows ADD COLUMN IF NOT EXISTS position BIGINT;
 """
+
+# The order in which the model learns labels: when each became known (labels.resolved_at, kept
+# while a label stays the same), then event time, then id. Not event time alone: a stream
+# delivers late records (older event times) after newer ones, and what arrived last is what
+# the stream is now. Used over ``labels l JOIN records r``.
+LEARNING_ORDER = "l.resolved_at, r.event_time, l.record_id"
 
 
 def vectors_from_arrow(column, n: int):

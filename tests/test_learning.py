@@ -337,9 +337,10 @@ def test_linear_state_extends_in_stream_order_and_rebuilds_when_the_past_changes
         want = scratch(ref)
         assert np.allclose(got[0], want[0], atol=1e-4) and np.allclose(got[1], want[1], atol=1e-4)
     assert cache.exists()
-    # the state on disk grew with the stream: a 600-row reference is read back, not rebuilt
+    # the state on disk grew with the stream, at most LINEAR_SAVE_ROWS behind it (saved only
+    # when it grew that much): the next process extends it, it does not rebuild
     models._LINEAR_MEMO.clear()
-    assert models.LinearState.from_file(cache).n == 600
+    assert 600 - models.LINEAR_SAVE_ROWS < models.LinearState.from_file(cache).n <= 600
     # the past changed: one old label flipped; a late label inserted in the middle; new vectors
     flipped = y.copy()
     flipped[10] = 1 - flipped[10]

@@ -19,7 +19,7 @@ from .models import (HIGHER_IS_BETTER, FeatureSpec, Reference, TrainingSet, Trai
                      frame_features, labelled_frame, load_training_set, metrics, negative_of, paired_bootstrap,
                      params_dict, train_continued, train_full)
 from .registry import ModelRegistry, Version
-from ..store import Store, vectors_from_arrow
+from ..store import LEARNING_ORDER, Store, vectors_from_arrow
 
 
 def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str) -> None:
@@ -34,8 +34,10 @@ def persist_training_set(store: Store, ts: TrainingSet, embedding_model_id: str)
                      int((f["split"] == "valid").sum()), int((f["split"] == "golden").sum()), json.dumps(counts),
                      ts.negative_label])
         con.register("tsrows", pd.DataFrame({"data_version": ts.data_version, "record_id": f["record_id"],
-                                             "label": f["label"], "split": f["split"]}))
-        con.execute("INSERT INTO training_set_rows SELECT * FROM tsrows")
+                                             "label": f["label"], "split": f["split"],
+                                             "position": np.arange(len(f), dtype=np.int64)}))
+        con.execute("INSERT INTO training_set_rows (data_version, record_id, label, split, position) "
+                    "SELECT data_version, record_id, label, split, position FROM tsrows")
 
 
 def training_set_for_version(store: Store, data_version: str, embedding_model_id: str) -> TrainingSet:
@@ -49,7 +51,7 @@ def training_set_for_version(store: Store, data_version: str, embedding_model_id
             """SELECT t.record_id, t.label, t.split, r.event_time, r.features, e.vector
                FROM training_set_rows t JOIN records r ON r.id = t.record_id
                JOIN embeddings e ON e.record_id = t.record_id AND e.model_id = ?
-               WHERE t.data_version = ? ORDER BY r.event_time, t.record_id""",
+               WHERE t.data_version = ? ORDER BY t.position, r.event_time, t.record_id""",
             params=[embedding_model_id, data_version]).to_arrow_table()
     positive, negative = pos[0]
     df = labelled_frame(table, positive)
@@ -156,7 +158,7 @@ def current_reference(store: Store, embedding_model_id: str, positive_label: str
             """SELECT l.record_id, l.label = ? AS y, e.vector FROM labels l
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
                JOIN records r ON r.id = l.record_id
-               WHERE l.status = 'resolved' ORDER BY r.event_time, l.record_id""",
+               WHERE l.status = 'resolved' ORDER BY """ + LEARNING_ORDER,
             params=[positive_label, embedding_model_id]).to_arrow_table()
     n = table.num_rows
     vecs = vectors_from_arrow(table.column("vector"), n) if n else np.zeros((0, 1), np.float32)
@@ -225,7 +227,8 @@ def train_candidate(registry: ModelRegistry, store: Store, ts: TrainingSet, embe
          "threshold": decision_threshold(valid["y"].to_numpy(), p_valid, z=params.threshold_z)}
     version = registry.save(booster, spec, parent=parent.version if parent else None, strategy=strategy,
                             params=params_dict(params), metrics=m, training_samples=len(batch),
-                            training_set_version=ts.data_version, embedding_model_id=embedding_model_id)
+                            training_set_version=ts.data_version, embedding_model_id=embedding_model_id,
+                            labels=(ts.positive_label, ts.negative_label))
     seconds = time.perf_counter() - started
     before = parent.metrics.get("valid") if parent else None
     after = m["valid"]
@@ -378,6 +381,15 @@ def score_new_records(registry: ModelRegistry, store: Store, embedding_model_id:
     return n
 
 
+# Every answer a model gave: the loop's own scoring (``predictions``) and the API's
+# (``served_predictions``, loaded from its prediction log), joined with labels by record id.
+# A label for an id the API answered but ingest never saw is ``pending``; it still says
+# whether the answer was right.
+ANSWERS = """(SELECT record_id, model_version, role, served, label FROM predictions
+              UNION ALL SELECT record_id, model_version, role, served, label FROM served_predictions)"""
+KNOWN_LABEL = "l.status IN ('resolved', 'pending') AND NOT l.conflict"
+
+
 def ab_arms(registry: ModelRegistry, store: Store):
     """Served predictions of each arm that feedback has since confirmed or contradicted."""
     from .ab import Arm
@@ -389,9 +401,9 @@ def ab_arms(registry: ModelRegistry, store: Store):
     start = registry.get(challenger).promoted_at
     with store.connect() as con:
         for role, ok, n in con.execute(
-                """SELECT p.role, sum(CASE WHEN p.label = l.label THEN 1 ELSE 0 END), count(*)
-                   FROM predictions p JOIN labels l ON l.record_id = p.record_id
-                   WHERE p.served AND p.model_version IN (?, ?) AND l.status = 'resolved'
+                f"""SELECT p.role, sum(CASE WHEN p.label = l.label THEN 1 ELSE 0 END), count(*)
+                   FROM {ANSWERS} p JOIN labels l ON l.record_id = p.record_id
+                   WHERE p.served AND p.model_version IN (?, ?) AND {KNOWN_LABEL}
                      AND l.last_vote_at >= ? GROUP BY 1""", [champion, challenger, start]).fetchall():
             arms[role] = Arm(int(ok), int(n))
     return arms
@@ -573,9 +585,10 @@ def live_accuracy(registry: ModelRegistry, store: Store, margin: float = 0.05, m
     promised = v.metrics.get("valid", {}).get("accuracy")
     with store.connect() as con:
         n, acc = con.execute(
-            """SELECT count(*), avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
-               FROM predictions p JOIN labels l ON l.record_id = p.record_id
-               WHERE p.model_version = ? AND l.status = 'resolved' AND l.last_vote_at >= ?""",
+            f"""SELECT count(*), avg(CASE WHEN p.label = l.label THEN 1.0 ELSE 0.0 END)
+               FROM {ANSWERS} p JOIN labels l ON l.record_id = p.record_id
+               WHERE p.model_version = ? AND (p.served OR p.role = 'champion') AND {KNOWN_LABEL}
+                 AND l.last_vote_at >= ?""",
             [champion, v.promoted_at]).fetchall()[0]
     degraded = bool(promised is not None and acc is not None and n >= min_samples and acc < promised - margin)
     out = LiveAccuracy(champion, int(n), None if acc is None else float(acc), promised, degraded)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..store import Store, vectors_from_arrow
+from ..store import LEARNING_ORDER, Store, vectors_from_arrow
 
 
 @dataclass
@@ -70,7 +70,8 @@ def _golden(record_id: str, share: float) -> bool:
 
 def split_rows(df: pd.DataFrame, valid_share: float = 0.2, golden_share: float = 0.1,
                valid_max: int = 200) -> pd.Series:
-    """train / valid / golden for rows sorted by event time.
+    """train / valid / golden for rows in learning order (``store.LEARNING_ORDER``: the
+    order their labels became known), so "latest" is what the stream delivered last.
 
     golden: a fixed slice by id hash. valid: the latest ``valid_share`` of the rest (capped:
     on a long stream an uncapped 20 % would keep the newest thousands of labels out of
@@ -110,7 +111,7 @@ def load_training_set(store: Store, model_id: str, positive_label: str, valid_sh
             """SELECT l.record_id, l.label, r.event_time, r.features, e.vector
                FROM labels l JOIN records r ON r.id = l.record_id
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
-               WHERE l.status = 'resolved' ORDER BY r.event_time, l.record_id""", params=[model_id]).to_arrow_table()
+               WHERE l.status = 'resolved' ORDER BY """ + LEARNING_ORDER, params=[model_id]).to_arrow_table()
     df = labelled_frame(table, positive_label)
     negative = negative_of(df["label"], positive_label, negative_label)
     keep = df["label"].isin([positive_label, negative])
@@ -194,6 +195,24 @@ class Reference:
     ids: list[str]
     # where the linear column keeps its state between processes (LinearState); None: memory only
     cache_file: Path | None = None
+    # what is derived from the rows once and looked up on every scoring call (the kNN index, the
+    # row of each id, the linear state): the rows are never changed in place (``without`` makes
+    # a new reference), so a server scoring one request after another pays for them once
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def knn_index(self):
+        import faiss
+
+        if "knn" not in self._memo:
+            index = faiss.IndexFlatIP(self.vectors.shape[1])
+            index.add(np.ascontiguousarray(self.vectors, dtype=np.float32))
+            self._memo["knn"] = index
+        return self._memo["knn"]
+
+    def row_of(self) -> dict[str, int]:
+        if "rows" not in self._memo:
+            self._memo["rows"] = {rid: j for j, rid in enumerate(self.ids)}
+        return self._memo["rows"]
 
     def without(self, ids: set[str]) -> "Reference":
         keep = np.array([r not in ids for r in self.ids], dtype=bool)
@@ -211,8 +230,12 @@ LINEAR_RIDGE = 10.0
 
 
 def _rows_digest(ids: list[str], y: np.ndarray) -> str:
+    """Ids and labels of rows in order (one C-level join, not a format per row: this runs on
+    every scoring call, over every label)."""
     h = hashlib.sha256()
-    h.update("\n".join(f"{r}\t{int(c)}" for r, c in zip(ids, y)).encode())
+    h.update("\n".join(ids).encode())
+    h.update(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)).tobytes())  # "a\nb" is not "a", "b"
+    h.update(np.asarray(y, dtype=np.int8).tobytes())
     return h.hexdigest()
 
 
@@ -236,6 +259,7 @@ class LinearState:
         self.count = np.zeros((LINEAR_FOLDS, 2), dtype=np.int64)
         self.digest = _rows_digest([], np.zeros(0))
         self.vsum = 0.0
+        self.saved_n = 0  # rows of the cache file this state was read from or written to
         self._coefs: dict = {}
 
     @staticmethod
@@ -283,24 +307,31 @@ class LinearState:
     def coef(self, skip: int | None) -> np.ndarray | None:
         """Ridge coefficients on every fold but ``skip``; None while a class is missing there.
         Each class weighs half of the fit (the stream's mix swings; the column should not)."""
+        from scipy.linalg import cho_factor, cho_solve
+
         if skip not in self._coefs:
-            use = [f for f in range(LINEAR_FOLDS) if f != skip]
-            counts = self.count[use].sum(axis=0)
+            if "total" not in self._coefs:  # per class, over all folds: a fold's complement is a difference
+                self._coefs["total"] = (self.gram.sum(axis=0), self.rhs.sum(axis=0), self.count.sum(axis=0))
+            gram_c, rhs_c, counts = self._coefs["total"]
+            if skip is not None:
+                gram_c, rhs_c, counts = gram_c - self.gram[skip], rhs_c - self.rhs[skip], counts - self.count[skip]
             if counts.min() == 0:
                 self._coefs[skip] = None
             else:
                 scale = 0.5 / (counts / counts.sum())
-                gram = np.einsum("c,fcij->ij", scale, self.gram[use])
-                rhs = np.einsum("c,fci->i", scale, self.rhs[use])
-                reg = LINEAR_RIDGE * np.eye(self.d + 1)
-                reg[-1, -1] = 0.0  # the intercept is not shrunk
-                self._coefs[skip] = np.linalg.solve(gram + reg, rhs)
+                gram = scale[0] * gram_c[0] + scale[1] * gram_c[1]
+                gram[np.diag_indices(self.d)] += LINEAR_RIDGE  # the intercept (last) is not shrunk
+                rhs = scale[0] * rhs_c[0] + scale[1] * rhs_c[1]
+                try:  # symmetric positive definite (the ridge): Cholesky, ~2x faster than LU here
+                    self._coefs[skip] = cho_solve(cho_factor(gram, check_finite=False), rhs, check_finite=False)
+                except np.linalg.LinAlgError:
+                    self._coefs[skip] = np.linalg.lstsq(gram, rhs, rcond=None)[0]
         return self._coefs[skip]
 
     def copy(self) -> "LinearState":
         other = LinearState(self.d, self.half_life)
         other.gram, other.rhs, other.count = self.gram.copy(), self.rhs.copy(), self.count.copy()
-        other.n, other.digest, other.vsum = self.n, self.digest, self.vsum
+        other.n, other.digest, other.vsum, other.saved_n = self.n, self.digest, self.vsum, self.saved_n
         return other
 
     def to_bytes(self) -> bytes:
@@ -320,6 +351,7 @@ class LinearState:
                 state = cls(int(d), half_life)
                 state.gram, state.rhs, state.count = z["gram"], z["rhs"], z["count"]
                 state.n, state.vsum, state.digest = int(n), float(vsum), str(z["digest"])
+                state.saved_n = state.n
             return state
         except (OSError, ValueError, KeyError):
             return None
@@ -329,12 +361,20 @@ class LinearState:
 # several times: training rows, validation, golden slice, the gate)
 _LINEAR_MEMO: list[LinearState] = []
 _LINEAR_MEMO_SIZE = 4
+LINEAR_SAVE_ROWS = 300
+LINEAR_SAVE_SHARE = 0.05
 
 
 def linear_state(ref: "Reference", half_life: float) -> LinearState:
     """The state for ``ref``: an extension of one held in memory or in ``ref.cache_file``
-    when one matches, else built from scratch. Saved back to ``ref.cache_file`` when it grew."""
+    when one matches, else built from scratch. Saved back to ``ref.cache_file`` once it grew
+    by ``LINEAR_SAVE_ROWS`` rows (or ``LINEAR_SAVE_SHARE`` of them) past what the file holds:
+    the file is ~12 MB at 384 dimensions, and writing it (fsync) on every scoring call cost
+    more than the next process extending a slightly older state by the rows it lacks."""
     d, half_life = ref.vectors.shape[1], float(half_life)
+    held = ref._memo.get(("linear", half_life))
+    if held is not None:
+        return held
     fits = [s for s in _LINEAR_MEMO if s.d == d and s.half_life == half_life and s.matches(ref)]
     best = max(fits, key=lambda s: s.n, default=None)
     if best is None and ref.cache_file is not None and ref.cache_file.exists():
@@ -348,13 +388,16 @@ def linear_state(ref: "Reference", half_life: float) -> LinearState:
         _LINEAR_MEMO.remove(state)
     _LINEAR_MEMO.insert(0, state)
     del _LINEAR_MEMO[_LINEAR_MEMO_SIZE:]
-    if grew and ref.cache_file is not None:
+    if grew and ref.cache_file is not None and (
+            state.saved_n == 0 or state.n - state.saved_n >= max(LINEAR_SAVE_ROWS, LINEAR_SAVE_SHARE * state.n)):
         from ..atomic import write_bytes_atomic
 
         try:
             write_bytes_atomic(ref.cache_file, state.to_bytes())
+            state.saved_n = state.n
         except OSError:
             pass  # only a cache: a full disk or a read-only root must not fail the scoring
+    ref._memo[("linear", half_life)] = state
     return state
 
 
@@ -375,7 +418,7 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
         return out
     rows = inside = None
     if ids is not None:  # rows that are in the reference score out of fold
-        pos_of = {rid: j for j, rid in enumerate(ref.ids)}
+        pos_of = ref.row_of()
         rows = np.array([pos_of.get(x, -1) for x in ids])
         inside = np.flatnonzero(rows >= 0)
     folds = sorted(set((rows[inside] % LINEAR_FOLDS).tolist())) if inside is not None else []
@@ -399,20 +442,16 @@ def linear_scores(ref: Reference, vectors: np.ndarray, ids: list[str] | None = N
 def build_features(spec: FeatureSpec, vectors: np.ndarray, features: list[dict], ref: Reference,
                    ids: list[str] | None = None) -> np.ndarray:
     """Feature matrix; rows whose id is in the reference skip themselves (leave-one-out)."""
-    import faiss
-
     n = len(vectors)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     knn = np.zeros((n, 4), dtype=np.float32)
     if len(ref.vectors) and n:
-        index = faiss.IndexFlatIP(ref.vectors.shape[1])
-        index.add(ref.vectors)
         k = min(spec.knn_k + 1, len(ref.vectors))
-        sims, idx = index.search(vectors, k)
+        sims, idx = ref.knn_index().search(vectors, k)
         sims, idx = sims[:, :k], idx[:, :k]
         valid = idx >= 0
         if ids is not None:  # leave-one-out: a record is not its own neighbour
-            pos_of = {rid: j for j, rid in enumerate(ref.ids)}
+            pos_of = ref.row_of()
             own = np.array([pos_of.get(r, -2) for r in ids])
             valid &= idx != own[:, None]
         # keep the first knn_k valid neighbours of each row

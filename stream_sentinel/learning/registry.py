@@ -97,6 +97,18 @@ class ModelRegistry:
             raise RuntimeError(f"model file of {version} does not match its recorded sha256")
         return lgb.Booster(model_file=str(folder / "model.txt")), FeatureSpec.load(folder)
 
+    def load_folder(self, version: str) -> tuple[Any, FeatureSpec, dict]:
+        """(booster, feature spec, meta.json) of a version from its folder alone, checked against
+        the sha256 its meta.json recorded: what a server loads on a promotion without waiting
+        for the database (a run may hold it for minutes)."""
+        import lightgbm as lgb
+
+        folder = self.root / version
+        meta = json.loads((folder / "meta.json").read_text())
+        if file_sha256(folder / "model.txt") != meta.get("sha256"):
+            raise RuntimeError(f"model file of {version} does not match the sha256 in its meta.json")
+        return lgb.Booster(model_file=str(folder / "model.txt")), FeatureSpec.load(folder), meta
+
     # --------------------------------------------------------------- writing
     def _next(self) -> str:
         nums = [int(p.name[1:]) for p in self.root.glob("m*") if p.is_dir() and p.name[1:].isdigit()]
@@ -112,8 +124,11 @@ class ModelRegistry:
         return f"{major}.{minor + 1}.0" if strategy == "full" else f"{major}.{minor}.{patch + 1}"
 
     def save(self, booster, spec: FeatureSpec, *, parent: str | None, strategy: str, params: dict,
-             metrics: dict, training_samples: int, training_set_version: str, embedding_model_id: str) -> Version:
-        """Write a complete version folder (temp, fsync, rename) and register it as a candidate."""
+             metrics: dict, training_samples: int, training_set_version: str, embedding_model_id: str,
+             labels: tuple[str, str] | None = None) -> Version:
+        """Write a complete version folder (temp, fsync, rename) and register it as a candidate.
+        ``labels``: (positive, negative) answers, kept in meta.json so a server can answer with
+        the version's folder alone (see :func:`load_folder`)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -127,7 +142,8 @@ class ModelRegistry:
         meta = {"version": version, "semver": semver, "parent_version": parent, "strategy": strategy,
                 "params": params, "metrics": metrics, "training_samples": training_samples,
                 "training_set_version": training_set_version, "embedding_model_id": embedding_model_id,
-                "sha256": sha, "created_at": _now().isoformat()}
+                "sha256": sha, "created_at": _now().isoformat(),
+                **({"labels": {"positive": labels[0], "negative": labels[1]}} if labels else {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
             fsync_path(f)

@@ -98,6 +98,9 @@ class Service:
     settings: Settings
     token: str | None = None
     search: Any = None  # search.SearchService
+    predictor: Any = None  # predict.Predictor
+    batcher: Any = None  # embedding.Batcher
+    prediction_log: Any = None  # served.PredictionLog
     metrics: Any = None  # metrics.ApiMetrics
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
 
@@ -206,12 +209,22 @@ def healthz(request: Request) -> Response:
 
     svc: Service = request.app.state.svc
     meta = IndexStore(svc.paths.index).read_meta()
+    champion = svc.registry().champion_version()
+    served_index = svc.search.index
+    held = svc.predictor.loaded()
     return StrictJSONResponse({
         "status": "ok",
-        "champion": svc.registry().champion_version(),
+        "champion": champion,
         "index": None if meta is None else {"version": meta.version, "size": meta.ntotal,
                                             "embedding_model": meta.model_id, "type": meta.index_type},
         "embedding_model": embedding_model_id(svc.settings),
+        # what this process holds now: each part is loaded in the background (or on first use)
+        "loaded": {"model": champion is not None and held["champion"] == champion,
+                   "index": served_index is not None and meta is not None
+                   and served_index.meta.version == meta.version,
+                   "embedder": svc.batcher.embedding.describe() is not None,
+                   "labelled_reference": held["labelled_reference"], "known_records": held["known_records"]},
+        "challenger": held["challenger"],
         "search": svc.search.describe(),
     })
 
@@ -382,7 +395,8 @@ def search(request: Request) -> Response:
       409: {description: the index was built with another embedding model than this server's}
       422: {description: a bad q, k or mode}
     """
-    from .search import MODES, IndexModelMismatch
+    from .embedding import IndexModelMismatch
+    from .search import MODES
 
     svc: Service = request.app.state.svc
     params = request.query_params
@@ -406,6 +420,80 @@ def search(request: Request) -> Response:
     except IndexModelMismatch as exc:
         raise ApiError(409, "index_model_mismatch", str(exc)) from None
     return StrictJSONResponse({"query": q, "mode": mode, **found})
+
+
+def _predict_items(body: Any, limit: int) -> list[dict]:
+    """The records of a predict body, each checked: an id (a string, as ingest wants it), an
+    optional text (then checked with ingest's rules), optional numeric features and routing key."""
+    from ..records import validate as validate_record
+
+    items = items_of(body, "records", limit)
+    out, broken = [], []
+    for i, obj in enumerate(items):
+        if not isinstance(obj, dict):
+            broken.append({"index": i, "id": None, "rule": "not_an_object",
+                           "error": f"a record must be a JSON object, got {type(obj).__name__}"})
+            continue
+        key = obj.get("routing_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= 1000):
+            broken.append({"index": i, "id": obj.get("id") if isinstance(obj.get("id"), str) else None,
+                           "rule": "bad_routing_key", "error": "routing_key must be a string of 1 to 1000 characters"})
+            continue
+        # the record contract's own rules (id, text, features); a known id may come without text
+        probe = {"id": obj.get("id"), "text": obj.get("text", "x"), "event_time": "2000-01-01T00:00:00Z"}
+        if "features" in obj:
+            probe["features"] = obj["features"]
+        checked = validate_record(probe, f"records[{i}]")
+        if isinstance(checked, Reject):
+            broken.append({"index": i, "id": checked.record_id, "rule": checked.rule, "error": checked.message})
+            continue
+        out.append({"id": checked.id, "text": obj.get("text"), "features": checked.features or {},
+                    "routing_key": key})
+    if broken:
+        raise ApiError(422, "invalid_records", f"{len(broken)} of {len(items)} records cannot be scored; none was",
+                       field="records", records=broken[:100])
+    return out
+
+
+async def predict(request: Request) -> Response:
+    """
+    summary: Predict with the champion (and the challenger)
+    description: >
+      Body {"records": [{"id", "text"?, "features"?, "routing_key"?}, ...]}. A record with a known id
+      and no text is scored from its stored embedding and features; a text is embedded (requests that
+      arrive together are embedded in one batch). Each answer is served by the champion or, while an
+      A/B test runs, by the route of its routing key (routing_key, else id: hash share or Thompson
+      sampling); the other model scores it in shadow. Every answer is logged for the loop (served/,
+      loaded into served_predictions by served_predictions_sensor). The version is the one the
+      champion pointer named while the request was served.
+    requestBody:
+      content: {application/json: {example: {records: [{id: r1}, {id: new-1, text: "win a free prize now"}]}}}
+    responses:
+      200: {description: "{predictions: [{id, label, score, model_version, served_by}], request_id, took_ms}"}
+      404: {description: "records without text that the served index does not hold (error.ids)"}
+      409: {description: the data was embedded with another model than this server's}
+      413: {description: body or batch too large}
+      422: {description: "records that cannot be scored (error.records: [{index, id, rule, error}])"}
+      503: {description: no champion yet}
+    """
+    from .embedding import IndexModelMismatch
+    from .predict import NoModel, UnknownRecords
+
+    svc: Service = request.app.state.svc
+    s = svc.settings
+    records = _predict_items(parse_json(await read_body(request, s.api_max_body_bytes)), s.api_max_items)
+    try:
+        answer = await run_in_threadpool(svc.predictor.predict, records)
+    except NoModel as exc:
+        raise ApiError(503, "no_model", str(exc)) from None
+    except UnknownRecords as exc:
+        raise ApiError(404, "unknown_records", f"{exc}; send their text to score them", field="records",
+                       ids=exc.ids[:100]) from None
+    except IndexModelMismatch as exc:
+        raise ApiError(409, "index_model_mismatch", str(exc)) from None
+    for p in answer["predictions"]:
+        svc.metrics.predictions.labels(p["model_version"], p["served_by"]).inc()
+    return StrictJSONResponse(answer)
 
 
 def metrics(request: Request) -> Response:
@@ -491,6 +579,8 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
     next_snapshot = 0.0
     while True:
         guarded(svc.search.refresh)
+        guarded(lambda: svc.predictor.refresh(svc.search.index))
+        guarded(svc.prediction_log.sync)
         if time.monotonic() >= next_snapshot:
             guarded(lambda: read_loop_state(svc))
             next_snapshot = time.monotonic() + SNAPSHOT_S
@@ -503,10 +593,17 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     paths = paths or Paths.from_env()
     settings = settings or Settings.from_env()
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    from ..served import PredictionLog
+    from .embedding import Batcher, Embedding
+    from .predict import Predictor
     from .search import SearchService
 
     svc = Service(paths.ensure(), settings, token)
-    svc.search = SearchService(svc.paths, settings)
+    svc.batcher = Batcher(Embedding(svc.paths, settings), settings.api_batch_window_ms / 1000.0,
+                          settings.api_batch_max)
+    svc.search = SearchService(svc.paths, settings, svc.batcher)
+    svc.prediction_log = PredictionLog(svc.paths.home)
+    svc.predictor = Predictor(svc.paths, settings, svc.batcher, svc.prediction_log)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -518,6 +615,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
         finally:
             stop.set()
             keeper.join(timeout=5)
+            svc.prediction_log.close()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -526,6 +624,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
         Route("/v1/models/{version}", get_model, methods=["GET"]),
         Route("/v1/learning/metrics", get_learning_metrics, methods=["GET"]),
         Route("/v1/search", search, methods=["GET"]),
+        Route("/v1/predict", predict, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/records", post_records, methods=["POST"]),
         Route("/v1/feedback", post_feedback, methods=["POST"]),

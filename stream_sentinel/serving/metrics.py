@@ -31,6 +31,9 @@ class ApiMetrics:
         self.latency = Histogram("stream_sentinel_api_request_seconds", "HTTP request latency, by route "
                                  "template and method", ["route", "method"], buckets=BUCKETS,
                                  registry=self.registry)
+        self.predictions = Counter("stream_sentinel_api_predictions", "Predictions served, by model version "
+                                   "and route (champion | challenger)", ["model_version", "served_by"],
+                                   registry=self.registry)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

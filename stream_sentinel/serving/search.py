@@ -164,12 +164,11 @@ class SearchService:
     The query is embedded by the embedding server when one runs with the index's model
     (`up` starts it), else by a model loaded in this process on the first search."""
 
-    def __init__(self, paths, settings):
+    def __init__(self, paths, settings, batcher):
         self.paths, self.settings = paths, settings
         self.index = None  # index.LoadedIndex
         self.lexical = Lexical()
-        self._embedder = None
-        self._embed_lock = threading.Lock()
+        self.batcher = batcher  # embedding.Batcher: queries share batches with predictions
 
     # ------------------------------------------------------------------ keeping current
     def refresh(self) -> None:
@@ -203,34 +202,8 @@ class SearchService:
         self.lexical.rebuild()
 
     # ------------------------------------------------------------------ searching
-    def _query_embedder(self, model_id: str, dim: int):
-        from ..embedding.embedder import Embedder
-        from ..embedding.server import connect
-
-        emb = self._embedder
-        if emb is not None and emb.model_id == model_id:
-            return emb
-        with self._embed_lock:
-            emb = connect(self.paths.embed_socket, model_id, dim)
-            if emb is None:
-                s = self.settings
-                emb = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
-                                    self.paths.embedding_models)
-                if emb.model_id != model_id:
-                    raise IndexModelMismatch(f"the index was built with {model_id} but this server's model is "
-                                             f"{emb.model_id}; backfill embeddings and vector_index first")
-            self._embedder = emb
-            return emb
-
     def embed_query(self, text: str, model_id: str, dim: int) -> np.ndarray:
-        emb = self._query_embedder(model_id, dim)
-        try:
-            return emb.embed([text])
-        except (OSError, RuntimeError):
-            if emb is self._embedder and type(emb).__name__ == "RemoteEmbedder":
-                self._embedder = None  # the server went away: look again (or load locally) once
-                return self._query_embedder(model_id, dim).embed([text])
-            raise
+        return self.batcher.submit([text], model_id, dim).result()
 
     def search(self, query: str, k: int, mode: str = "hybrid") -> dict:
         index = self.index
@@ -274,12 +247,6 @@ class SearchService:
         return {rid: snippet(text) for rid, text in rows}
 
     def describe(self) -> dict:
-        index, emb = self.index, self._embedder
+        index = self.index
         return {"index_version": None if index is None else index.meta.version,
-                "lexical_records": len(self.lexical),
-                "query_embedder": None if emb is None else ("server" if type(emb).__name__ == "RemoteEmbedder"
-                                                            else "in-process")}
-
-
-class IndexModelMismatch(RuntimeError):
-    pass
+                "lexical_records": len(self.lexical), "query_embedder": self.batcher.embedding.describe()}

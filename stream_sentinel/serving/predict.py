@@ -1,0 +1,336 @@
+"""Predictions for the API: the champion (and a challenger) in memory, always the current one.
+
+What a prediction needs, and where it comes from without the database on the request path:
+
+* the **version**: the registry's ``CHAMPION`` pointer is checked on every request (a
+  ``stat``, microseconds) and a new version is loaded from its folder (``load_folder``:
+  trees, feature spec, threshold and label names from ``meta.json``) before the request is
+  answered. So an answer always names the version the pointer named while the request was
+  being served, whatever a promotion or rollback did a millisecond before. The challenger
+  (a database status) and the arms of Thompson routing are read by the background thread.
+* the **labelled neighbours** (kNN and linear columns): every resolved label's vector, read
+  again by the background thread when the labels changed, with the kNN index and the linear
+  state built once per read (``Reference`` memoizes them), not once per request.
+* a **known record's** vector and numeric features: the records of the served vector index,
+  held in memory and extended when a new index version appears. A record that is not in it
+  yet must come with its text.
+* a **new text's** vector: the shared embedder, through the dynamic batcher.
+
+Every answer (the served one and the shadow one of the other model) is appended to the
+prediction log (``served.PredictionLog``), which a sensor loads into DuckDB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LABELS_CHECK_S = 2.0  # how often the labels' digest is compared (a cheap aggregate)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    version: str
+    booster: Any
+    spec: Any  # learning.models.FeatureSpec
+    threshold: float
+    positive: str
+    negative: str
+    embedding_model_id: str
+
+
+class KnownRecords:
+    """Vector and numeric features of every record in the served index, by record id."""
+
+    def __init__(self) -> None:
+        self.row: dict[str, int] = {}
+        self.vectors = np.zeros((0, 0), dtype=np.float32)
+        self.features: list[dict] = []
+        self.model_id: str | None = None
+        self.vec_ids: set[int] = set()
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, model_id: str, vec_ids: list[int], ids: list[str], features: list[dict],
+            vectors: np.ndarray) -> None:
+        with self._lock:
+            if model_id != self.model_id:  # another embedding model: start over
+                self.row, self.features, self.vec_ids, self._n = {}, [], set(), 0
+                self.vectors = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+                self.model_id = model_id
+            need = self._n + len(ids)
+            if need > len(self.vectors):  # grow by doubling: appends cost O(1) amortized
+                grown = np.zeros((max(need, 2 * len(self.vectors), 1024), vectors.shape[1]), dtype=np.float32)
+                grown[:self._n] = self.vectors[:self._n]
+                self.vectors = grown
+            self.vectors[self._n:need] = vectors
+            for j, rid in enumerate(ids, self._n):
+                self.row[rid] = j
+            self.features.extend(features)
+            self.vec_ids.update(vec_ids)
+            self._n = need
+
+    def get(self, ids: list[str]) -> tuple[np.ndarray, list[dict]] | None:
+        rows = [self.row.get(r) for r in ids]
+        if any(r is None for r in rows):
+            return None
+        vectors, features = self.vectors, self.features  # a grow swaps the array, never edits rows
+        return vectors[rows], [features[r] for r in rows]
+
+
+class Predictor:
+    def __init__(self, paths, settings, batcher, log_writer):
+        from ..learning.registry import ModelRegistry
+
+        self.paths, self.settings, self.batcher, self.log = paths, settings, batcher, log_writer
+        self.registry = ModelRegistry(paths.models, None)  # the pointer and folders only
+        self._models: dict[str, ServedModel] = {}
+        self._pointer: tuple | None = None  # (inode, mtime_ns, size) of CHAMPION when last read
+        self._champion: str | None = None
+        self._load_lock = threading.Lock()
+        self.challenger: str | None = None
+        self.arms: dict = {}
+        self.reference = None  # learning.models.Reference over every resolved label
+        self._labels_digest: str | None = None
+        self._labels_checked = 0.0
+        self._known_index: str | None = None  # the index version whose records ``known`` holds
+        self.known = KnownRecords()
+        self.served = {"champion": 0, "challenger": 0}
+
+    # ------------------------------------------------------------------ the version
+    def model(self, version: str) -> ServedModel:
+        m = self._models.get(version)
+        if m is not None:
+            return m
+        with self._load_lock:
+            m = self._models.get(version)
+            if m is None:
+                booster, spec, meta = self.registry.load_folder(version)
+                labels = meta.get("labels") or self._labels_from_db(version)
+                m = ServedModel(version, booster, spec, float((meta.get("metrics") or {}).get("threshold", 0.5)),
+                                labels["positive"], labels["negative"], meta["embedding_model_id"])
+                # versions are immutable: keep a few (a rollback goes back to a recent one)
+                for old in list(self._models)[:-3]:
+                    if old not in (self._champion, self.challenger):
+                        del self._models[old]
+                self._models[version] = m
+                log.info("predict: loaded model %s", version)
+        return m
+
+    def _labels_from_db(self, version: str) -> dict:
+        """Label names of a version made before meta.json kept them."""
+        from ..learning.loop import version_labels
+        from ..learning.registry import ModelRegistry
+        from ..store import Store
+
+        store = Store(self.paths.db, lock_timeout_s=2.0)
+        v = ModelRegistry(self.paths.models, store).get(version)
+        positive, negative = version_labels(store, v)
+        return {"positive": positive, "negative": negative}
+
+    def champion(self) -> ServedModel | None:
+        """The version ``CHAMPION`` names now (loaded first if it is new)."""
+        from ..learning.registry import POINTER
+
+        pointer = self.paths.models / POINTER
+        try:
+            st = os.stat(pointer)
+        except FileNotFoundError:
+            self._pointer, self._champion = None, None
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._pointer:
+            version = self.registry.champion_version()
+            if version is None:
+                return None
+            model = self.model(version)  # loaded before it is answered with
+            self._champion, self._pointer = version, key
+            return model
+        return self.model(self._champion) if self._champion else None
+
+    def loaded(self) -> dict:
+        ref = self.reference
+        return {"champion": self._champion, "challenger": self.challenger,
+                "labelled_reference": 0 if ref is None else len(ref.ids), "known_records": len(self.known)}
+
+    # ------------------------------------------------------------------ keeping current
+    def refresh(self, index) -> None:
+        """The background thread's step: known records of the served ``index``, the labelled
+        reference when the labels changed, the challenger and the arms."""
+        from ..store import Store, StoreBusy
+
+        self.champion()  # a promotion is loaded here too, not only by the next request
+        new_index = index is not None and index.meta.version != self._known_index
+        due = time.monotonic() - self._labels_checked >= LABELS_CHECK_S
+        if not (new_index or due):
+            return  # the database is opened only when there is something to read
+        try:
+            with Store(self.paths.db, lock_timeout_s=0.2).session():
+                if new_index:
+                    self._add_known(index)
+                    self._known_index = index.meta.version
+                if due:
+                    self._read_labels()
+                    self._read_ab()
+                    self._labels_checked = time.monotonic()
+        except StoreBusy:
+            return  # a run holds the database: next time
+
+    def _add_known(self, index) -> None:
+        import json
+
+        from ..store import Store, vectors_from_arrow
+
+        new = [v for v in index.vec_ids.tolist() if v not in self.known.vec_ids] \
+            if index.meta.model_id == self.known.model_id else index.vec_ids.tolist()
+        if not new:
+            return
+        with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+            table = con.sql(
+                """SELECT r.vec_id, r.id, r.features, e.vector FROM records r
+                   JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
+                   WHERE r.vec_id IN (SELECT unnest(?::BIGINT[])) ORDER BY r.vec_id""",
+                params=[index.meta.model_id, new]).to_arrow_table()
+        n = table.num_rows
+        if not n:
+            return
+        self.known.add(index.meta.model_id, table.column("vec_id").to_pylist(), table.column("id").to_pylist(),
+                       [json.loads(x) if x else {} for x in table.column("features").to_pylist()],
+                       vectors_from_arrow(table.column("vector"), n))
+
+    def _read_labels(self) -> None:
+        from ..learning.loop import current_reference, resolved_labels_digest
+        from ..store import Store
+
+        champion = self._champion
+        if champion is None:
+            return
+        model = self.model(champion)
+        store = Store(self.paths.db, lock_timeout_s=0.2)
+        digest = f"{resolved_labels_digest(store)}:{model.embedding_model_id}:{model.positive}"
+        if digest == self._labels_digest:
+            return
+        ref = current_reference(store, model.embedding_model_id, model.positive)
+        ref.knn_index()  # built here, once, not by a request
+        ref.row_of()
+        self.reference, self._labels_digest = ref, digest
+
+    def _read_ab(self) -> None:
+        from ..learning.loop import ab_arms
+        from ..learning.registry import ModelRegistry
+        from ..store import Store
+
+        registry = ModelRegistry(self.paths.models, Store(self.paths.db, lock_timeout_s=0.2))
+        challenger = registry.challenger_version()
+        if challenger is not None:
+            self.model(challenger)
+            if self.settings.ab_routing == "thompson":
+                self.arms = ab_arms(registry, registry.store)
+        self.challenger = challenger
+
+    # ------------------------------------------------------------------ answering
+    def route(self, key: str) -> str:
+        from ..learning import ab
+
+        if self.challenger is None:
+            return "champion"
+        if self.settings.ab_routing == "thompson" and self.arms:
+            return ab.route_thompson(key, self.arms["champion"], self.arms["challenger"])
+        return ab.route_hash(key, self.settings.ab_share)
+
+    def vectors_for(self, records: list[dict], model: ServedModel) -> tuple[np.ndarray, list[dict], list[str]]:
+        """Vectors and numeric features of the records (stored ones for known ids without text,
+        new texts embedded) and how each was found ("stored" or "text")."""
+        dim = len(model.spec.pca_mean)
+        vectors = np.zeros((len(records), dim), dtype=np.float32)
+        features: list[dict] = [r.get("features") or {} for r in records]
+        source = ["text" if r.get("text") is not None else "stored" for r in records]
+        stored = [i for i, s in enumerate(source) if s == "stored"]
+        if stored:
+            if self.known.model_id not in (None, model.embedding_model_id):
+                raise UnknownRecords([records[i]["id"] for i in stored], "the served index was embedded with "
+                                     f"{self.known.model_id}, the model with {model.embedding_model_id}")
+            got = self.known.get([records[i]["id"] for i in stored])
+            if got is None:
+                missing = [records[i]["id"] for i in stored if records[i]["id"] not in self.known.row]
+                raise UnknownRecords(missing, "not in the served vector index (yet)")
+            for j, i in enumerate(stored):
+                vectors[i] = got[0][j]
+                if not records[i].get("features"):
+                    features[i] = got[1][j]
+        new = [i for i, s in enumerate(source) if s == "text"]
+        if new:
+            vecs = self.batcher.submit([records[i]["text"] for i in new], model.embedding_model_id, dim).result()
+            vectors[new] = vecs
+        return vectors, features, source
+
+    def score(self, model: ServedModel, vectors: np.ndarray, features: list[dict],
+              ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        from ..learning.models import Reference, build_features
+
+        ref = self.reference
+        if ref is None or ref.vectors.shape[1] != vectors.shape[1]:
+            ref = Reference(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, int), [])
+        # a labelled record never sees its own label (as when the loop scores it)
+        X = build_features(model.spec, vectors, features, ref, ids)
+        p = model.booster.predict(X)
+        return p, [model.positive if x >= model.threshold else model.negative for x in p]
+
+    def predict(self, records: list[dict]) -> dict:
+        started = time.time()
+        champion = self.champion()
+        if champion is None:
+            raise NoModel("no champion yet: the loop has not promoted a first model")
+        challenger_v = self.challenger
+        challenger = self.model(challenger_v) if challenger_v else None
+        if challenger is not None and challenger.embedding_model_id != champion.embedding_model_id:
+            challenger = None  # cannot share the vectors: the champion answers alone
+        vectors, features, source = self.vectors_for(records, champion)
+        ids = [r["id"] for r in records]
+        keys = [str(r.get("routing_key") or r["id"]) for r in records]
+        roles = [self.route(k) if challenger is not None else "champion" for k in keys]
+        p_champ, l_champ = self.score(champion, vectors, features, ids)
+        if challenger is not None:
+            p_chal, l_chal = self.score(challenger, vectors, features, ids)
+        request_id = uuid.uuid4().hex
+        served_at = datetime.now(timezone.utc).isoformat()
+        out, lines = [], []
+        for i, rid in enumerate(ids):
+            answers = {"champion": (champion.version, float(p_champ[i]), l_champ[i])}
+            if challenger is not None:
+                answers["challenger"] = (challenger.version, float(p_chal[i]), l_chal[i])
+            role = roles[i]
+            version, p, label = answers[role]
+            self.served[role] += 1
+            out.append({"id": rid, "label": label, "score": round(p, 6), "model_version": version,
+                        "served_by": role})
+            for r, (v, pr, lab) in answers.items():
+                lines.append({"request_id": request_id, "i": i, "record_id": rid, "routing_key": keys[i],
+                              "model_version": v, "role": r, "served": r == role, "probability": pr,
+                              "label": lab, "input": source[i], "served_at": served_at})
+        self.log.append(lines)
+        return {"predictions": out, "request_id": request_id,
+                "took_ms": round((time.time() - started) * 1000, 2)}
+
+
+class UnknownRecords(Exception):
+    def __init__(self, ids: list[str], why: str):
+        super().__init__(f"{len(ids)} record(s) without text are {why}: {', '.join(map(repr, ids[:5]))}")
+        self.ids = ids
+
+
+class NoModel(Exception):
+    pass

@@ -1,0 +1,103 @@
+"""POST /v1/predict on a real server process: the champion in memory, known ids from their
+stored embeddings, new texts through the real model, A/B routing with shadow scoring, the
+prediction log reaching DuckDB through its sensor, and hot reload under load."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import dagster as dg
+import httpx
+import numpy as np
+import pytest
+
+from stream_sentinel import pipeline, served
+from stream_sentinel.index import IndexStore
+from stream_sentinel.learning import ab
+from stream_sentinel.learning import loop as learning
+from stream_sentinel.learning.registry import ModelRegistry
+
+from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, label_records, serve
+
+
+def _error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    return resp.json()["error"]
+
+
+def _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels, unlabelled=slice(1500, 1560)):
+    """Labelled records, a champion, some records without labels, and an index of them all."""
+    ingest_with_labels(paths, store, demo_embedder, demo_records, demo_labels, WINDOW, "w")
+    ingest_records(paths, store, demo_embedder, demo_records[unlabelled], "u")
+    registry = ModelRegistry(paths.models, store)
+    first = candidate(registry, store, demo_embedder).version
+    registry.promote(first.version, first.metrics["valid"]["roc_auc"], "test")
+    pipeline.update_index(store, IndexStore(paths.index), demo_embedder.model_id, demo_embedder.dim)
+    return registry, first.version
+
+
+def _wait_loaded(api, what=("model", "index"), timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = api.get("/healthz").json()
+        if all(health["loaded"][w] for w in what) and health["loaded"]["known_records"] and \
+                health["loaded"]["labelled_reference"]:
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+
+
+def test_predictions_by_id_and_by_text_are_the_loops_own_answers(paths, store, demo_embedder, demo_records,
+                                                                 demo_labels):
+    registry, champion = _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels)
+    learning.score_new_records(registry, store, demo_embedder.model_id)
+    with store.connect() as con:
+        loop = {r: (p, lab) for r, p, lab in con.execute(
+            "SELECT record_id, probability, label FROM predictions WHERE model_version = ?", [champion]).fetchall()}
+    labelled = [r["id"] for r in demo_records[WINDOW][:20]]
+    unlabelled = demo_records[1500:1520]
+    with serve(paths) as api:
+        _wait_loaded(api)
+        # known ids, no text: stored embedding and features; a labelled record never sees its own label
+        got = api.post("/v1/predict", json={"records": [{"id": i} for i in labelled]})
+        assert got.status_code == 200, got.text
+        preds = got.json()["predictions"]
+        assert [p["id"] for p in preds] == labelled
+        assert {(p["model_version"], p["served_by"]) for p in preds} == {(champion, "champion")}
+        for p in preds:
+            assert p["score"] == pytest.approx(loop[p["id"]][0], abs=1e-5)
+            assert p["label"] == loop[p["id"]][1]
+        # new texts (under new ids) through the real model: the same answers as their stored vectors
+        by_text = api.post("/v1/predict", json={"records": [
+            {"id": f"new-{r['id']}", "text": r["text"], "features": r.get("features") or {}} for r in unlabelled]})
+        assert by_text.status_code == 200, by_text.text
+        for r, p in zip(unlabelled, by_text.json()["predictions"]):
+            assert p["id"] == f"new-{r['id']}" and p["label"] in ("spam", "ham")
+            assert p["score"] == pytest.approx(loop[r["id"]][0], abs=0.02)
+        assert sum(p["label"] == loop[r["id"]][1] for r, p in zip(unlabelled, by_text.json()["predictions"])) >= 19
+        # what cannot be answered, and why
+        err = _error(api.post("/v1/predict", json={"records": [{"id": labelled[0]}, {"id": "nobody"}]}), 404)
+        assert err["code"] == "unknown_records" and err["ids"] == ["nobody"]
+        err = _error(api.post("/v1/predict", json={"records": [{"id": 5}, {"id": "x", "text": 3},
+                                                               {"id": "y", "features": {"f": [1]}},
+                                                               {"id": "z", "routing_key": 9}, "r"]}), 422)
+        assert [(e["index"], e["rule"]) for e in err["records"]] == [
+            (0, "bad_id"), (1, "bad_text"), (2, "bad_feature_value"), (3, "bad_routing_key"), (4, "not_an_object")]
+        assert _error(api.post("/v1/predict", json={"records": []}), 422)["code"] == "empty"
+        assert _error(api.post("/v1/predict", content=b"{"), 400)["code"] == "invalid_json"
+        metrics = api.get("/metrics").text
+        assert f'stream_sentinel_api_predictions_total{{model_version="{champion}",served_by="champion"}} 40.0' \
+            in metrics
+    # every answer is in the prediction log (two lines per record with text: none; shadow: none)
+    lines = [json.loads(x) for p in served.files(paths.home) for x in p.read_text().splitlines()]
+    assert len(lines) == 40 and {x["role"] for x in lines} == {"champion"}
+    assert {x["input"] for x in lines} == {"stored", "text"}
+
+
+def test_no_champion_yet_is_a_clear_503(paths):
+    with serve(paths) as api:
+        err = _error(api.post("/v1/predict", json={"records": [{"id": "a", "text": "hello"}]}), 503)
+        assert err["code"] == "no_model"
+        assert api.get("/healthz").json()["loaded"]["model"] is False
