@@ -5,21 +5,17 @@ prediction log reaching DuckDB through its sensor, and hot reload under load."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
-import dagster as dg
 import httpx
-import numpy as np
 import pytest
 
 from stream_sentinel import pipeline, served
 from stream_sentinel.index import IndexStore
-from stream_sentinel.learning import ab
 from stream_sentinel.learning import loop as learning
 from stream_sentinel.learning.registry import ModelRegistry
 
-from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, label_records, serve
+from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, serve
 
 
 def _error(resp: httpx.Response, status: int) -> dict:
@@ -90,7 +86,7 @@ def test_predictions_by_id_and_by_text_are_the_loops_own_answers(paths, store, d
         metrics = api.get("/metrics").text
         assert f'stream_sentinel_api_predictions_total{{model_version="{champion}",served_by="champion"}} 40.0' \
             in metrics
-    # every answer is in the prediction log (two lines per record with text: none; shadow: none)
+    # every answer is in the prediction log (no challenger: one line per record, no shadow lines)
     lines = [json.loads(x) for p in served.files(paths.home) for x in p.read_text().splitlines()]
     assert len(lines) == 40 and {x["role"] for x in lines} == {"champion"}
     assert {x["input"] for x in lines} == {"stored", "text"}
