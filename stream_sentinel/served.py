@@ -96,14 +96,32 @@ def files(root: Path) -> list[Path]:
     return sorted(p for p in base.glob("*/*.jsonl") if p.is_file()) if base.exists() else []
 
 
-def unread(root: Path, store: Store) -> dict[str, int]:
-    """Bytes not loaded yet, per file (relative path); empty when everything is loaded."""
+def _cursors(root: Path, store: Store) -> dict[str, tuple[int, int]]:
+    """(bytes loaded, size) of each file (relative path) that has bytes not loaded yet."""
     found = {str(p.relative_to(folder(root))): p.stat().st_size for p in files(root)}
     if not found:
         return {}
     with store.connect() as con:
         done = dict(con.execute("SELECT path, bytes_done FROM served_files").fetchall())
-    return {f: size - done.get(f, 0) for f, size in found.items() if size > done.get(f, 0)}
+    return {f: (done.get(f, 0), size) for f, size in found.items() if size > done.get(f, 0)}
+
+
+def _has_whole_line(path: Path, start: int) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while chunk := fh.read(1 << 20):
+            if b"\n" in chunk:
+                return True
+    return False
+
+
+def unread(root: Path, store: Store) -> dict[str, int]:
+    """Bytes not loaded yet, per file (relative path), for files with at least one whole line
+    among them: a line in the middle of its write, or the torn tail a killed API left, is not
+    work (a sensor that counted it would start a run every tick that loads nothing)."""
+    base = folder(root)
+    return {f: size - start for f, (start, size) in _cursors(root, store).items()
+            if _has_whole_line(base / f, start)}
 
 
 def check(obj) -> str | None:
@@ -133,12 +151,9 @@ def check(obj) -> str | None:
 def ingest(root: Path, store: Store) -> dict:
     """Load every whole line not loaded yet; returns counts."""
     loaded = rejected = 0
-    todo = unread(root, store)
-    for rel, _ in sorted(todo.items()):
+    todo = _cursors(root, store)
+    for rel, (start, _) in sorted(todo.items()):
         path = folder(root) / rel
-        with store.connect() as con:
-            row = con.execute("SELECT bytes_done FROM served_files WHERE path = ?", [rel]).fetchall()
-        start = row[0][0] if row else 0
         with open(path, "rb") as fh:
             fh.seek(start)
             chunk = fh.read(MAX_READ_BYTES)

@@ -97,3 +97,40 @@ def test_no_champion_yet_is_a_clear_503(paths):
         err = _error(api.post("/v1/predict", json={"records": [{"id": "a", "text": "hello"}]}), 503)
         assert err["code"] == "no_model"
         assert api.get("/healthz").json()["loaded"]["model"] is False
+
+
+def _answer(i: int, role: str) -> dict:
+    return {"request_id": "q1", "i": i, "record_id": f"r{i}", "routing_key": f"r{i}", "model_version": "m000001",
+            "role": role, "served": role == "champion", "probability": 0.7, "label": "spam", "input": "stored",
+            "served_at": "2026-12-03T10:00:00+00:00"}
+
+
+def test_the_prediction_log_reaches_duckdb_once_whole_lines_only_bad_lines_kept(paths, store):
+    import dagster as dg
+
+    from stream_sentinel.config import Settings
+    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.sensors.served import evaluate_served
+
+    log = served.PredictionLog(paths.home)
+    log.append([_answer(0, "champion"), _answer(0, "challenger"), _answer(1, "champion")])
+    log.close()
+    (path,) = served.files(paths.home)
+    with open(path, "ab") as fh:  # a line that breaks the rules, then one still being written
+        fh.write(b'{"request_id": "q2", "role": "nobody"}\n{"request_id": "q3", "i": ')
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_settings(Settings(), home=str(paths.home))}) as res:
+        assert isinstance(evaluate_served(res.sentinel), dg.RunRequest)
+        assert served.ingest(paths.home, store) == {"files": 1, "loaded": 3, "rejected": 1}
+        # the half line is not work: no run, and a second load finds nothing
+        assert isinstance(evaluate_served(res.sentinel), dg.SkipReason)
+        assert served.ingest(paths.home, store)["loaded"] == 0
+        with open(path, "ab") as fh:
+            fh.write(json.dumps(_answer(2, "champion"))[len('{"request_id": "q3", "i": '):].encode() + b"\n")
+        assert isinstance(evaluate_served(res.sentinel), dg.RunRequest)
+    served.ingest(paths.home, store)
+    with store.connect() as con:
+        rows = con.execute("SELECT request_id, i, role, served FROM served_predictions ORDER BY 1, 2, 3").fetchall()
+        rejects = con.execute("SELECT rule, raw FROM served_rejects").fetchall()
+    assert rows == [("q1", 0, "challenger", False), ("q1", 0, "champion", True), ("q1", 1, "champion", True),
+                    ("q3", 2, "champion", True)]
+    assert rejects == [("bad_record_id", b'{"request_id": "q2", "role": "nobody"}')]

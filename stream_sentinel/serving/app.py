@@ -425,8 +425,6 @@ def search(request: Request) -> Response:
 def _predict_items(body: Any, limit: int) -> list[dict]:
     """The records of a predict body, each checked: an id (a string, as ingest wants it), an
     optional text (then checked with ingest's rules), optional numeric features and routing key."""
-    from ..records import validate as validate_record
-
     items = items_of(body, "records", limit)
     out, broken = [], []
     for i, obj in enumerate(items):
@@ -443,7 +441,7 @@ def _predict_items(body: Any, limit: int) -> list[dict]:
         probe = {"id": obj.get("id"), "text": obj.get("text", "x"), "event_time": "2000-01-01T00:00:00Z"}
         if "features" in obj:
             probe["features"] = obj["features"]
-        checked = validate_record(probe, f"records[{i}]")
+        checked = validate(probe, f"records[{i}]")
         if isinstance(checked, Reject):
             broken.append({"index": i, "id": checked.record_id, "rule": checked.rule, "error": checked.message})
             continue

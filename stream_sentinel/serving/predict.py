@@ -108,7 +108,6 @@ class Predictor:
         self._labels_checked = 0.0
         self._known_index: str | None = None  # the index version whose records ``known`` holds
         self.known = KnownRecords()
-        self.served = {"champion": 0, "challenger": 0}
 
     # ------------------------------------------------------------------ the version
     def model(self, version: str) -> ServedModel:
@@ -314,7 +313,6 @@ class Predictor:
                 answers["challenger"] = (challenger.version, float(p_chal[i]), l_chal[i])
             role = roles[i]
             version, p, label = answers[role]
-            self.served[role] += 1
             out.append({"id": rid, "label": label, "score": round(p, 6), "model_version": version,
                         "served_by": role})
             for r, (v, pr, lab) in answers.items():
