@@ -8,7 +8,10 @@ partition, or any ad-hoc range by event time or arrival. A report covers:
   chi-square, ... - any Evidently stat test, configurable);
 * the text embeddings, with one of Evidently's embedding drift methods (classifier-based by
   default, or MMD, distance, ratio) on a sample;
-* the champion's predictions (probability and label);
+* the champion's predictions (probability and label), and, as their own columns
+  (``served_prediction``, ``served_label``), the answers the HTTP API served in the window
+  (``served_predictions``, loaded from its prediction log): real traffic, including texts
+  that were never ingested as records;
 * the label distribution where feedback exists (concept drift);
 * the champion's accuracy on the window's labelled records, against its validation accuracy.
 
@@ -125,6 +128,8 @@ class Window:
     n_labelled: int = 0
     accuracy: float | None = None  # prequential: served answers before their labels, over all labelled rows
     n_accuracy: int = 0  # the rows ``accuracy`` counts
+    served: pd.DataFrame | None = None  # probability, label of the API's served answers (a sample)
+    n_served: int = 0  # all of them
 
     def without(self, ids: set[str]) -> tuple["Window", int]:
         """This window minus the rows whose record is in ``ids`` (and how many there were)."""
@@ -138,7 +143,7 @@ class Window:
         scale = dropped / max(1, len(self.frame))
         return Window(frame, self.vectors[vec_keep], max(0, self.n_rows - round(self.n_rows * scale)),
                       max(0, self.n_labelled - round(self.n_labelled * scale)), self.accuracy,
-                      self.n_accuracy), dropped
+                      self.n_accuracy, self.served, self.n_served), dropped
 
 
 def _stable_sample_sql(seed: int) -> str:
@@ -156,12 +161,14 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
     with store.connect() as con:
         n, n_lab = con.execute(f"SELECT count(*), count(l.label) {base}", args).fetchall()[0]
         # prequential: the answer served before the record's first label arrived (the answer a
-        # user acted on), not the champion's answer after it learned that very label
+        # user acted on: the loop's or the API's), not the champion's answer after it learned that label
         n_acc, acc = con.execute(
             f"""WITH arrived AS (SELECT record_id, min(ingested_at) AS at FROM feedback_events GROUP BY 1),
-                     served AS (SELECT q.record_id, arg_max(q.label, q.scored_at) AS label FROM predictions q
+                     answers AS (SELECT record_id, label, scored_at AS at FROM predictions WHERE served
+                                 UNION ALL SELECT record_id, label, served_at FROM served_predictions WHERE served),
+                     served AS (SELECT q.record_id, arg_max(q.label, q.at) AS label FROM answers q
                                 JOIN arrived a ON a.record_id = q.record_id
-                                WHERE q.served AND q.scored_at < a.at GROUP BY 1)
+                                WHERE q.at < a.at GROUP BY 1)
                 SELECT count(*), avg(CASE WHEN s.label = l.label THEN 1.0 ELSE 0.0 END)
                 FROM records r JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
                 JOIN labels l ON l.record_id = r.id AND l.status = 'resolved'
@@ -174,6 +181,21 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
     out = _window(table, cfg, int(n), int(n_lab), None if acc is None else float(acc))
     out.n_accuracy = int(n_acc)
     return out
+
+
+def load_served(store: Store, champion: str, start: datetime, end: datetime, cfg: DriftConfig
+                ) -> tuple[pd.DataFrame, int]:
+    """The champion's answers the API served from ``start`` to ``end`` (a capped, stable sample
+    of probability and label) and how many there were. Shadow answers are not traffic."""
+    where = "served AND model_version = ? AND served_at >= ? AND served_at < ?"
+    args = [champion, start, end]
+    with store.connect() as con:
+        n = con.execute(f"SELECT count(*) FROM served_predictions WHERE {where}", args).fetchone()[0]
+        frame = con.execute(
+            f"""SELECT probability, label FROM served_predictions WHERE {where}
+                ORDER BY hash(request_id || ':' || i || '{int(cfg.seed)}') LIMIT {int(cfg.sample_cap)}""",
+            args).df()
+    return frame, int(n)
 
 
 def load_reference(store: Store, embedding_model_id: str, champion: str, training_set_version: str,
@@ -357,27 +379,41 @@ def _feature_columns(ref: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def _frame_for_evidently(w: Window, numeric: list[str], categorical: list[str], pca: tuple | None,
-                         include_label: bool) -> pd.DataFrame:
+                         include_label: bool, served: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One side as Evidently's columns. ``served``: the API's answers (probability, label) as
+    ``served_prediction``/``served_label`` columns; they are not rows of ``w``, so the shorter
+    part is padded with missing values, which Evidently leaves out of each column's test."""
     f = w.frame
-    out = pd.DataFrame(index=range(len(f)))
+    out = pd.DataFrame(index=range(max(len(f), 0 if served is None else len(served))))
     for k in numeric:
-        out[f"feature.{k}"] = pd.to_numeric(pd.Series([x.get(k) for x in f["features"]]), errors="coerce")
+        out[f"feature.{k}"] = _padded(pd.to_numeric(pd.Series([x.get(k) for x in f["features"]], dtype=object),
+                                                    errors="coerce").to_numpy(dtype=float), len(out))
     for k in categorical:
-        out[f"feature.{k}"] = pd.Series([None if x.get(k) is None else str(x.get(k)) for x in f["features"]],
-                                        dtype=object)
+        out[f"feature.{k}"] = _padded([None if x.get(k) is None else str(x.get(k)) for x in f["features"]],
+                                      len(out))
     held = f["held_out"].to_numpy(dtype=bool)
-    out["prediction"] = np.where(held, f["prediction"].to_numpy(dtype=float), np.nan)
-    out["predicted_label"] = pd.Series([p if h else None for p, h in zip(f["predicted_label"], held)], dtype=object)
+    out["prediction"] = _padded(np.where(held, f["prediction"].to_numpy(dtype=float), np.nan), len(out))
+    out["predicted_label"] = _padded([p if h else None for p, h in zip(f["predicted_label"], held)], len(out))
     if include_label:
-        out["label"] = pd.Series(list(f["label"]), dtype=object)
+        out["label"] = _padded(list(f["label"]), len(out))
+    if served is not None:
+        out["served_prediction"] = _padded(served["probability"].to_numpy(dtype=float), len(out))
+        out["served_label"] = _padded(list(served["label"]), len(out))
     if pca is not None:
         mean, comps = pca
         proj = (w.vectors - mean) @ comps.T
         for i in range(comps.shape[0]):
-            col = np.full(len(f), np.nan)
-            col[: len(proj)] = proj[:, i]
-            out[f"embedding.pc{i + 1}"] = col
+            out[f"embedding.pc{i + 1}"] = _padded(proj[:, i], len(out))
     return out
+
+
+def _padded(values, n: int) -> pd.Series:
+    """``values`` as a column of ``n`` rows, missing beyond them (floats: NaN, else None)."""
+    if isinstance(values, np.ndarray):
+        col = np.full(n, np.nan)
+        col[:len(values)] = values
+        return pd.Series(col)
+    return pd.Series(list(values) + [None] * (n - len(values)), dtype=object)
 
 
 def _embedding_method(cfg: DriftConfig, n_ref: int, n_cur: int):
@@ -433,12 +469,17 @@ def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: f
         mean = ref.vectors.mean(axis=0)
         _, _, vt = np.linalg.svd(ref.vectors - mean, full_matrices=False)
         pca = (mean, vt[:PCA_COMPONENTS])
-    rdf = _frame_for_evidently(ref, numeric, categorical, pca, include_label)
-    cdf = _frame_for_evidently(cur, numeric, categorical, pca, include_label)
+    served = cur.served if cur.served is not None and len(cur.served) >= 5 else None
+    # the API's answers against the same reference as the loop's: the held-out predictions
+    ref_served = None if served is None else pd.DataFrame({
+        "probability": ref.frame["prediction"][ref.frame["held_out"]].to_numpy(dtype=float),
+        "label": ref.frame["predicted_label"][ref.frame["held_out"]].tolist()})
+    rdf = _frame_for_evidently(ref, numeric, categorical, pca, include_label, ref_served)
+    cdf = _frame_for_evidently(cur, numeric, categorical, pca, include_label, served)
     # a column needs values on both sides (e.g. no predictions before a first champion)
     usable = [c for c in rdf.columns if rdf[c].notna().sum() >= 5 and cdf[c].notna().sum() >= 5]
-    num_cols = [c for c in usable if c.startswith("feature.") and c[8:] in numeric or c == "prediction"
-                or c.startswith("embedding.")]
+    num_cols = [c for c in usable if c.startswith("feature.") and c[8:] in numeric
+                or c in ("prediction", "served_prediction") or c.startswith("embedding.")]
     cat_cols = [c for c in usable if c not in num_cols]
     definition = DataDefinition(numerical_columns=num_cols, categorical_columns=cat_cols)
     preset = DataDriftPreset(columns=usable, num_method=cfg.num_method, cat_method=cfg.cat_method,
@@ -458,8 +499,9 @@ def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: f
     for col in usable:
         score, method, threshold = scores.get(col, (None, None, None))
         group = col.split(".")[0] if "." in col else ("label" if col == "label" else "prediction")
+        detail = f"{cur.n_served} answers served by the API in the window" if col.startswith("served_") else ""
         res.columns.append(ColumnDrift(col.removeprefix("feature."), group, method or "", score, threshold,
-                                       bool(failed.get(col, False))))
+                                       bool(failed.get(col, False)), detail))
     feats = [c for c in res.columns if c.group == "feature"]
     res.n_features = len(feats)
     res.n_drifted = sum(c.drifted for c in feats)
@@ -552,7 +594,9 @@ def _safe(name: str) -> str:
 def run_window(store: Store, registry, reports_dir: Path, embedding_model_id: str, *, where: str, params: list,
                window_key: str, kind: str, time_field: str, start: str, end: str, report_name: str,
                cfg: DriftConfig) -> DriftResult:
-    """Build, save and record one report. Re-running the same window replaces its rows."""
+    """Build, save and record one report. Re-running the same window replaces its rows. A
+    window by arrival also compares what the API served from ``start`` to ``end`` (an
+    event-time window has no serving time to match)."""
     started = time.perf_counter()
     champion = registry.reconcile()
     report_path = reports_dir / f"{report_name}.html"
@@ -567,6 +611,8 @@ def run_window(store: Store, registry, reports_dir: Path, embedding_model_id: st
     res.model_version, res.reference_data_version = champion, v.training_set_version
     with store.session():
         cur = load_window(store, embedding_model_id, champion, where, params, cfg)
+        if time_field == "arrival" and start and end:
+            cur.served, cur.n_served = load_served(store, champion, parse_time(start), parse_time(end), cfg)
         res.n_current = cur.n_rows
         if cur.n_rows < cfg.min_rows:
             res.status = "insufficient_data"

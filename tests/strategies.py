@@ -4,7 +4,22 @@ and vote-shaped dicts whose fields are usually valid, so whole inputs get accept
 
 from __future__ import annotations
 
+import json
+
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+# the HTTP fuzz tests: reproducible, no example database, no health check on slow examples
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def json_body(obj) -> bytes:
+    """``obj`` as a request body, lone surrogates and all."""
+    try:
+        return json.dumps(obj).encode("utf-8", "surrogatepass")
+    except ValueError:  # an integer too long to write: send what Python prints instead
+        return repr(obj).encode("utf-8", "surrogatepass")
 
 ODD_CHARS = ["\ud800", "\udbff", "\udc00", "\udfff", "\x00", "\x1f", "\u202e", "\u200f", "\U0001F600",
              "\ufeff", "\u2028", "\uffff", "\ufffe", "\U0010FFFF", "é", "\n", '"', "\\", "{", "]"]
@@ -80,3 +95,18 @@ vote_shaped = st.builds(
                   "ts": _mostly(good_times, times)}),
     st.dictionaries(texts, json_values, max_size=2),
 )
+
+
+def predict_shaped(known_ids: list[str]):
+    """A /v1/predict record: a known id (no text: its stored vector), an unknown one, or any
+    value; an optional text, features and routing key, usually valid."""
+    ids = st.one_of(st.sampled_from(known_ids), st.sampled_from(known_ids),
+                    st.text(clean_chars, min_size=1, max_size=8).map(lambda s: "r" + s), json_values)
+    return st.builds(
+        lambda base, more: {**more, **base},
+        st.fixed_dictionaries({"id": ids}, optional={
+            "text": _mostly(st.text(clean_chars, min_size=0, max_size=60), json_values),
+            "features": _mostly(st.dictionaries(clean_texts, feature_values, max_size=4), json_values),
+            "routing_key": _mostly(st.text(clean_chars, min_size=1, max_size=8), json_values)}),
+        st.dictionaries(texts, json_values, max_size=2),
+    )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream_sentinel import drift, ingest, pipeline
+from stream_sentinel import drift, ingest, pipeline, served
 from stream_sentinel.learning import loop as learning
 from stream_sentinel import feedback as fb
 from stream_sentinel.config import Paths
@@ -468,3 +468,31 @@ def test_the_headline_follows_the_rule_and_names_what_else_moved():
     moved = drift.DriftResult("d", "partition", "arrival", "", "", "ok", "", n_drifted=2, n_features=4,
                               share_drifted=0.5, embedding_drifted=True, drifted=True)
     assert moved.summary(cfg).startswith("inputs DRIFTED (text embeddings, 2/4 feature columns)")
+
+
+def test_what_the_api_served_is_compared_and_counts_for_prequential_accuracy(home, corpus, demo_labels):
+    """Real traffic: the API's answers (its prediction log, loaded by the served sensor's code)
+    are their own columns in the day's report, and an answer it served before a label arrived
+    is the one accuracy is judged on, as the loop's own are."""
+    paths, store, registry, emb = home
+    champion = registry.champion_version()
+    day3 = [r["id"] for r in corpus[0][200:]]
+    with store.transaction() as con:  # these records were answered by the API only
+        con.execute("DELETE FROM predictions WHERE record_id IN (SELECT unnest(?::VARCHAR[]))", [day3])
+    log = served.PredictionLog(paths.home)
+    log.append([{"request_id": "q", "i": i, "record_id": rid, "routing_key": rid, "model_version": champion,
+                 "role": "champion", "served": True, "probability": 0.99, "label": "spam", "input": "stored",
+                 "served_at": "2024-03-03T12:00:00+00:00"} for i, rid in enumerate(day3)])
+    log.close()
+    assert served.ingest(paths.home, store)["loaded"] == len(day3)
+    res = drift.run_partition(store, registry, paths.reports, emb.model_id, DAYS[2], CFG)
+    assert res.status == "ok" and not res.drifted  # the same period's inputs
+    cols = {c.column: c for c in res.columns}
+    assert cols["served_prediction"].drifted and res.prediction_drifted, res.headline()
+    assert f"{len(day3)} answers served by the API" in cols["served_prediction"].detail
+    assert "served_label" in cols and "prediction" not in cols  # the loop answered none of them
+    spam_share = sum(demo_labels[r] == "spam" for r in day3) / len(day3)
+    assert res.n_accuracy == len(day3) and res.accuracy == pytest.approx(spam_share)
+    # another day's report does not see them
+    other = drift.run_partition(store, registry, paths.reports, emb.model_id, DAYS[1], CFG)
+    assert "served_prediction" not in {c.column for c in other.columns}

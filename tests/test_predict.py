@@ -9,6 +9,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream_sentinel import pipeline, served
 from stream_sentinel.index import IndexStore
@@ -16,6 +18,7 @@ from stream_sentinel.learning import loop as learning
 from stream_sentinel.learning.registry import ModelRegistry
 
 from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, serve
+from .strategies import FUZZ, json_body, json_values, predict_shaped
 
 
 def _error(resp: httpx.Response, status: int) -> dict:
@@ -83,12 +86,28 @@ def test_predictions_by_id_and_by_text_are_the_loops_own_answers(paths, store, d
             (0, "bad_id"), (1, "bad_text"), (2, "bad_feature_value"), (3, "bad_routing_key"), (4, "not_an_object")]
         assert _error(api.post("/v1/predict", json={"records": []}), 422)["code"] == "empty"
         assert _error(api.post("/v1/predict", content=b"{"), 400)["code"] == "invalid_json"
+        # hostile input: never a 500, and whatever is answered names the champion
+        @FUZZ
+        @given(st.one_of(st.binary(max_size=100), json_values.map(json_body),
+                         st.lists(st.one_of(predict_shaped(labelled), json_values), max_size=4)
+                         .map(lambda rs: json_body({"records": rs}))))
+        def fuzz(body):
+            resp = api.post("/v1/predict", content=body)
+            assert resp.status_code in (200, 400, 404, 413, 422), (resp.status_code, resp.text[:500])
+            if resp.status_code == 200:
+                assert {p["model_version"] for p in resp.json()["predictions"]} <= {champion}
+            else:
+                assert resp.json()["error"]["code"] and resp.json()["error"]["message"]
+
+        fuzz()
+        assert "Traceback" not in api.server_log()
+        n_fuzz = sum(x.strip() != "" for p in served.files(paths.home) for x in p.read_text().splitlines())
         metrics = api.get("/metrics").text
-        assert f'stream_sentinel_api_predictions_total{{model_version="{champion}",served_by="champion"}} 40.0' \
-            in metrics
+        assert f'stream_sentinel_api_predictions_total{{model_version="{champion}",served_by="champion"}} ' \
+            f'{float(n_fuzz)}' in metrics
     # every answer is in the prediction log (no challenger: one line per record, no shadow lines)
     lines = [json.loads(x) for p in served.files(paths.home) for x in p.read_text().splitlines()]
-    assert len(lines) == 40 and {x["role"] for x in lines} == {"champion"}
+    assert len(lines) == n_fuzz and {x["role"] for x in lines} == {"champion"}
     assert {x["input"] for x in lines} == {"stored", "text"}
 
 
@@ -134,3 +153,133 @@ def test_the_prediction_log_reaches_duckdb_once_whole_lines_only_bad_lines_kept(
     assert rows == [("q1", 0, "challenger", False), ("q1", 0, "champion", True), ("q1", 1, "champion", True),
                     ("q3", 2, "champion", True)]
     assert rejects == [("bad_record_id", b'{"request_id": "q2", "role": "nobody"}')]
+
+
+def _another_version(registry, version: str, threshold: float) -> str:
+    """A second version of the same trees under another threshold: a real registry version whose
+    answers can be told apart from its parent's (cheaper than training one more)."""
+    booster, spec, meta = registry.load_folder(version)
+    v = registry.save(booster, spec, parent=version, strategy="continue", params=meta["params"],
+                      metrics={**meta["metrics"], "threshold": threshold}, training_samples=meta["training_samples"],
+                      training_set_version=meta["training_set_version"],
+                      embedding_model_id=meta["embedding_model_id"], labels=("spam", "ham"))
+    return v.version
+
+
+def test_ab_split_follows_the_routing_key_and_the_other_model_scores_in_shadow(paths, store, demo_embedder,
+                                                                                demo_records, demo_labels):
+    from stream_sentinel.learning import ab
+
+    registry, champion = _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels)
+    challenger = _another_version(registry, champion, threshold=0.05)
+    registry.start_challenger(challenger, "test")
+    ids = [r["id"] for r in demo_records[1000:1560]]
+    with serve(paths, env={"STREAM_SENTINEL_AB_SHARE": "0.3", "STREAM_SENTINEL_AB_ROUTING": "hash"}) as api:
+        deadline = time.monotonic() + 30
+        while _wait_loaded(api)["challenger"] != challenger:
+            assert time.monotonic() < deadline, "the challenger was not picked up"
+            time.sleep(0.2)
+        got = api.post("/v1/predict", json={"records": [{"id": i} for i in ids]})
+        assert got.status_code == 200, got.text
+        preds = got.json()["predictions"]
+        # each record goes where the hash of its id sends it, and names the version that answered
+        for p in preds:
+            role = ab.route_hash(p["id"], 0.3)
+            assert (p["served_by"], p["model_version"]) == (role, challenger if role == "challenger" else champion)
+        share = sum(p["served_by"] == "challenger" for p in preds) / len(preds)
+        assert 0.2 < share < 0.4, share
+        # a routing key keeps a user on one arm, whatever the record
+        keyed = api.post("/v1/predict", json={"records": [{"id": i, "routing_key": "user-7"} for i in ids[:50]]})
+        roles = {p["served_by"] for p in keyed.json()["predictions"]}
+        assert roles == {ab.route_hash("user-7", 0.3)}
+        request_id = got.json()["request_id"]
+    lines = [json.loads(x) for p in served.files(paths.home) for x in p.read_text().splitlines()]
+    first = [x for x in lines if x["request_id"] == request_id]
+    # both models answered every record; exactly the routed one was served, the other in shadow
+    assert len(first) == 2 * len(ids)
+    by_record = {}
+    for x in first:
+        by_record.setdefault(x["record_id"], {})[x["role"]] = x
+    for p in preds:
+        both = by_record[p["id"]]
+        assert set(both) == {"champion", "challenger"}
+        assert [r for r, x in both.items() if x["served"]] == [p["served_by"]]
+        assert both["champion"]["probability"] == pytest.approx(both["challenger"]["probability"])  # same trees
+        assert both["challenger"]["label"] == ("spam" if both["challenger"]["probability"] >= 0.05 else "ham")
+    # and they reach DuckDB, where A/B decisions read them
+    assert served.ingest(paths.home, store)["loaded"] == len(lines)
+    with store.connect() as con:
+        n = con.execute("SELECT count(*) FROM served_predictions WHERE request_id = ? AND NOT served",
+                        [request_id]).fetchone()[0]
+    assert n == len(ids)
+
+
+def test_promotions_rollbacks_and_index_versions_are_picked_up_under_load_without_a_failed_request(
+        paths, store, demo_embedder, demo_records, demo_labels):
+    import threading
+
+    registry, v1 = _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels)
+    versions = [v1, _another_version(registry, v1, 0.4), _another_version(registry, v1, 0.6)]
+    known = [r["id"] for r in demo_records[1000:1100]]
+    answers: list[tuple[float, float, set, str]] = []  # (start, end, versions answered, error)
+    stop = threading.Event()
+
+    def client(base_url: str, seed: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=30) as c:
+            k = seed
+            while not stop.is_set():
+                batch = [{"id": known[(k + j) % len(known)]} for j in range(5)]
+                k += 5
+                t0 = time.monotonic()
+                try:
+                    r = c.post("/v1/predict", json={"records": batch})
+                    got = ({p["model_version"] for p in r.json()["predictions"]}, "") if r.status_code == 200 \
+                        else (set(), f"{r.status_code} {r.text[:200]}")
+                except Exception as exc:  # noqa: BLE001 -- every failure is counted
+                    got = (set(), repr(exc))
+                answers.append((t0, time.monotonic(), *got))
+
+    promotions = [(float("-inf"), float("-inf"), v1)]  # (call started, call ended, version)
+    picked_up = []
+    with serve(paths) as api:
+        _wait_loaded(api)
+        clients = [threading.Thread(target=client, args=(str(api.base_url), s)) for s in (0, 50)]
+        for t in clients:
+            t.start()
+        try:
+            for n in range(10):
+                time.sleep(0.3)
+                t0 = time.monotonic()
+                if n % 3 == 2:
+                    to = registry.rollback()
+                else:
+                    to = versions[(n + 1) % 3]
+                    registry.promote(to, None, "test")
+                promotions.append((t0, time.monotonic(), to))
+                if n % 2 == 1:  # five index versions, each with records only it holds
+                    new = demo_records[1600 + 10 * n:1610 + 10 * n]
+                    ingest_records(paths, store, demo_embedder, new, f"v{n}")
+                    published = pipeline.update_index(store, IndexStore(paths.index), demo_embedder.model_id,
+                                                      demo_embedder.dim)
+                    t_pub = time.monotonic()
+                    while api.post("/v1/predict", json={"records": [{"id": new[-1]["id"]}]}).status_code != 200:
+                        assert time.monotonic() - t_pub < 10, "the new index version was not picked up"
+                        time.sleep(0.05)
+                    picked_up.append((published, time.monotonic() - t_pub))
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join()
+        assert api.get("/healthz").json()["champion"] == registry.champion_version()
+    errors = [a for a in answers if a[3]]
+    assert not errors, errors[:5]
+    assert len(answers) > 50 and len({v for a in answers for v in a[2]}) == 3
+    # each answer names a version that was the champion at some moment of its request: from the
+    # start of the call that made it champion to the end of the call that replaced it
+    spans = [(start, promotions[j + 1][1] if j + 1 < len(promotions) else float("inf"), v)
+             for j, (start, _, v) in enumerate(promotions)]
+    for t0, t1, got, _ in answers:
+        for v in got:
+            assert any(v == sv and s <= t1 and t0 <= e for s, e, sv in spans), (t0, t1, v, spans)
+    assert len(picked_up) == 5 and all(dt <= 2.0 for _, dt in picked_up), picked_up

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_sentinel import feedback_sources as fs
@@ -19,7 +19,7 @@ from stream_sentinel.learning.registry import ModelRegistry
 
 from .conftest import record
 from .helpers import WINDOW, candidate, ingest_with_labels, serve
-from .strategies import clean_chars, json_values, record_shaped, texts, vote_shaped
+from .strategies import FUZZ, clean_chars, json_body, json_values, record_shaped, texts, vote_shaped
 
 
 def _error(resp: httpx.Response, status: int) -> dict:
@@ -264,10 +264,6 @@ def test_metrics_count_requests_by_route_and_show_the_loop(paths, store):
 
 # ------------------------------------------------------------------ hostile input
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
-
-
 def _sane(resp: httpx.Response) -> None:
     """Never a 500; every refusal is JSON naming a code and saying what is wrong."""
     assert resp.status_code < 500, (resp.status_code, resp.text[:500])
@@ -277,18 +273,11 @@ def _sane(resp: httpx.Response) -> None:
         assert isinstance(err["code"], str) and err["message"]
 
 
-def _body(obj) -> bytes:
-    try:
-        return json.dumps(obj).encode("utf-8", "surrogatepass")
-    except ValueError:  # an integer too long to write: send what Python prints instead
-        return repr(obj).encode("utf-8", "surrogatepass")
-
-
 def test_no_request_gets_a_500_fuzz(paths):
-    bodies = st.one_of(st.binary(max_size=200), json_values.map(_body))
-    record_bodies = st.lists(st.one_of(record_shaped, json_values), max_size=4).map(lambda rs: _body({"records": rs}))
-    vote_bodies = st.one_of(vote_shaped.map(_body),
-                            st.lists(st.one_of(vote_shaped, json_values), max_size=4).map(lambda vs: _body({"feedback": vs})))
+    bodies = st.one_of(st.binary(max_size=200), json_values.map(json_body))
+    record_bodies = st.lists(st.one_of(record_shaped, json_values), max_size=4).map(lambda rs: json_body({"records": rs}))
+    vote_bodies = st.one_of(vote_shaped.map(json_body),
+                            st.lists(st.one_of(vote_shaped, json_values), max_size=4).map(lambda vs: json_body({"feedback": vs})))
     words = st.text(clean_chars, max_size=12)
     with serve(paths) as api:
         @FUZZ
