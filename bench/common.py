@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +58,78 @@ def demo_vectors(embedder, recs: list[dict]) -> tuple[np.ndarray, float]:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, buf.getvalue())
     return vecs, seconds
+
+
+def cpu_name() -> str:
+    """The CPU a figure came from (machines differ: say which)."""
+    import platform
+
+    return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), platform.processor())
+
+
+class Precomputed:
+    """An embedder that answers with vectors computed before (by the real model)."""
+
+    def __init__(self, embedder, by_text: dict):
+        self.model_id, self.dim, self.by_text = embedder.model_id, embedder.dim, by_text
+
+    def embed(self, texts):
+        return np.stack([self.by_text[t] for t in texts])
+
+
+def build_root(root: Path, recs: list[dict], vecs: np.ndarray, embedder) -> str:
+    """A data root holding ``recs`` through the product's file path (raw files, scan, batches),
+    their precomputed vectors and the real FAISS index; the index version."""
+    from stream_sentinel import ingest, pipeline
+    from stream_sentinel.config import Paths
+    from stream_sentinel.index import IndexStore
+    from stream_sentinel.store import Store
+
+    paths = Paths.at(root).ensure()
+    store = Store(paths.db).init()
+    for i in range(0, len(recs), 500):
+        (paths.raw / f"part-{i:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[i:i + 500]))
+    ingest.scan(paths, store, debounce_s=0)
+    for b in ingest.plan_batches(store, 100, 10_000_000):
+        ingest.process_files(paths, store, list(b.files))
+    pipeline.embed_partition(store, Precomputed(embedder, {r["text"]: v for r, v in zip(recs, vecs)}), None)
+    return pipeline.update_index(store, IndexStore(paths.index), embedder.model_id, embedder.dim).meta.version
+
+
+@contextmanager
+def api_server(root: Path, log_path: Path, env: dict | None = None, ready=lambda health: True,
+               timeout_s: float = 900):
+    """`stream-sentinel serve` on ``root`` in its own process; yields (base url, pid) once
+    ``ready(healthz)`` holds."""
+    import httpx
+
+    from stream_sentinel.devtools.kafka_broker import free_port
+
+    port = free_port()
+    environ = {**os.environ, "STREAM_SENTINEL_HOME": str(root), **(env or {})}
+    environ.pop("STREAM_SENTINEL_API_TOKEN", None)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "serve", "--port", str(port)],
+                                  env=environ, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=url, timeout=60) as api:
+            while True:
+                try:
+                    if ready(api.get("/healthz").json()):
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit(f"the server did not get ready:\n{log_path.read_text()}")
+                time.sleep(0.2)
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(seconds), q)) * 1000.0, 2)

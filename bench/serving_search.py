@@ -22,11 +22,8 @@ Ends with one JSON line, like every bench script.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,38 +33,17 @@ import httpx
 import numpy as np
 
 import common  # noqa: E402  (puts the repo on sys.path)
-from stream_sentinel import ingest, pipeline  # noqa: E402
-from stream_sentinel.config import Paths, Settings  # noqa: E402
-from stream_sentinel.devtools.kafka_broker import free_port  # noqa: E402
+from stream_sentinel.config import Settings  # noqa: E402
 from stream_sentinel.embedding.embedder import Embedder  # noqa: E402
-from stream_sentinel.index import IndexStore  # noqa: E402
-from stream_sentinel.store import Store  # noqa: E402
 
 MODES = ("dense", "lexical", "hybrid")
-
-
-class Precomputed:
-    def __init__(self, embedder, by_text: dict):
-        self.model_id, self.dim, self.by_text = embedder.model_id, embedder.dim, by_text
-
-    def embed(self, texts):
-        return np.stack([self.by_text[t] for t in texts])
 
 
 def subject(rec: dict) -> str:
     return rec["text"].split("\n", 1)[0].strip()
 
 
-def build(root: Path, recs: list[dict], vecs: np.ndarray, embedder) -> str:
-    paths = Paths.at(root).ensure()
-    store = Store(paths.db).init()
-    for i in range(0, len(recs), 500):
-        (paths.raw / f"part-{i:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[i:i + 500]))
-    ingest.scan(paths, store, debounce_s=0)
-    for b in ingest.plan_batches(store, 100, 10_000_000):
-        ingest.process_files(paths, store, list(b.files))
-    pipeline.embed_partition(store, Precomputed(embedder, {r["text"]: v for r, v in zip(recs, vecs)}), None)
-    return pipeline.update_index(store, IndexStore(paths.index), embedder.model_id, embedder.dim).meta.version
+build = common.build_root
 
 
 def scaled(recs: list[dict], vecs: np.ndarray, n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
@@ -87,26 +63,10 @@ def scaled(recs: list[dict], vecs: np.ndarray, n: int, seed: int = 0) -> tuple[l
 def run_queries(root: Path, n_records: int, version: str, probes: list[dict], tmp: Path, label: str,
                 recall: bool = True) -> dict:
     """A server on ``root``; every probe in every mode, one request at a time."""
-    port = free_port()
-    env = {**os.environ, "STREAM_SENTINEL_HOME": str(root)}
-    env.pop("STREAM_SENTINEL_API_TOKEN", None)
-    log_path = tmp / f"serve-{label}.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "serve", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        started, deadline = time.monotonic(), time.monotonic() + 900
-        while True:
-            try:
-                h = api.get("/healthz").json()
-                if h["search"]["index_version"] == version and h["search"]["lexical_records"] == n_records:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"the server did not load the index:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    started = time.monotonic()
+    with common.api_server(root, tmp / f"serve-{label}.log", ready=lambda h: h["search"]["index_version"] == version
+                           and h["search"]["lexical_records"] == n_records) as (url, _):
+        api = httpx.Client(base_url=url, timeout=120)
         ready_s = time.monotonic() - started
         api.get("/v1/search", params={"q": "warm up the model", "mode": "dense"})
         results = {"records": n_records, "ready_s": round(ready_s, 1)}
@@ -124,9 +84,6 @@ def run_queries(root: Path, n_records: int, version: str, probes: list[dict], tm
                                                if recall else "") +
                   f"p50 {results[mode]['p50_ms']:.1f} ms, p99 {results[mode]['p99_ms']:.1f} ms", flush=True)
         return results
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -138,9 +95,11 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--limit", type=int, default=None, help="records of the demo corpus (default all)")
     ap.add_argument("--scale", type=int, default=100_000, help="records of the latency run (0: none)")
+    ap.add_argument("--quick", action="store_true", help="100 queries, the demo only (no 100k index)")
     args = ap.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    if args.quick:
+        args.queries, args.scale = 100, 0
+    cpu = common.cpu_name()
     recs, _, _ = common.corpus()
     recs = recs[: args.limit] if args.limit else recs
     s = Settings.from_env()

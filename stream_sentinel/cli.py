@@ -447,8 +447,7 @@ def cmd_up(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for child in children.values():
-            child.stop()
+        _stop_groups([c.proc for c in children.values() if c.proc is not None])
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -518,10 +517,6 @@ class Supervised:
         self.delay = min(30.0, self.delay * 2)
         return f"exited with code {code}; starting it again in {self.due - now:.0f} s"
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_group(self.proc)
-
 
 def cmd_embed_export(args) -> int:
     """The ONNX export (and int8 quantization) done ahead of the first run that needs it."""
@@ -587,25 +582,37 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     """Stop a process started in its own session and everything in its process group. A
     leader that is already gone (killed) may have left members behind, e.g. the webserver
     of a `dagster dev` whose daemon died: they are stopped too."""
-    if proc.poll() is not None:
+    _stop_groups([proc], grace_s)
+
+
+def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """:func:`_stop_group` for several at once: all are asked first, then waited for within
+    one grace period (one after the other, three slow children took three of them)."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGINT)
-            deadline = time.monotonic() + min(grace_s, 10.0)
-            while time.monotonic() < deadline:
-                time.sleep(0.2)
-                os.killpg(proc.pid, 0)  # raises once the group is empty
-            os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    for proc in procs:
+        leader_gone = proc.poll() is not None
+        try:
+            if leader_gone:  # wait for what it left in its group (at most 10 s)
+                until = min(deadline, time.monotonic() + 10.0)
+                while time.monotonic() < until:
+                    os.killpg(proc.pid, 0)  # raises once the group is empty
+                    time.sleep(0.2)
+                os.killpg(proc.pid, signal.SIGKILL)
+                continue
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 # ------------------------------------------------------------------------------ main

@@ -399,11 +399,11 @@ class Settings:
     api_max_items: int = setting(1000, _S + "API_MAX_ITEMS", "most records or feedback messages per request",
                                  "serving", low=1)
     api_batch_window_ms: float = setting(
-        3.0, _S + "API_BATCH_WINDOW_MS", "dynamic batching: how long the first new text waits for others "
-        "from concurrent requests before they are embedded together (0: each request alone)", "serving",
+        0.0, _S + "API_BATCH_WINDOW_MS", "dynamic batching: texts that queued while the embedder was busy are "
+        "always embedded together; > 0 also holds the first text of an idle spell this long for others", "serving",
         low=0.0, high=1000.0)
-    api_batch_max: int = setting(64, _S + "API_BATCH_MAX", "dynamic batching: most texts embedded in one call",
-                                 "serving", low=1, high=4096)
+    api_batch_max: int = setting(64, _S + "API_BATCH_MAX", "dynamic batching: most texts embedded in one call "
+                                 "(1: batching off, each request embedded on its own)", "serving", low=1, high=4096)
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -5,9 +5,11 @@ prediction log reaching DuckDB through its sensor, and hot reload under load."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -153,6 +155,22 @@ def test_the_prediction_log_reaches_duckdb_once_whole_lines_only_bad_lines_kept(
     assert rows == [("q1", 0, "challenger", False), ("q1", 0, "champion", True), ("q1", 1, "champion", True),
                     ("q3", 2, "champion", True)]
     assert rejects == [("bad_record_id", b'{"request_id": "q2", "role": "nobody"}')]
+    # a killed API's torn tail: once it has not grown for a while it is kept as a reject, and
+    # loading goes on past it (a new line after it is loaded, the tail is not loaded twice)
+    with open(path, "ab") as fh:
+        fh.write(b'{"request_id": "q4", "i": 0, "rec')
+    assert served.ingest(paths.home, store)["rejected"] == 0  # in progress, as far as anyone knows
+    old = time.time() - served.TORN_AFTER_S - 5
+    os.utime(path, (old, old))
+    with dg.build_resources({"sentinel": StreamSentinelResource.from_settings(Settings(), home=str(paths.home))}) as res:
+        assert isinstance(evaluate_served(res.sentinel), dg.RunRequest)
+    assert served.ingest(paths.home, store) == {"files": 1, "loaded": 0, "rejected": 1}
+    with open(path, "ab") as fh:
+        fh.write(json.dumps(_answer(5, "champion")).encode() + b"\n")
+    assert served.ingest(paths.home, store) == {"files": 1, "loaded": 1, "rejected": 0}
+    with store.connect() as con:
+        assert con.execute("SELECT raw FROM served_rejects WHERE rule = 'torn_line'").fetchall() == [
+            (b'{"request_id": "q4", "i": 0, "rec',)]
 
 
 def _another_version(registry, version: str, threshold: float) -> str:
@@ -272,6 +290,22 @@ def test_promotions_rollbacks_and_index_versions_are_picked_up_under_load_withou
             for t in clients:
                 t.join()
         assert api.get("/healthz").json()["champion"] == registry.champion_version()
+        # a champion whose files do not match their sha256: a clear 503 (not the previous
+        # version, which is no longer the champion), said by healthz, until the pointer moves
+        broken = _another_version(registry, v1, 0.5)
+        with open(paths.models / broken / "model.txt", "a") as fh:
+            fh.write("\n")
+        before = registry.champion_version()
+        registry.promote(broken, None, "test")
+        err = _error(api.post("/v1/predict", json={"records": [{"id": known[0]}]}), 503)
+        assert err["code"] == "model_unavailable" and broken in err["message"] and "sha256" in err["message"]
+        health = api.get("/healthz").json()
+        assert health["champion"] == broken and not health["loaded"]["model"]
+        assert "sha256" in health["loaded"]["model_error"]
+        registry.rollback(before)
+        ok = api.post("/v1/predict", json={"records": [{"id": known[0]}]})
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["model_version"] == before
+        assert api.get("/healthz").json()["loaded"]["model_error"] is None
     errors = [a for a in answers if a[3]]
     assert not errors, errors[:5]
     assert len(answers) > 50 and len({v for a in answers for v in a[2]}) == 3
@@ -283,3 +317,66 @@ def test_promotions_rollbacks_and_index_versions_are_picked_up_under_load_withou
         for v in got:
             assert any(v == sv and s <= t1 and t0 <= e for s, e, sv in spans), (t0, t1, v, spans)
     assert len(picked_up) == 5 and all(dt <= 2.0 for _, dt in picked_up), picked_up
+
+
+class _Gated:
+    """The embedding side of a Batcher over the real model's vectors, whose first call waits
+    for ``release`` (so that texts queue behind it, as under load) and whose calls are counted."""
+
+    def __init__(self, embedder, fail_on: str | None = None):
+        import threading
+
+        self.embedder, self.fail_on = embedder, fail_on
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls: list[tuple[int, str]] = []
+
+    def embed(self, texts, model_id, dim):
+        import threading
+
+        self.calls.append((len(texts), threading.current_thread().name))
+        self.entered.set()
+        self.release.wait(30)
+        if self.fail_on in texts:
+            raise RuntimeError("embedder failed")
+        return self.embedder.embed(list(texts))
+
+
+def test_texts_that_queue_while_the_embedder_is_busy_go_in_one_call_each_answered_with_its_own(demo_embedder,
+                                                                                              demo_records):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream_sentinel.serving.embedding import Batcher
+
+    texts = [r["text"] for r in demo_records[WINDOW][:12]]  # vectors the suite has already
+    gated = _Gated(demo_embedder)
+    batcher = Batcher(gated, window_s=0.0, max_batch=8)
+    first = batcher.submit(texts[:1], "m", demo_embedder.dim)
+    assert gated.entered.wait(10)  # a lone text is embedded at once, without waiting for company
+    with ThreadPoolExecutor(11) as pool:
+        futures = list(pool.map(lambda t: batcher.submit([t], "m", demo_embedder.dim), texts[1:]))
+        time.sleep(0.2)  # all eleven are queued behind the busy embedder
+        gated.release.set()
+        got = [first.result(60)] + [f.result(60) for f in futures]
+    assert [n for n, _ in gated.calls] == [1, 8, 3]  # batches of what queued, at most max_batch
+    assert {name for _, name in gated.calls} == {"embed-batcher"}
+    for text, vec in zip(texts, got):
+        assert vec.shape == (1, demo_embedder.dim)
+        np.testing.assert_array_equal(vec[0], demo_embedder.embed([text])[0])
+    # a failed call fails each of its requests, and the next call works
+    failing = _Gated(demo_embedder, fail_on=texts[2])
+    batcher = Batcher(failing, window_s=0.0, max_batch=8)
+    blocker = batcher.submit(texts[:1], "m", demo_embedder.dim)
+    assert failing.entered.wait(10)
+    doomed = [batcher.submit([t], "m", demo_embedder.dim) for t in texts[1:4]]
+    time.sleep(0.1)
+    failing.release.set()
+    assert blocker.result(60).shape == (1, demo_embedder.dim)
+    for f in doomed:
+        with pytest.raises(RuntimeError, match="embedder failed"):
+            f.result(60)
+    assert batcher.submit(texts[5:6], "m", demo_embedder.dim).result(60).shape == (1, demo_embedder.dim)
+    # batching off: each request on its own, in the caller's thread
+    off = _Gated(demo_embedder)
+    off.release.set()
+    Batcher(off, window_s=0.0, max_batch=1).submit(texts[:2], "m", demo_embedder.dim).result(60)
+    assert off.calls == [(2, "MainThread")]

@@ -243,6 +243,10 @@ def test_metrics_count_requests_by_route_and_show_the_loop(paths, store):
 
     fs.record_lag(store, "stream-sentinel.feedback", 2, high=40, next_offset=25)
     with serve(paths) as api:
+        deadline = time.monotonic() + 20  # the loop's state is read in the background, after start
+        while "stream_sentinel_kafka_lag{" not in api.get("/metrics").text:
+            assert time.monotonic() < deadline, "Kafka lag never reached /metrics"
+            time.sleep(0.2)
         api.get("/v1/models/m000123")
         api.get("/v1/models/m000456")
         api.get("/v1/models")

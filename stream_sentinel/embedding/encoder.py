@@ -159,6 +159,25 @@ class Encoder:
                                  self._st.get_embedding_dimension(), infer, fixed_shapes=fixed, granule=self.granule)
 
 
+MIN_FILL = 0.8  # a text shorter than this share of its batch's longest starts a new batch
+
+
+def _batches(lengths: list[int], order: np.ndarray, batch_size: int, fixed_shapes: bool) -> list[np.ndarray]:
+    """Indices (longest first) cut into batches of at most ``batch_size`` texts of similar
+    length. Sorting alone leaves little padding when there are many texts; a few texts of
+    mixed lengths (the API's dynamic batches: 16 short texts from 16 requests) padded to the
+    longest ran at 17 texts/s, cut where a text is under ``MIN_FILL`` of the longest at 32/s,
+    on two cores (bench/serving.py texts). Compiled graphs keep full batches (their shapes)."""
+    if fixed_shapes:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    out, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or end - start == batch_size or lengths[order[end]] < MIN_FILL * lengths[order[start]]:
+            out.append(order[start:end])
+            start = end
+    return out
+
+
 def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[str], dim: int, infer,
                       fixed_shapes: bool = False, granule: int = GRANULE) -> np.ndarray:
     """Texts sorted by token count, cut into batches, run through ``infer(input_ids, mask)``
@@ -170,8 +189,7 @@ def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[
     ids = tokenize_truncated(tokenizer, texts, max_len)
     order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first: little padding
     pad_id = tokenizer.pad_token_id or 0
-    for start in range(0, len(texts), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in _batches([len(x) for x in ids], order, batch_size, fixed_shapes):
         longest = len(ids[idx[0]])
         length = min(max_len, -(-longest // granule) * granule) if fixed_shapes else longest
         rows = batch_size if fixed_shapes else len(idx)

@@ -223,7 +223,8 @@ def healthz(request: Request) -> Response:
                    "index": served_index is not None and meta is not None
                    and served_index.meta.version == meta.version,
                    "embedder": svc.batcher.embedding.describe() is not None,
-                   "labelled_reference": held["labelled_reference"], "known_records": held["known_records"]},
+                   "labelled_reference": held["labelled_reference"], "known_records": held["known_records"],
+                   "model_error": held["model_error"]},
         "challenger": held["challenger"],
         "search": svc.search.describe(),
     })
@@ -472,10 +473,10 @@ async def predict(request: Request) -> Response:
       409: {description: the data was embedded with another model than this server's}
       413: {description: body or batch too large}
       422: {description: "records that cannot be scored (error.records: [{index, id, rule, error}])"}
-      503: {description: no champion yet}
+      503: {description: "no champion yet (no_model), or its files cannot be loaded (model_unavailable)"}
     """
     from .embedding import IndexModelMismatch
-    from .predict import NoModel, UnknownRecords
+    from .predict import ModelUnavailable, NoModel, UnknownRecords
 
     svc: Service = request.app.state.svc
     s = svc.settings
@@ -484,6 +485,8 @@ async def predict(request: Request) -> Response:
         answer = await run_in_threadpool(svc.predictor.predict, records)
     except NoModel as exc:
         raise ApiError(503, "no_model", str(exc)) from None
+    except ModelUnavailable as exc:
+        raise ApiError(503, "model_unavailable", f"{exc}; roll back or repair it") from None
     except UnknownRecords as exc:
         raise ApiError(404, "unknown_records", f"{exc}; send their text to score them", field="records",
                        ids=exc.ids[:100]) from None
@@ -586,6 +589,16 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
             return
 
 
+def _one_openmp_thread_for_faiss() -> None:
+    """FAISS searches here are single queries (a search, a request's kNN columns), which gain
+    nothing from its OpenMP threads; those threads spin for a while after every call, taking
+    the cores from the embedder: with them, new texts at concurrency 32 were embedded at
+    less than half the embedder's own speed (bench/serving.py)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 def create_app(paths: Paths | None = None, settings: Settings | None = None, token: str | None = None) -> Starlette:
     """The application for a data root (default: the environment's), its settings and token."""
     paths = paths or Paths.from_env()
@@ -597,6 +610,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     from .search import SearchService
 
     svc = Service(paths.ensure(), settings, token)
+    _one_openmp_thread_for_faiss()
     svc.batcher = Batcher(Embedding(svc.paths, settings), settings.api_batch_window_ms / 1000.0,
                           settings.api_batch_max)
     svc.search = SearchService(svc.paths, settings, svc.batcher)

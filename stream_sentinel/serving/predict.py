@@ -36,6 +36,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LABELS_CHECK_S = 2.0  # how often the labels' digest is compared (a cheap aggregate)
+SMALL_BATCH = 64  # rows scored on one thread
+SCORE_MAX_ROWS = 1024  # records of concurrent requests scored in one pass
+MODEL_RETRY_S = 2.0  # a champion that failed to load is tried again this often
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,14 @@ class KnownRecords:
 class Predictor:
     def __init__(self, paths, settings, batcher, log_writer):
         from ..learning.registry import ModelRegistry
+        from .batching import ContinuousBatcher
 
         self.paths, self.settings, self.batcher, self.log = paths, settings, batcher, log_writer
         self.registry = ModelRegistry(paths.models, None)  # the pointer and folders only
         self._models: dict[str, ServedModel] = {}
         self._pointer: tuple | None = None  # (inode, mtime_ns, size) of CHAMPION when last read
         self._champion: str | None = None
+        self._broken: tuple | None = None  # (pointer key, why, retry after): a champion that failed to load
         self._load_lock = threading.Lock()
         self.challenger: str | None = None
         self.arms: dict = {}
@@ -108,6 +113,9 @@ class Predictor:
         self._labels_checked = 0.0
         self._known_index: str | None = None  # the index version whose records ``known`` holds
         self.known = KnownRecords()
+        # the records of concurrent requests scored together (one kNN search, one tree pass)
+        self.scorer = ContinuousBatcher(self._score_group, SCORE_MAX_ROWS if settings.api_batch_max > 1 else 1,
+                                        name="score-batcher")
 
     # ------------------------------------------------------------------ the version
     def model(self, version: str) -> ServedModel:
@@ -155,14 +163,26 @@ class Predictor:
             version = self.registry.champion_version()
             if version is None:
                 return None
-            model = self.model(version)  # loaded before it is answered with
-            self._champion, self._pointer = version, key
+            broken = self._broken
+            if broken is not None and broken[0] == key and time.monotonic() < broken[2]:
+                raise ModelUnavailable(broken[1])
+            try:
+                model = self.model(version)  # loaded before it is answered with
+            except Exception as exc:  # noqa: BLE001 -- a sha mismatch, missing or unreadable files
+                # not the previous version instead: it is no longer the champion. Tried again
+                # every MODEL_RETRY_S (a folder still being repaired), until the pointer moves.
+                msg = f"the champion {version} cannot be loaded ({type(exc).__name__}: {exc})"
+                self._broken = (key, msg, time.monotonic() + MODEL_RETRY_S)
+                log.warning("predict: %s", msg)
+                raise ModelUnavailable(msg) from None
+            self._champion, self._pointer, self._broken = version, key, None
             return model
         return self.model(self._champion) if self._champion else None
 
     def loaded(self) -> dict:
         ref = self.reference
         return {"champion": self._champion, "challenger": self.challenger,
+                "model_error": None if self._broken is None else self._broken[1],
                 "labelled_reference": 0 if ref is None else len(ref.ids), "known_records": len(self.known)}
 
     # ------------------------------------------------------------------ keeping current
@@ -171,7 +191,10 @@ class Predictor:
         reference when the labels changed, the challenger and the arms."""
         from ..store import Store, StoreBusy
 
-        self.champion()  # a promotion is loaded here too, not only by the next request
+        try:
+            self.champion()  # a promotion is loaded here too, not only by the next request
+        except ModelUnavailable:
+            pass  # said by healthz and by each request
         new_index = index is not None and index.meta.version != self._known_index
         due = time.monotonic() - self._labels_checked >= LABELS_CHECK_S
         if not (new_index or due):
@@ -285,8 +308,25 @@ class Predictor:
             ref = Reference(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, int), [])
         # a labelled record never sees its own label (as when the loop scores it)
         X = build_features(model.spec, vectors, features, ref, ids)
-        p = model.booster.predict(X)
+        # a few rows: one thread (waking LightGBM's OpenMP pool costs more than the trees)
+        p = model.booster.predict(X, num_threads=1) if len(X) <= SMALL_BATCH else model.booster.predict(X)
         return p, [model.positive if x >= model.threshold else model.negative for x in p]
+
+    def _score_group(self, pair: tuple, requests: list[tuple]) -> list[tuple]:
+        """The records of several requests (same champion and challenger) scored in one pass;
+        each request's (probabilities, labels) of each model."""
+        champion, challenger = requests[0][0], requests[0][1]
+        vectors = np.vstack([r[2] for r in requests]) if len(requests) > 1 else requests[0][2]
+        features = [f for r in requests for f in r[3]]
+        ids = [i for r in requests for i in r[4]]
+        answers = [self.score(m, vectors, features, ids) if m is not None else (None, None)
+                   for m in (champion, challenger)]
+        out, at = [], 0
+        for r in requests:
+            n = len(r[4])
+            out.append(tuple((None, None) if p is None else (p[at:at + n], labels[at:at + n]) for p, labels in answers))
+            at += n
+        return out
 
     def predict(self, records: list[dict]) -> dict:
         started = time.time()
@@ -301,9 +341,9 @@ class Predictor:
         ids = [r["id"] for r in records]
         keys = [str(r.get("routing_key") or r["id"]) for r in records]
         roles = [self.route(k) if challenger is not None else "champion" for k in keys]
-        p_champ, l_champ = self.score(champion, vectors, features, ids)
-        if challenger is not None:
-            p_chal, l_chal = self.score(challenger, vectors, features, ids)
+        pair = (champion.version, None if challenger is None else challenger.version)
+        (p_champ, l_champ), (p_chal, l_chal) = self.scorer.submit(
+            pair, (champion, challenger, vectors, features, ids), len(ids)).result()
         request_id = uuid.uuid4().hex
         served_at = datetime.now(timezone.utc).isoformat()
         out, lines = [], []
@@ -332,3 +372,7 @@ class UnknownRecords(Exception):
 
 class NoModel(Exception):
     pass
+
+
+class ModelUnavailable(Exception):
+    """The champion pointer names a version whose files cannot be loaded (yet)."""

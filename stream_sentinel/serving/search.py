@@ -202,20 +202,21 @@ class SearchService:
         self.lexical.rebuild()
 
     # ------------------------------------------------------------------ searching
-    def embed_query(self, text: str, model_id: str, dim: int) -> np.ndarray:
-        return self.batcher.submit([text], model_id, dim).result()
-
     def search(self, query: str, k: int, mode: str = "hybrid") -> dict:
         index = self.index
         depth = max(k, 50)  # each ranking's depth before fusion and the phrase check
         dense: list[tuple[str, float]] = []
         lexical: list[tuple[str, float]] = []
+        pending = None
         if index is not None and mode in ("hybrid", "dense"):
-            vec = self.embed_query(query, index.meta.model_id, index.meta.dim)
-            dense = index.search(vec, depth if mode == "hybrid" else k)[0]
+            # the embedder works in the batcher's thread while BM25 scores here: on two
+            # cores the lexical side then costs no wall time
+            pending = self.batcher.submit([query], index.meta.model_id, index.meta.dim)
         qids, whole = self.lexical.query_ids(query)
         if mode in ("hybrid", "lexical"):
             lexical = self.lexical.search(qids, depth)
+        if pending is not None:
+            dense = index.search(pending.result(), depth if mode == "hybrid" else k)[0]
         if mode == "dense":
             ranked = dense[:k]
         else:

@@ -1,0 +1,166 @@
+"""POST /v1/predict over real HTTP: latency by known id, throughput, and what dynamic batching buys.
+
+Builds a data root from the demo corpus (the product's file path, the real model's vectors
+computed once, the real FAISS index), labels its first ``--labelled`` records, trains and
+promotes a champion, and starts `stream-sentinel serve` on it in its own process. The load
+comes from this process (``loadgen``: keep-alive connections, a closed loop), so on a 2-core
+machine the client takes some CPU from the server: its CPU seconds are printed beside each figure.
+
+In one run:
+
+* **predict by known id** (stored vector and features, one record per request): p50/p99 at
+  concurrency 1, requests/s and p99 at concurrency 32 (goal: p99 <= 5 ms, >= 1,000 req/s);
+* **predict new short texts** (20-40 tokens, one per request, each embedded by the server's
+  model): p50/p99 at concurrency 1 (goal: p99 <= 30 ms), texts/s at concurrency 32 with dynamic
+  batching (the default: continuous) and with it switched off (``STREAM_SENTINEL_API_BATCH_MAX=1``,
+  a second server), against the embedder's own offline batch throughput on the same texts in
+  this process (the limit). Goals: batching >= 80 % of offline and >= 4x batching off.
+
+    python bench/serving.py [--quick] [--labelled 3000] [--requests 1000] [--seconds 15] [--parts id,text,off]
+
+Ends with one JSON line, like every bench script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import common  # noqa: E402  (puts the repo on sys.path)
+import loadgen  # noqa: E402
+from stream_sentinel import feedback as fb  # noqa: E402
+from stream_sentinel.config import Paths, Settings  # noqa: E402
+from stream_sentinel.embedding.embedder import Embedder  # noqa: E402
+from stream_sentinel.learning import loop as learning  # noqa: E402
+from stream_sentinel.learning.models import TrainParams, load_training_set  # noqa: E402
+from stream_sentinel.learning.registry import ModelRegistry  # noqa: E402
+from stream_sentinel.store import Store  # noqa: E402
+
+
+def short_texts(recs: list[dict], n: int, seed: int = 3) -> list[str]:
+    """``n`` texts of 20-40 words (about as many tokens, or a few more) cut from the corpus."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        words = rng.choice(recs)["text"].split()
+        if len(words) < 40:
+            continue
+        k, at = rng.randint(20, 40), rng.randint(0, len(words) - 40)
+        out.append(" ".join(words[at:at + k]))
+    return out
+
+
+def champion_for(root: Path, recs: list[dict], labels: dict[str, str], embedding_model_id: str) -> str:
+    """Feedback for ``recs`` (one oracle vote each), consensus, a first model, promoted."""
+    paths = Paths.at(root)
+    store = Store(paths.db)
+    now = datetime.now(timezone.utc)
+    events = [fb.Event(fb.Position("bench", 0, i), r["id"], labels[r["id"]], "oracle", 1.0, now)
+              for i, r in enumerate(recs)]
+    fb.write(store, events, [], "file")
+    fb.resolve_labels(store, fb.ConsensusConfig())
+    ts = load_training_set(store, embedding_model_id, "spam")
+    learning.persist_training_set(store, ts, embedding_model_id)
+    ts = learning.training_set_for_version(store, ts.data_version, embedding_model_id)
+    registry = ModelRegistry(paths.models, store)
+    version = learning.train_candidate(registry, store, ts, embedding_model_id, TrainParams(), full=True).version
+    registry.promote(version.version, None, "bench")
+    return version.version
+
+
+def measure(url: str, bodies: list[dict], concurrency: int, *, seconds: float | None = None,
+            count: int | None = None, label: str) -> dict:
+    host = url.removeprefix("http://")
+    requests = [loadgen.post("/v1/predict", host, b) for b in bodies]
+    cpu0 = time.process_time()
+    res = loadgen.run(url, requests, concurrency, seconds, count)
+    n = len(res.latencies)
+    out = {"concurrency": concurrency, "requests": n, "errors": res.errors,
+           "req_per_s": round(n / res.wall_s, 1), "p50_ms": common.percentile_ms(res.latencies, 50),
+           "p99_ms": common.percentile_ms(res.latencies, 99), "client_cpu_s": round(time.process_time() - cpu0, 2),
+           "wall_s": round(res.wall_s, 2)}
+    assert json.loads(res.sample)["predictions"][0]["model_version"], res.sample[:300]
+    print(f"{label:>26}: c={concurrency:<3} {out['req_per_s']:8.1f} req/s  p50 {out['p50_ms']:7.2f} ms  "
+          f"p99 {out['p99_ms']:7.2f} ms  errors {res.errors}  (client CPU {out['client_cpu_s']} s of "
+          f"{out['wall_s']} s)", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--labelled", type=int, default=3000, help="records labelled before the champion is trained")
+    ap.add_argument("--requests", type=int, default=1000, help="requests of each concurrency-1 measurement")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of each concurrency-32 measurement")
+    ap.add_argument("--texts", type=int, default=2000, help="distinct short texts")
+    ap.add_argument("--parts", default="id,text,off", help="what to measure (default all): id, text, off")
+    ap.add_argument("--quick", action="store_true", help="a small run: 200 requests, 5 s, 300 texts")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.seconds, args.texts = 200, 5.0, 300
+    recs, labels, _ = common.corpus()
+    s = Settings.from_env()
+    embedder = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend)
+    vecs, _ = common.demo_vectors(embedder, recs)
+    texts = short_texts(recs, args.texts)
+    # the limit: the embedder's own batch throughput on the same texts, in this process
+    embedder.embed(texts[:64])
+    t0 = time.perf_counter()
+    embedder.embed(texts)
+    offline = len(texts) / (time.perf_counter() - t0)
+    print(f"offline embedder: {offline:.1f} texts/s ({embedder.model_id}, batch {s.embed_batch_size})", flush=True)
+    model = SimpleNamespace(model_id=embedder.model_id, dim=embedder.dim)
+    del embedder  # its memory and threads are not the server's competition
+    results: dict = {"offline_texts_per_s": round(offline, 1)}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        tmp = Path(tmp)
+        root = tmp / "root"
+        common.build_root(root, recs, vecs, model)
+        champion = champion_for(root, recs[:args.labelled], labels, model.model_id)
+        ids = [r["id"] for r in recs]
+        rng = random.Random(5)
+
+        def ready(h: dict) -> bool:
+            return h["champion"] == champion and all(h["loaded"][k] for k in ("model", "index")) \
+                and h["loaded"]["known_records"] == len(recs) and h["loaded"]["labelled_reference"] > 0
+
+        by_id = [{"records": [{"id": rng.choice(ids)}]} for _ in range(5000)]
+        new = [{"records": [{"id": f"new-{i}", "text": t}]} for i, t in enumerate(texts)]
+        parts = set(args.parts.split(","))
+        for env, name in (({}, "batching"), ({"STREAM_SENTINEL_API_BATCH_MAX": "1"}, "off")):
+            if not parts & ({"id", "text"} if name == "batching" else {"off"}):
+                continue
+            with common.api_server(root, tmp / f"serve-{name}.log", env, ready) as (url, _):
+                measure(url, new[:20], 1, count=20, label="warm-up")
+                part = results.setdefault(name, {})
+                if name == "batching" and "id" in parts:
+                    part["by_id_c1"] = measure(url, by_id, 1, count=args.requests, label="known id")
+                    part["by_id_c32"] = measure(url, by_id, 32, seconds=args.seconds, label="known id")
+                if name == "off" or "text" in parts:
+                    if name == "batching":
+                        part["text_c1"] = measure(url, new, 1, count=min(args.requests, len(new)),
+                                                  label="new text, batching")
+                    part["text_c32"] = measure(url, new, 32, seconds=args.seconds, label=f"new text, {name}")
+    if "text_c32" not in results.get("batching", {}) or "off" not in results:
+        common.save({"bench": "serving-partial", "cpu": common.cpu_name(), **results})
+        return 0
+    on, off = results["batching"]["text_c32"]["req_per_s"], results["off"]["text_c32"]["req_per_s"]
+    results["batching_over_offline"] = round(on / offline, 3)
+    results["batching_over_off"] = round(on / max(off, 1e-9), 2)
+    print(f"new texts at c=32: batching {on:.1f}/s = {on / offline:.2f} of offline {offline:.1f}/s, "
+          f"{on / max(off, 1e-9):.2f}x batching off ({off:.1f}/s)")
+    common.save({"bench": "serving", "cpu": common.cpu_name(), "cores": os.cpu_count(), "records": len(recs),
+                 "labelled": args.labelled, "champion": champion, "embed_backend": s.embed_backend,
+                 "embed_precision": s.embed_precision, "batch_window_ms": s.api_batch_window_ms, **results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
