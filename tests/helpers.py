@@ -7,6 +7,7 @@ Feedback: votes, Kafka producing, ticks of the real feedback_kafka_sensor, feedb
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -168,3 +169,27 @@ def serve(paths, token: str | None = None, env: dict[str, str] | None = None, po
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------ processes
+
+
+def start_embed_server(paths, compile_: bool = False, env_extra: dict | None = None) -> subprocess.Popen:
+    """`stream-sentinel embed-server` for the data root ``paths``, once its socket is there
+    (eager by default: the same vectors as in-process, bit for bit)."""
+    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home), "STREAM_SENTINEL_EMBED_COMPILE": str(int(compile_)),
+           **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not paths.embed_socket.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the embedding server did not come up"
+        time.sleep(0.2)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -23,6 +23,7 @@ from stream_sentinel.index import IndexStore
 from stream_sentinel.store import Store
 
 from .conftest import REPO, drop
+from .helpers import start_embed_server, stop_process
 
 pytestmark = pytest.mark.daemon
 WAIT_S = 420
@@ -30,7 +31,10 @@ WAIT_S = 420
 
 @pytest.fixture
 def daemon(paths, tmp_path):
-    # the instance folder as `stream-sentinel up` prepares it: the packaged dagster.yaml and workspace.yaml
+    # the instance folder as `stream-sentinel up` prepares it: the packaged dagster.yaml and workspace.yaml,
+    # and the embedding server `up` starts beside it (eager): each run embeds through it instead of
+    # importing torch and loading the model itself (about 10 s per run on two cores)
+    embed_server = start_embed_server(paths)
     dagster_home = dagster_home_files.prepare(tmp_path / "dagster_home")
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(paths.home),
            "STREAM_SENTINEL_SENSOR_INTERVAL": "1", "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0.5"}
@@ -48,6 +52,7 @@ def daemon(paths, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        stop_process(embed_server)
 
 
 def _wait_for(predicate, what: str, log: Path):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,32 +13,14 @@ from stream_sentinel.embedding.server import RemoteEmbedder, connect
 from stream_sentinel.store import Store
 
 from .conftest import drop
-
-
-def _start(paths, compile_: bool, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "STREAM_SENTINEL_HOME": str(paths.home), "STREAM_SENTINEL_EMBED_COMPILE": str(int(compile_)),
-           **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not paths.embed_socket.exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the embedding server did not come up"
-        time.sleep(0.2)
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+from .helpers import start_embed_server, stop_process
 
 
 @pytest.fixture
 def server(paths):
-    proc = _start(paths, compile_=False)  # eager: the same vectors as in-process, bit for bit
+    proc = start_embed_server(paths, compile_=False)  # eager: the same vectors as in-process, bit for bit
     yield proc
-    _stop(proc)
+    stop_process(proc)
 
 
 def _ingest(paths, instance, name, records):
@@ -88,7 +67,7 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
 def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embedder, demo_records, instance):
     # two compiled shapes (128 and 256 tokens) instead of eight: compiling is what takes the
     # time on a CPU without bf16 units (136 s for eight on a 2-core AMD EPYC), not what is tested
-    proc = _start(paths, compile_=True, env_extra={"STREAM_SENTINEL_EMBED_COMPILE_GRANULE": "128"})
+    proc = start_embed_server(paths, compile_=True, env_extra={"STREAM_SENTINEL_EMBED_COMPILE_GRANULE": "128"})
     try:
         remote = connect(paths.embed_socket, embedder.model_id, embedder.dim)
         texts = [r["text"] for r in demo_records[200:260]]
@@ -103,4 +82,4 @@ def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embed
         store, mat = _ingest(paths, instance, "compiled.jsonl", demo_records[:20])
         assert mat.metadata["embedded_by"].value == "embed-server (compiled)"
     finally:
-        _stop(proc)
+        stop_process(proc)
