@@ -404,12 +404,13 @@ def cmd_up(args) -> int:
         # a first slice now so the UI has materialized assets within a minute, then a trickle
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "replay", "--quiet",
-             "--limit", str(args.demo_limit), "--rate", str(args.demo_rate), "--per-file", "50"], env=env))
+             "--limit", str(args.demo_limit), "--rate", str(args.demo_rate), "--per-file", "50"], env=env,
+            preexec_fn=_die_with_parent()))
         # labels arrive after the records they describe: two simulated reviewers, a little noise
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "stream_sentinel.cli", "demo-data", "feedback", "--quiet", "--after", "20",
              "--limit", str(args.demo_limit), "--rate", str(args.demo_rate * 2), "--per-file", "100",
-             "--reviewers", "2", "--noise", "0.05"], env=env))
+             "--reviewers", "2", "--noise", "0.05"], env=env, preexec_fn=_die_with_parent()))
     # the warm model every run shares (saves each run the ~5 s of importing torch and loading it)
     embed_cmd = [sys.executable, "-m", "stream_sentinel.cli", "embed-server"]
     api_cmd = [sys.executable, "-m", "stream_sentinel.cli", "serve"]
@@ -497,10 +498,12 @@ class Supervised:
             if now < self.due:
                 return ""
             if self.drop is None:
-                self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True)
+                self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True,
+                                             preexec_fn=_die_with_parent())
             else:
                 self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=self.cwd, start_new_session=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             preexec_fn=_die_with_parent())
                 self.relay = threading.Thread(target=relay, args=(self.proc.stdout, self.out or sys.stderr, self.drop),
                                               name="relay", daemon=True)
                 self.relay.start()
@@ -576,6 +579,26 @@ def cmd_embed_server(args) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _die_with_parent():
+    """A ``preexec_fn`` that makes the child get SIGTERM when `up` dies, however it dies (Linux
+    ``PR_SET_PDEATHSIG``): each child runs in its own session, so a SIGKILLed `up` used to
+    leave the API, the embedding server and `dagster dev` running, and the next `up` found
+    their ports taken. libc is looked up here, in the parent: the child only makes the call."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: children outlive a killed `up` there
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 
@@ -14,6 +16,8 @@ from stream_sentinel.devtools import demo
 from stream_sentinel.embedding.embedder import default_model_path
 from stream_sentinel.records import Record, validate
 from stream_sentinel.store import Store
+
+from .conftest import REPO
 
 
 def cli(*args, env=None, check=True):
@@ -141,6 +145,41 @@ def test_up_relays_dagster_output_without_the_run_queue_line(tmp_path):
     assert out.getvalue().splitlines() == keep
     assert child.tend().startswith("exited with code 3")
     assert cli.is_noise(queue) and not any(cli.is_noise(line) for line in keep)
+
+
+def test_a_killed_up_takes_its_children_with_it(tmp_path):
+    """`up` SIGKILLed: the children it supervises (each in its own session) get SIGTERM and
+    exit, so the next `up` finds their ports free."""
+    parent = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from stream_sentinel import cli
+        child = cli.Supervised([sys.executable, "-c", "import time; time.sleep(120)"], {{}})
+        child.tend()
+        print(child.proc.pid, flush=True)
+        time.sleep(120)
+    """)
+    up = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(up.stdout.readline())
+        os.kill(pid, 0)  # running
+        up.kill()
+        up.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(pid):
+            assert time.monotonic() < deadline, "the child outlived its killed parent"
+            time.sleep(0.1)
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie (not reaped by init yet) has exited
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_up_s_dagster_home_is_its_real_path(tmp_path):
