@@ -167,7 +167,9 @@ def _batches(lengths: list[int], order: np.ndarray, batch_size: int, fixed_shape
     length. Sorting alone leaves little padding when there are many texts; a few texts of
     mixed lengths (the API's dynamic batches: 16 short texts from 16 requests) padded to the
     longest ran at 17 texts/s, cut where a text is under ``MIN_FILL`` of the longest at 32/s,
-    on two cores (bench/serving.py texts). Compiled graphs keep full batches (their shapes)."""
+    on two cores (bench/serving.py texts). Many texts at once lose nothing: 256 demo e-mails
+    per call, three rounds each, median 9.7 texts/s without the cut and 10.7 with it (AMD
+    EPYC, 2026-12-03). Compiled graphs keep full batches (their shapes)."""
     if fixed_shapes:
         return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     out, start = [], 0
