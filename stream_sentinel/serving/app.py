@@ -594,10 +594,11 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
 
 
 def _one_openmp_thread_for_faiss() -> None:
-    """FAISS searches here are single queries (a search, a request's kNN columns), which gain
-    nothing from its OpenMP threads; those threads spin for a while after every call, taking
-    the cores from the embedder: with them, new texts at concurrency 32 were embedded at
-    less than half the embedder's own speed (bench/serving.py)."""
+    """FAISS searches here are small (one search query, or the kNN columns of the records
+    waiting for one scoring pass), which gain little from OpenMP threads, while idle OpenMP
+    threads spin after each call beside the embedder's. A precaution, not a measured gain:
+    bench/serving.py showed no change in text throughput from it (the loss there was
+    padding, fixed in encoder._batches)."""
     import faiss
 
     faiss.omp_set_num_threads(1)
