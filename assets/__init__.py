@@ -11,8 +11,9 @@ from .models import (champion, learning_alerts, live_accuracy, model, prediction
                      weekly_full_retrain)
 from .partitions import daily_arrivals, declared_daily_arrivals
 from .served import served_job, served_predictions
+from .windows import window_features
 
-all_assets = [raw_records, embeddings, vector_index, feedback, labels, training_set, model, champion, predictions, live_accuracy,
+all_assets = [raw_records, window_features, embeddings, vector_index, feedback, labels, training_set, model, champion, predictions, live_accuracy,
               drift_report, recent_drift_report, served_predictions]
 all_checks = [*index_checks, no_parked_units, learning_alerts]
 all_jobs = [ingest_job, checks_job, feedback_job, training_job, drift_job, recent_drift_job, served_job]

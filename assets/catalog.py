@@ -21,6 +21,7 @@ OWNERS = ["team:stream-sentinel"]
 # materialization, and `dagster/row_count` is reported by each materialization.
 TABLES = {
     "raw_records": "records",
+    "window_features": "window_features",
     "embeddings": "embeddings",
     "feedback": "feedback_events",
     "labels": "labels",
@@ -34,6 +35,7 @@ TABLES = {
 CODE_VERSIONS = {
     "labels": "consensus-1",  # weighted vote, reliability prior, decay (stream_sentinel.feedback)
     "training_set": "split-1",  # train / time-based valid / fixed golden (stream_sentinel.learning.models)
+    "window_features": "windows-1",  # what a window holds, ties, lateness (stream_sentinel.windows.compute)
 }
 
 

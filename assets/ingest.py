@@ -172,7 +172,8 @@ ingest_job = dg.define_asset_job(
     "ingest_job",
     # labels rides along so that feedback waiting for these records resolves in the same run
     selection=dg.AssetSelection.assets(raw_records, embeddings, vector_index)
-    | dg.AssetSelection.assets("labels", "predictions"),
-    description="One micro-batch: new files -> records -> embeddings -> index; pending labels resolved and "
+    | dg.AssetSelection.assets("window_features", "labels", "predictions"),
+    description="One micro-batch: new files -> records -> window features, embeddings -> index; pending labels "
+    "resolved and "
     "the new records scored by the champion (launched by raw_files_sensor).",
 )

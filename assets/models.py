@@ -1,11 +1,13 @@
 """labels -> training_set -> model (candidate) -> [candidate_beats_champion] -> champion -> predictions."""
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
 from stream_sentinel import drift, run_facts
 from stream_sentinel.learning import loop as learning
-from stream_sentinel.learning.models import TrainParams, load_training_set
+from stream_sentinel.learning.models import FeatureSpec, TrainParams, load_training_set
 from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .feedback import labels
@@ -40,7 +42,7 @@ def _build_training_set(sentinel: StreamSentinelResource, embedder: EmbedderReso
     return ts
 
 
-@dg.asset(deps=[labels, embeddings], group_name="learning", kinds={"duckdb"},
+@dg.asset(deps=[labels, embeddings, "window_features"], group_name="learning", kinds={"duckdb"},
           description="Resolved labels joined with records and current embeddings, split into train, a "
           "time-based validation slice (latest share) and a fixed golden slice; named by the hash of its "
           "label set, which every model version references.")
@@ -95,6 +97,8 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
         meta.update({"semver": cand.semver, "parent": cand.parent_version or "", "sha256": cand.sha256,
                      "path": dg.MetadataValue.path(cand.path)})
         meta.update({f"valid_{k}": v for k, v in cand.metrics.get("valid", {}).items()})
+        numeric = FeatureSpec.load(Path(cand.path)).numeric
+        meta["window_features"] = ", ".join(n for n in numeric if n.startswith("win_")) or "none"
     context.log.info(f"candidate: {meta['candidate'] or 'none'} ({res.strategy}: {res.reason})")
     run_facts.put(store, context.run.run_id, "candidate", cand.version if cand else "")
     if cand is None:
@@ -146,7 +150,7 @@ def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource
         data_version=dg.DataVersion(current or "none"))
 
 
-@dg.asset(deps=[champion, embeddings], group_name="learning", kinds={"duckdb"},
+@dg.asset(deps=[champion, embeddings, "window_features"], group_name="learning", kinds={"duckdb"},
           description="The champion's probability and label for new records, and (after a promotion) for the "
           "latest `STREAM_SENTINEL_RESCORE_WINDOW` records (table `predictions`, keyed by record and model "
           "version; view `current_predictions`: the served answer of every record).")

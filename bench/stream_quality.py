@@ -55,7 +55,10 @@ from stream_sentinel.config import Paths, Settings  # noqa: E402
 from stream_sentinel.embedding.embedder import Embedder  # noqa: E402
 from stream_sentinel.learning.models import TrainParams, load_training_set  # noqa: E402
 from stream_sentinel.learning.registry import ModelRegistry  # noqa: E402
+from stream_sentinel.devtools import demo  # noqa: E402
 from stream_sentinel.store import Store  # noqa: E402
+from stream_sentinel.windows import spec as window_spec  # noqa: E402
+from stream_sentinel.windows import state as window_state  # noqa: E402
 
 POS = "spam"
 
@@ -64,8 +67,10 @@ class ProductLoop:
     """The product's learning loop on its own data root."""
 
     def __init__(self, root: Path, embedder, full_every: int | None, frozen_after: int | None = None,
-                 train_between: bool = True, params: TrainParams | None = None, retrain_growth: float | None = None):
+                 train_between: bool = True, params: TrainParams | None = None, retrain_growth: float | None = None,
+                 windows=None):
         self.paths = Paths.at(root).ensure()
+        self.windows = windows  # a WindowSet: window features computed per batch, as window_features does
         self.store = Store(self.paths.db).init()
         self.registry = ModelRegistry(self.paths.models, self.store)
         self.embedder = embedder
@@ -92,6 +97,10 @@ class ProductLoop:
                 ingest.process_file(self.paths, self.store, sha)
         by_text = {r["text"]: v for r, v in zip(recs, vectors)}
         pipeline.embed_partition(self.store, _Precomputed(self.embedder, by_text), None)
+        if self.windows:
+            started = time.perf_counter()
+            window_state.update(self.store, self.windows)
+            self.seconds += time.perf_counter() - started
 
     def predict(self, ids: list[str]) -> np.ndarray:
         started = time.perf_counter()
@@ -217,6 +226,8 @@ def main() -> int:
     ap.add_argument("--threshold-z", type=float, default=TrainParams().threshold_z)
     ap.add_argument("--tag", default="", help="a suffix for the results file (variants side by side)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-retrain-each-batch loop (no compute ratio)")
+    ap.add_argument("--windows", action="store_true",
+                    help="also the product with the demo's stream windows (demo.DEMO_WINDOWS) as features")
     args = ap.parse_args()
     recs, labels, groups = common.corpus()
     embedder = Embedder.load()
@@ -239,6 +250,10 @@ def main() -> int:
         loops = {"continuous (product)": ProductLoop(Path(tmp) / "cont", embedder, None, params=params,
                                                      retrain_growth=args.retrain_growth),
                  "full retrain each batch": ProductLoop(Path(tmp) / "each", embedder, 1, params=params)}
+        if args.windows:
+            loops["continuous + windows"] = ProductLoop(
+                Path(tmp) / "win", embedder, None, params=params, retrain_growth=args.retrain_growth,
+                windows=window_spec.parse_text(demo.DEMO_WINDOWS, "demo windows"))
         for loop in loops.values():
             loop.valid_max = args.valid_max
         if args.no_full:

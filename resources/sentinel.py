@@ -22,6 +22,8 @@ from stream_sentinel.embedding.embedder import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
 from stream_sentinel.learning.registry import ModelRegistry
 from stream_sentinel.store import Store
+from stream_sentinel.windows import spec as window_spec
+from stream_sentinel.windows.spec import WindowSet
 
 from .sections import (SENTINEL_SECTIONS, ABSettings, DriftSettings, FeedbackSettings, IndexSettings,
                        IngestSettings, LearningSettings, RetrySettings, ServingSettings, described,
@@ -40,6 +42,9 @@ class StreamSentinelResource(dg.ConfigurableResource):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    windows_file: Optional[str] = Field(
+        default=None, description="the stream windows' declarations (YAML, see the README); empty: "
+        "<data root>/windows.yaml. Each window_features materialization shows what it read.")
 
     _paths: Paths = PrivateAttr()
     _settings: Settings = PrivateAttr()
@@ -87,6 +92,14 @@ class StreamSentinelResource(dg.ConfigurableResource):
 
     def index_store(self) -> IndexStore:
         return IndexStore(self._paths.index, keep_backups=self._settings.keep_backups)
+
+    def window_set(self) -> WindowSet:
+        """The declared windows (raises WindowSpecError naming the file, window and rule)."""
+        if self.windows_file:
+            path = Path(self.windows_file)
+            return window_spec.parse_text(path.read_text(encoding="utf-8"), str(path)) if path.exists() \
+                else WindowSet(source=str(path))
+        return window_spec.load(self._paths.home)
 
     def registry(self) -> ModelRegistry:
         return ModelRegistry(self._paths.models, self.store())

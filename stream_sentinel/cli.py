@@ -79,6 +79,54 @@ def cmd_status(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ windows
+
+
+def cmd_windows(args) -> int:
+    """A record's window values and the records each was computed from (their audit trail)."""
+    from .store import Store
+    from .windows import spec as window_spec
+    from .windows import state as window_state
+
+    paths = Paths.from_env().ensure()
+    store = Store(paths.db)
+    stored = window_state.stored_set(store)
+    try:
+        declared = window_spec.load(paths.home)
+    except window_spec.WindowSpecError as exc:
+        _err(str(exc))
+        return 2
+    wset = stored if stored else declared
+    if not wset:
+        _err(f"no windows declared: write {paths.home / window_spec.FILE_NAME} (see the README)")
+        return 1
+    out = window_state.explain(store, wset, args.record_id)
+    if out is None:
+        _err(f"no record {args.record_id!r}")
+        return 1
+    if declared.digest != wset.digest:
+        out["note"] = (f"{declared.source} changed since the values were computed; the next window_features "
+                       "run recomputes them")
+
+    def human(o):
+        print(f"record {o['record_id']}  event_time {o['event_time']}"
+              + ("  LATE (beyond the allowed lateness)" if o["late"] else "")
+              + ("" if o["computed"] else "  (not computed yet)"))
+        for w in o["windows"]:
+            span = w.get("size") or w.get("gap")
+            print(f"\n{w['column']} = {w['value']}   ({w['kind']} {span}{' hop ' + w['hop'] if 'hop' in w else ''}, "
+                  f"{w['agg']}{' of ' + w['field'] if 'field' in w else ''}, key {w['key']} = {w['key_value']!r})")
+            for r in w["from"]:
+                print(f"  {r['event_time']}  {r['record_id']}" + (f"  {r['value']!r}" if w.get("field") else ""))
+            if not w["from"]:
+                print("  (no earlier records in the window)")
+        if o.get("note"):
+            print(f"\nnote: {o['note']}")
+
+    _emit(out, args.json, human)
+    return 0
+
+
 # ------------------------------------------------------------------------------ search
 
 
@@ -375,6 +423,8 @@ def cmd_demo(args) -> int:
         return 0
     recs = demo.load_records(records_path)
     dest = Path(args.dest) if args.dest else paths.raw / "demo"
+    if not args.no_windows and (declared := demo.install_windows(paths.home)):
+        _err(f"demo windows declared in {declared} (--no-windows: none)")
 
     def progress(done: int, total: int) -> None:
         _err(f"replayed {done}/{total} records into {dest}")
@@ -664,6 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    wp = sub.add_parser("windows", help="stream windows: a record's values and what they were computed from")
+    wsub = wp.add_subparsers(dest="windows_cmd", required=True)
+    wsh = wsub.add_parser("show", help="a record's window values and the records each counts")
+    wsh.add_argument("--record-id", required=True)
+    wsh.add_argument("--json", action="store_true")
+    wsh.set_defaults(func=cmd_windows)
+
     se = sub.add_parser("search", help="nearest records to a text")
     se.add_argument("query")
     se.add_argument("-k", type=int, default=5)
@@ -750,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--per-file", type=int, default=50, help="records per JSONL file")
     dd.add_argument("--dest", default=None, help="target folder (default: $STREAM_SENTINEL_HOME/raw/demo)")
     dd.add_argument("--quiet", action="store_true")
+    dd.add_argument("--no-windows", action="store_true",
+                    help="replay: do not declare the demo's stream windows (<data root>/windows.yaml)")
     dd.set_defaults(func=cmd_demo)
     return p
 

@@ -153,7 +153,7 @@ def _stable_sample_sql(seed: int) -> str:
 def load_window(store: Store, embedding_model_id: str, champion: str | None, where: str, params: list,
                 cfg: DriftConfig) -> Window:
     """Records matching ``where`` (on alias r) with embeddings, champion predictions and labels."""
-    base = f"""FROM records r JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
+    base = f"""FROM records_w r JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
                LEFT JOIN predictions p ON p.record_id = r.id AND p.model_version = ?
                LEFT JOIN labels l ON l.record_id = r.id AND l.status = 'resolved'
                WHERE {where}"""
@@ -203,7 +203,7 @@ def load_reference(store: Store, embedding_model_id: str, champion: str, trainin
     """The champion's training window: exactly the rows of its training-set version. Predictions
     count only on its held-out rows (validation and golden): on rows it was trained on the
     model is over-confident, which would look like prediction drift on any new data."""
-    base = """FROM training_set_rows t JOIN records r ON r.id = t.record_id
+    base = """FROM training_set_rows t JOIN records_w r ON r.id = t.record_id
               JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
               LEFT JOIN predictions p ON p.record_id = r.id AND p.model_version = ?
               WHERE t.data_version = ?"""
@@ -378,8 +378,25 @@ def _feature_columns(ref: pd.DataFrame) -> tuple[list[str], list[str]]:
     return numeric, categorical
 
 
+# A categorical value seen fewer times than this in the reference is tested as "(other)": a
+# chi-square test needs about 5 expected per cell, and a high-cardinality column (a sender
+# domain, a user id) otherwise flags drift between two random halves of the same data.
+MIN_CATEGORY_COUNT = 5
+OTHER = "(other)"
+
+
+def _category_levels(ref: pd.DataFrame, categorical: list[str]) -> dict[str, set]:
+    """Per categorical feature, the reference's values frequent enough to be tested alone."""
+    out = {}
+    for k in categorical:
+        counts = pd.Series([x.get(k) for x in ref["features"] if x.get(k) is not None]).astype(str).value_counts()
+        out[k] = set(counts[counts >= MIN_CATEGORY_COUNT].index)
+    return out
+
+
 def _frame_for_evidently(w: Window, numeric: list[str], categorical: list[str], pca: tuple | None,
-                         include_label: bool, served: pd.DataFrame | None = None) -> pd.DataFrame:
+                         include_label: bool, served: pd.DataFrame | None = None,
+                         levels: dict[str, set] | None = None) -> pd.DataFrame:
     """One side as Evidently's columns. ``served``: the API's answers (probability, label) as
     ``served_prediction``/``served_label`` columns; they are not rows of ``w``, so the shorter
     part is padded with missing values, which Evidently leaves out of each column's test."""
@@ -389,8 +406,11 @@ def _frame_for_evidently(w: Window, numeric: list[str], categorical: list[str], 
         out[f"feature.{k}"] = _padded(pd.to_numeric(pd.Series([x.get(k) for x in f["features"]], dtype=object),
                                                     errors="coerce").to_numpy(dtype=float), len(out))
     for k in categorical:
-        out[f"feature.{k}"] = _padded([None if x.get(k) is None else str(x.get(k)) for x in f["features"]],
-                                      len(out))
+        keep = (levels or {}).get(k)
+        vals = [None if x.get(k) is None else str(x.get(k)) for x in f["features"]]
+        if keep is not None:
+            vals = [v if v is None or v in keep else OTHER for v in vals]
+        out[f"feature.{k}"] = _padded(vals, len(out))
     held = f["held_out"].to_numpy(dtype=bool)
     out["prediction"] = _padded(np.where(held, f["prediction"].to_numpy(dtype=float), np.nan), len(out))
     out["predicted_label"] = _padded([p if h else None for p, h in zip(f["predicted_label"], held)], len(out))
@@ -474,8 +494,9 @@ def compare(ref: Window, cur: Window, cfg: DriftConfig, *, reference_accuracy: f
     ref_served = None if served is None else pd.DataFrame({
         "probability": ref.frame["prediction"][ref.frame["held_out"]].to_numpy(dtype=float),
         "label": ref.frame["predicted_label"][ref.frame["held_out"]].tolist()})
-    rdf = _frame_for_evidently(ref, numeric, categorical, pca, include_label, ref_served)
-    cdf = _frame_for_evidently(cur, numeric, categorical, pca, include_label, served)
+    levels = _category_levels(ref.frame, categorical)
+    rdf = _frame_for_evidently(ref, numeric, categorical, pca, include_label, ref_served, levels)
+    cdf = _frame_for_evidently(cur, numeric, categorical, pca, include_label, served, levels)
     # a column needs values on both sides (e.g. no predictions before a first champion)
     usable = [c for c in rdf.columns if rdf[c].notna().sum() >= 5 and cdf[c].notna().sum() >= 5]
     num_cols = [c for c in usable if c.startswith("feature.") and c[8:] in numeric

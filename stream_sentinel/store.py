@@ -405,6 +405,42 @@ CREATE TABLE IF NOT EXISTS served_rejects (
 -- a training set's rows in the order their labels became known (learning order); NULL in
 -- sets made before it was kept (those fall back to event time)
 ALTER TABLE training_set_rows ADD COLUMN IF NOT EXISTS position BIGINT;
+
+-- declared windows (stream_sentinel.windows): what the stored state was computed with
+CREATE TABLE IF NOT EXISTS window_defs (
+    name VARCHAR PRIMARY KEY,
+    digest VARCHAR NOT NULL,            -- of the declaration; a change recomputes the window
+    spec JSON NOT NULL,
+    lateness_us BIGINT NOT NULL,
+    watermark_us BIGINT,                -- newest event time seen; records older than it minus the lateness are late
+    declared_at TIMESTAMPTZ NOT NULL,
+    ingested_through TIMESTAMPTZ        -- every record ingested before this has values (NULL: look at all)
+);
+-- the windows' state: each keyed record's event time and aggregated field, per window
+CREATE TABLE IF NOT EXISTS window_events (
+    name VARCHAR NOT NULL,
+    record_id VARCHAR NOT NULL,
+    key VARCHAR NOT NULL,               -- the key's value as JSON text
+    t BIGINT NOT NULL,                  -- event time, microseconds since the epoch (UTC)
+    num DOUBLE,                         -- the field as a number (sum/mean/min/max)
+    tok VARCHAR,                        -- the field as JSON text (distinct); NULL: absent
+    dropped BOOLEAN NOT NULL,           -- later than the allowed lateness: in no other record's value
+    PRIMARY KEY (name, record_id)
+);
+-- each record's window values, the features win_<name> the model sees
+CREATE TABLE IF NOT EXISTS window_features (
+    record_id VARCHAR PRIMARY KEY,
+    "values" JSON NOT NULL,             -- {"win_<name>": value}; null: no key or an empty mean/min/max
+    late BOOLEAN NOT NULL,              -- arrived later than the allowed lateness
+    digest VARCHAR NOT NULL,            -- the window set it was computed with
+    computed_at TIMESTAMPTZ NOT NULL
+);
+-- records with their window values merged into features: what training, scoring, serving and
+-- drift read, so a window feature is computed one way everywhere
+CREATE OR REPLACE VIEW records_w AS
+    SELECT r.* REPLACE (CASE WHEN w.record_id IS NULL THEN r.features
+                        ELSE json_merge_patch(coalesce(r.features, '{}'), w."values") END AS features)
+    FROM records r LEFT JOIN window_features w ON w.record_id = r.id;
 """
 
 # The order in which the model learns labels: when each became known (labels.resolved_at, kept

@@ -159,7 +159,8 @@ def test_random_halves_of_one_period_are_not_flagged(home, corpus):
         ref = drift.Window(frame.iloc[a].reset_index(drop=True), vecs[a], 150, 150)
         cur = drift.Window(frame.iloc[b].reset_index(drop=True), vecs[b], 150, 150)
         res, _ = drift.compare(ref, cur, CFG)
-        assert res.n_features == 4 and res.embedding_drift is not None
+        # length, link_count, uppercase_ratio, has_html, and the categorical sender_domain
+        assert res.n_features == 5 and res.embedding_drift is not None
         flagged.append(res.drifted or res.embedding_drifted)
     assert not any(flagged), flagged
 
@@ -293,7 +294,8 @@ def test_checks_warn_on_feature_share_and_error_on_embedding_drift_with_accuracy
     assert page.content == Path(mat.metadata["report"].value).read_bytes()
     with store.connect() as con:
         methods = {m for (m,) in con.execute("SELECT method FROM drift_metrics WHERE window_key = ? AND "
-                                             "column_group = 'feature' AND column_name <> 'has_html'",
+                                             "column_group = 'feature' AND column_name NOT IN "
+                                             "('has_html', 'sender_domain')",
                                              [DAYS[1]]).fetchall()}
     assert {m.lower() for m in methods} == {"psi"}, methods
 

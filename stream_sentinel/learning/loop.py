@@ -49,7 +49,7 @@ def training_set_for_version(store: Store, data_version: str, embedding_model_id
             raise KeyError(f"no training set {data_version}")
         table = con.sql(
             """SELECT t.record_id, t.label, t.split, r.event_time, r.features, e.vector
-               FROM training_set_rows t JOIN records r ON r.id = t.record_id
+               FROM training_set_rows t JOIN records_w r ON r.id = t.record_id
                JOIN embeddings e ON e.record_id = t.record_id AND e.model_id = ?
                WHERE t.data_version = ? ORDER BY t.position, r.event_time, t.record_id""",
             params=[embedding_model_id, data_version]).to_arrow_table()
@@ -333,7 +333,7 @@ def _score_version(registry: ModelRegistry, store: Store, embedding_model_id: st
     ref = current_reference(store, embedding_model_id, positive, registry)
     with store.connect() as con:
         table = con.sql(
-            """SELECT r.id AS record_id, r.features, e.vector FROM records r
+            """SELECT r.id AS record_id, r.features, e.vector FROM records_w r
                JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
                WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.model_version = ?)
                  AND (NOT EXISTS (SELECT 1 FROM predictions p WHERE p.record_id = r.id AND p.role = ?)
@@ -544,7 +544,7 @@ def _fresh_labelled(store: Store, champion: str, since, embedding_model_id: str,
     with store.connect() as con:
         table = con.sql(
             """SELECT r.id AS record_id, r.features, e.vector, l.label = ? AS y FROM predictions p
-               JOIN labels l ON l.record_id = p.record_id JOIN records r ON r.id = p.record_id
+               JOIN labels l ON l.record_id = p.record_id JOIN records_w r ON r.id = p.record_id
                JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
                WHERE p.model_version = ? AND l.status = 'resolved' AND l.last_vote_at >= ?
                ORDER BY r.id""", params=[positive, embedding_model_id, champion, since]).to_arrow_table()

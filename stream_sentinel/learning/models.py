@@ -110,7 +110,7 @@ def load_training_set(store: Store, model_id: str, positive_label: str, valid_sh
     with store.connect() as con:
         table = con.sql(
             """SELECT l.record_id, l.label, r.event_time, r.features, e.vector
-               FROM labels l JOIN records r ON r.id = l.record_id
+               FROM labels l JOIN records_w r ON r.id = l.record_id
                JOIN embeddings e ON e.record_id = l.record_id AND e.model_id = ?
                WHERE l.status = 'resolved' ORDER BY """ + LEARNING_ORDER, params=[model_id]).to_arrow_table()
     df = labelled_frame(table, positive_label)

@@ -222,7 +222,7 @@ class Predictor:
             return
         with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
             table = con.sql(
-                """SELECT r.vec_id, r.id, r.features, e.vector FROM records r
+                """SELECT r.vec_id, r.id, r.features, e.vector FROM records_w r
                    JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
                    WHERE r.vec_id IN (SELECT unnest(?::BIGINT[])) ORDER BY r.vec_id""",
                 params=[index.meta.model_id, new]).to_arrow_table()
