@@ -11,8 +11,10 @@ are warm-up; figures cover records 501-6046, period 2 (3251-6046), the period-2 
 * frozen first model   the product's first model (trained once both classes have been seen,
                        from the 5th batch on), never updated
 * continuous (product) exactly the product's loop: records and feedback through DuckDB, consensus
-                       labels, training_set -> candidate continued from the champion -> gated
-                       promotion (candidate_beats_champion) -> the champion scores the next batch
+                       labels, window features (the demo's declared windows, as `demo-data replay`
+                       declares them; --no-windows: none), training_set -> candidate continued from
+                       the champion -> gated promotion (candidate_beats_champion) -> the champion
+                       scores the next batch (--compare-windows: also without windows, same run)
 * full retrain each batch the same loop, but every candidate trained from scratch on all labels
                        (the compute that continued training is meant to save)
 * periodic full retrain a full retrain every 10 batches and no training in between
@@ -22,7 +24,7 @@ Two compute figures per method: ``update_s`` is model compute only (training the
 the promotion check, scoring), ``loop_s`` adds the shared work of every micro-batch (records
 into DuckDB, feedback and label consensus, the training-set snapshot).
 
-    python bench/stream_quality.py [--quick] [--batch 100] [--all] [--order anchor|time]
+    python bench/stream_quality.py [--quick] [--batch 100] [--all] [--order anchor|time] [--compare-windows]
 
 Needs the bench extra (river): pip install -c constraints.txt -e '.[bench]'.
 Prints a table, ends with one JSON line, writes bench/results/stream_quality.json.
@@ -226,8 +228,11 @@ def main() -> int:
     ap.add_argument("--threshold-z", type=float, default=TrainParams().threshold_z)
     ap.add_argument("--tag", default="", help="a suffix for the results file (variants side by side)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-retrain-each-batch loop (no compute ratio)")
-    ap.add_argument("--windows", action="store_true",
-                    help="also the product with the demo's stream windows (demo.DEMO_WINDOWS) as features")
+    ap.add_argument("--no-windows", action="store_true",
+                    help="the product without the demo's stream windows (demo.DEMO_WINDOWS, which `demo-data replay` "
+                         "declares by default)")
+    ap.add_argument("--compare-windows", action="store_true",
+                    help="also the continuous product without windows, in the same run")
     args = ap.parse_args()
     recs, labels, groups = common.corpus()
     embedder = Embedder.load()
@@ -246,21 +251,25 @@ def main() -> int:
     for item in args.param:
         name, value = item.split("=", 1)
         params = dataclasses.replace(params, **{name: type(getattr(params, name))(value)})
+    # the product as the demo runs it: with the demo's declared windows (sender-domain activity)
+    windows = None if args.no_windows else window_spec.parse_text(demo.DEMO_WINDOWS, "demo windows")
     with tempfile.TemporaryDirectory() as tmp:
         loops = {"continuous (product)": ProductLoop(Path(tmp) / "cont", embedder, None, params=params,
-                                                     retrain_growth=args.retrain_growth),
-                 "full retrain each batch": ProductLoop(Path(tmp) / "each", embedder, 1, params=params)}
-        if args.windows:
-            loops["continuous + windows"] = ProductLoop(
-                Path(tmp) / "win", embedder, None, params=params, retrain_growth=args.retrain_growth,
-                windows=window_spec.parse_text(demo.DEMO_WINDOWS, "demo windows"))
+                                                     retrain_growth=args.retrain_growth, windows=windows),
+                 "full retrain each batch": ProductLoop(Path(tmp) / "each", embedder, 1, params=params,
+                                                        windows=windows)}
+        if args.compare_windows and windows:
+            loops["continuous, no windows"] = ProductLoop(Path(tmp) / "nowin", embedder, None, params=params,
+                                                          retrain_growth=args.retrain_growth)
         for loop in loops.values():
             loop.valid_max = args.valid_max
         if args.no_full:
             del loops["full retrain each batch"]
         if args.all:
-            loops["periodic full retrain"] = ProductLoop(Path(tmp) / "full", embedder, 10, train_between=False)
-            loops["frozen first model"] = ProductLoop(Path(tmp) / "frozen", embedder, None, frozen_after=5)
+            loops["periodic full retrain"] = ProductLoop(Path(tmp) / "full", embedder, 10, train_between=False,
+                                                             windows=windows)
+            loops["frozen first model"] = ProductLoop(Path(tmp) / "frozen", embedder, None, frozen_after=5,
+                                                          windows=windows)
         probs = {name: [] for name in [*loops, "no-change baseline", "river"]}
         labels_hat: dict[str, list] = {name: [] for name in loops}
         rv, rv_s = river_model(), 0.0
@@ -322,7 +331,8 @@ def main() -> int:
           f"(training alone: 1/{train_ratio}; scoring and the gate cost both the same)")
     figures = {"bench": "stream_quality" + (f"-{args.tag}" if args.tag else ""),
                "params": {**dataclasses.asdict(params), "valid_max": args.valid_max,
-                          "retrain_growth": args.retrain_growth},
+                          "retrain_growth": args.retrain_growth,
+                          "windows": windows.describe() if windows else None},
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": platform.machine(), "cpu": _cpu(), "order": args.order, "warmup": WARMUP,
                "records": len(recs), "batch": args.batch,

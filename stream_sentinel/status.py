@@ -6,6 +6,8 @@ quickly and the same figures are available to any caller.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 from .config import Paths, Settings
 from .index import IndexStore
 from .learning.loop import learning_metrics
@@ -48,5 +50,16 @@ def collect_status(paths: Paths, settings: Settings | None = None) -> dict:
         out["labels"]["total"] = sum(out["labels"].values())
         out["kafka_lag"] = {f"{t}:{p}": lag for t, p, lag in con.execute(
             'SELECT topic, "partition", lag FROM kafka_lag ORDER BY 1, 2').fetchall()}
+        # stream windows: what is declared and computed, what waits, and records that came late
+        n_windows, watermark = con.execute("SELECT count(*), max(watermark_us) FROM window_defs").fetchall()[0]
+        if n_windows:
+            out["windows"] = {
+                "declared": int(n_windows),
+                "computed": one("SELECT count(*) FROM window_features"),
+                "late_records": one("SELECT count(*) FROM window_features WHERE late"),
+                "watermark": (datetime(1970, 1, 1, tzinfo=timezone.utc)
+                              + timedelta(microseconds=int(watermark))).isoformat() if watermark is not None else None,
+            }
+            out["windows"]["pending"] = out["records"] - out["windows"]["computed"]
     out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())
     return out

@@ -34,8 +34,12 @@ def test_demo_records_follow_the_contract_and_keep_labels_aside(demo_records):
     assert [r["event_time"] for r in demo_records] == sorted(r["event_time"] for r in demo_records)
     for r in demo_records[::97]:
         assert isinstance(validate(r, "x"), Record), r["id"]
-        assert set(r["features"]) == {"length", "link_count", "uppercase_ratio", "has_html"}
+        assert set(r["features"]) - {"sender_domain"} == {"length", "link_count", "uppercase_ratio", "has_html"}
         assert "label" not in r and "<html" not in r["text"].lower()
+    # the demo windows' key: the From: address's domain, lower-case
+    assert sum("sender_domain" in r["features"] for r in demo_records) > 0.99 * len(demo_records)
+    assert [demo.sender_domain(h) for h in ('"Joe" <Joe@Example.COM>', "a@b.org (A)", "no address", "")] == [
+        "example.com", "b.org", None, None]
     by_id = {r["id"]: r for r in demo_records}
     # mbox "From " line of spam-2/00001: "Tue Aug  6 11:51:02 2002"
     assert by_id["spam-2/00001"]["event_time"] == "2002-08-06T11:51:02+00:00"
@@ -56,6 +60,14 @@ def test_replay_writes_whole_files_in_time_order(paths, demo_records):
                                        "demo-000100-000119.jsonl"]
     ids = [json.loads(line)["id"] for f in files for line in f.read_text().splitlines()]
     assert ids == [r["id"] for r in demo_records[:120]]
+    # the demo's windows are declared, once: a root's own declaration is never overwritten
+    from stream_sentinel.devtools import demo
+
+    declared = paths.home / "windows.yaml"
+    assert declared.read_text() == demo.DEMO_WINDOWS and "demo windows declared" in out.stderr
+    declared.write_text("windows: []\n")
+    cli("demo-data", "replay", "--limit", "1", "--start", "120", "--quiet")
+    assert declared.read_text() == "windows: []\n"
 
 
 @pytest.mark.slow

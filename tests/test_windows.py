@@ -287,6 +287,12 @@ def test_window_features_through_ingest_training_scoring_backfill_and_cli(paths,
         assert got[r["id"]]["win_user_amount_day"] == by_day.get(key, 0)
         by_day[key] = by_day.get(key, 0) + r["features"]["amount"]
 
+    from stream_sentinel.status import collect_status
+
+    st = collect_status(paths)["windows"]
+    assert (st["declared"], st["computed"], st["pending"], st["late_records"]) == (2, len(recs), 0, 0)
+    assert st["watermark"] == datetime.fromisoformat(recs[-1]["event_time"]).isoformat()
+
     # training and scoring see the window values (view records_w)
     labels = {r["id"]: lab for r, lab, _ in stream}
     label_records(store, recs[:160], labels, "burst")

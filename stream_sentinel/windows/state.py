@@ -202,7 +202,7 @@ def _state_for(con, wset: WindowSet, new: dict) -> dict:
         if not short:
             break
         grow += 1
-        reach = {nk: max(first[nk] - 8 ** grow * _SESSION_LOOKBACK_GAPS * kinds[nk[0]].size_us, -(2 ** 61))
+        reach = {nk: max(first[nk] - 64 ** grow * _SESSION_LOOKBACK_GAPS * kinds[nk[0]].size_us, -(2 ** 61))
                  for nk in short}
         keep = ~pd.MultiIndex.from_arrays([rows["name"], rows["key"]]).isin(list(reach))
         rows = _concat(rows, _load_events(con, [(n, k, lo, None) for (n, k), lo in reach.items()]), keep)
@@ -241,24 +241,26 @@ def update(store: Store, wset: WindowSet, partition: str | None = None, chunk: i
     against a record that only came first in this computation)."""
     started = time.perf_counter()
     out = Update()
-    after = None
-    with store.connect() as con:
-        newest = con.execute("SELECT max(ingested_at) FROM records").fetchall()[0][0]
+    after, newest = None, None
     while True:
         with store.transaction() as con:
             reset, wm = _sync_defs(con, wset)
             out.recomputed_all |= reset
+            if not wset.windows:
+                break
+            if after is None:
+                newest = con.execute("SELECT max(ingested_at) FROM records").fetchall()[0][0]
             since = con.execute("SELECT min(ingested_through) FROM window_defs").fetchall()[0][0]
-            batch = _pending(con, wset.digest, partition, after, chunk, since) if wset.windows else []
+            batch = _pending(con, wset.digest, partition, after, chunk, since)
             if batch:
                 _apply(con, wset, batch, wm, partition, out)
-                pause_point("windows.before_commit")
+            if len(batch) < chunk and newest is not None:
+                # the last chunk: every record ingested before this update began has values
+                con.execute("UPDATE window_defs SET ingested_through = ?", [newest])
+            pause_point("windows.before_commit")
         if len(batch) < chunk:
             break
         after = (batch[-1][1], batch[-1][0])
-    if wset.windows and newest is not None:
-        with store.transaction() as con:  # every record ingested before this update started has values
-            con.execute("UPDATE window_defs SET ingested_through = ?", [newest])
     out.seconds = time.perf_counter() - started
     return out
 
@@ -301,14 +303,12 @@ def _apply(con, wset: WindowSet, batch: list[tuple], wm: int | None, partition: 
                                        "tok": pa.array(new["tok"], pa.string())})
         st = _state_for(con, wset, new)
         s_name = st["name"]
-        s_new = np.fromiter((r in values for r in st["record_id"]), dtype=bool, count=len(st["t"]))
+        s_new = pd.Series(st["record_id"]).isin(ids).to_numpy()
         for w in wset.windows:
             sel = np.flatnonzero(s_name == w.name)
             if not len(sel):
                 continue
-            code_of: dict = {}
-            code = np.fromiter((code_of.setdefault(k, len(code_of)) for k in st["key"][sel].tolist()),
-                               dtype=np.int64, count=len(sel))
+            code = pd.factorize(st["key"][sel])[0].astype(np.int64)
             order = np.lexsort((st["t"][sel], code))
             sel, code = sel[order], code[order]
             t = st["t"][sel]
