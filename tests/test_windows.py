@@ -311,6 +311,15 @@ def test_window_features_through_ingest_training_scoring_backfill_and_cli(paths,
     acc = sum(pred[r["id"]] == labels[r["id"]] for r in unseen) / len(unseen)
     assert acc >= 0.9, acc  # a label that only the window explains
 
+    # drift compares window features like any feature: both sides read records_w
+    from stream_sentinel import drift
+
+    cfg = drift.DriftConfig()
+    ref = drift.load_reference(store, emb.model_id, res.version.version, res.version.training_set_version, cfg)
+    cur = drift.load_window(store, emb.model_id, res.version.version, "r.vec_id > 0", [], cfg)
+    result, _ = drift.compare(ref, cur, cfg)
+    assert {"win_user_msgs_1h", "win_user_amount_day"} <= {c.column for c in result.columns if c.group == "feature"}
+
     # a backfill of the partition recomputes it: same values, same data version
     again = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": []}}}},
                                    partition_key=batch.partition_key, instance=instance,
