@@ -6,13 +6,13 @@ quickly and the same figures are available to any caller.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
 
 from .config import Paths, Settings
 from .index import IndexStore
 from .learning.loop import learning_metrics
 from .learning.registry import ModelRegistry
 from .store import Store
+from .windows.state import from_us
 
 
 def embedding_model_id(settings: Settings) -> str:
@@ -57,8 +57,7 @@ def collect_status(paths: Paths, settings: Settings | None = None) -> dict:
                 "declared": int(n_windows),
                 "computed": one("SELECT count(*) FROM window_features"),
                 "late_records": one("SELECT count(*) FROM window_features WHERE late"),
-                "watermark": (datetime(1970, 1, 1, tzinfo=timezone.utc)
-                              + timedelta(microseconds=int(watermark))).isoformat() if watermark is not None else None,
+                "watermark": from_us(watermark).isoformat() if watermark is not None else None,
             }
             out["windows"]["pending"] = out["records"] - out["windows"]["computed"]
     out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())

@@ -42,15 +42,6 @@ class KeyEvents:
     token: list  # the field's value as a comparable string, None where absent
     has: np.ndarray  # bool: the field is present
 
-    @classmethod
-    def build(cls, rows: list[tuple[int, object]]) -> "KeyEvents":
-        """From (time, field value) pairs in any order."""
-        rows = sorted(rows, key=lambda r: r[0])
-        t = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vals = [r[1] for r in rows]
-        return cls(t, np.array([numeric(v) for v in vals], dtype=np.float64), [token(v) for v in vals],
-                   np.array([v is not None for v in vals], dtype=bool))
-
 
 def numeric(v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):

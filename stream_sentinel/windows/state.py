@@ -51,6 +51,10 @@ def to_us(ts: datetime) -> int:
     return (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
 
 
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(us))
+
+
 def key_of(record: dict, w: Window) -> str | None:
     k = lookup(record, w.key)
     return compute.token(k) if k is not None else None
@@ -355,7 +359,7 @@ def _apply(con, wset: WindowSet, batch: list[tuple], wm: int | None, partition: 
     out.updated_later += len(touched)
     out.computed = out.new + out.updated_later
     out.late += sum(1 for rid, lt in zip(ids, late) if lt and rid not in was)
-    out.watermark = _EPOCH + timedelta(microseconds=new_wm)
+    out.watermark = from_us(new_wm)
 
 
 def explain(store: Store, wset: WindowSet, record_id: str) -> dict | None:
@@ -386,7 +390,7 @@ def explain(store: Store, wset: WindowSet, record_id: str) -> dict | None:
                 hi = int(np.searchsorted(ev.t, t))
                 lo = int(min(compute.starts(w, np.array([t]), ev)[0], hi))
                 item["from"] = [{"record_id": st["record_id"][i],
-                                 "event_time": (_EPOCH + timedelta(microseconds=int(st["t"][i]))).isoformat(),
+                                 "event_time": from_us(st["t"][i]).isoformat(),
                                  "value": json.loads(st["tok"][i]) if st["tok"][i] is not None and w.field else None}
                                 for i in live[lo:hi]]
                 item["recomputed"] = compute.values(w, np.array([t]), ev)[0]
