@@ -25,6 +25,7 @@ def training_run_config(full: bool) -> dg.RunConfig:
 
 DRIFT_TAG = "stream_sentinel/drift_report"  # set by drift_retrain_sensor: the report's day
 DRIFT_TRIGGER_TAG = "stream_sentinel/drift_trigger"  # ... and the trigger, as JSON
+ERASURE_TAG = "stream_sentinel/erasure"  # set by erasure_retrain_sensor: the erasure's hash (16 hex)
 
 
 def _lineage(context) -> list[str | None]:
@@ -83,7 +84,8 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
     else:
         ts = learning.training_set_for_version(store, version, embedder.model_id)
     drift_day = context.run.tags.get(DRIFT_TAG)
-    cause = f"drift_report:{drift_day}" if drift_day else None
+    erasure = context.run.tags.get(ERASURE_TAG)
+    cause = f"drift_report:{drift_day}" if drift_day else f"erasure:{erasure}" if erasure else None
     trigger = context.run.tags.get(DRIFT_TRIGGER_TAG)
     if trigger:  # the drift retrain's bookmark and audit record, written by the run it caused
         drift.record_retrain(registry, drift.RetrainTrigger.from_json(trigger))

@@ -8,6 +8,8 @@ Then the next micro-batch of 5,000 records arrives, 5 % of them up to 30 min out
 
     incremental   window_state.update on the batch (what the window_features asset runs)
     from scratch  the same engine recomputing every record (state emptied first)
+    API state     what `serve` holds for new texts: the state loaded whole, extended by the
+                  batch, and the time to value 1 and 64 records against it
 
 Both give the batch the same values (checked). Prints a table, ends with one JSON line,
 writes bench/results/windows.json.
@@ -60,6 +62,7 @@ def insert(store, start: int, n: int, step_s: float, shuffle_share: float = 0.0,
 def main() -> int:
     from stream_sentinel.store import Store
     from stream_sentinel.windows import spec, state
+    from stream_sentinel.windows.online import LiveWindows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="100k history")
@@ -77,10 +80,33 @@ def main() -> int:
             built = state.update(store, wset)
             setup_s = time.perf_counter() - t0
             print(f"history: {history:,} records, windows computed in {built.seconds:.1f} s")
+            # what the API holds: the state in memory, loaded whole once
+            with store.connect() as con:
+                t0 = time.perf_counter()
+                live = LiveWindows.refresh(con, None)
+                load_s = time.perf_counter() - t0
+            print(f"API state: {live.events:,} events loaded in {load_s:.2f} s")
             insert(store, history, args.batch, step, shuffle_share=0.05, now=True)
             inc = state.update(store, wset)
             print(f"incremental: {inc.new} new, {inc.updated_later} earlier records updated, {inc.late} late, "
                   f"{inc.seconds:.3f} s")
+            with store.connect() as con:
+                t0 = time.perf_counter()
+                live2 = LiveWindows.refresh(con, live)
+                append_s = time.perf_counter() - t0
+                probe = con.execute("SELECT features, event_time FROM records ORDER BY vec_id DESC LIMIT 64").fetchall()
+            assert live2.how == "appended"
+            recs = [{"features": json.loads(f), "extra": {}} for f, _ in probe]
+            times = [state.to_us(t) + 1 for _, t in probe]
+            per_call = {}
+            for n in (1, 64):
+                reps = 200 if n == 1 else 50
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    live2.values(recs[:n], times[:n])
+                per_call[n] = (time.perf_counter() - t0) / reps * 1000
+            print(f"API state after the batch: appended in {append_s:.2f} s; values of 1 record {per_call[1]:.2f} ms, "
+                  f"of 64 records {per_call[64]:.2f} ms (all {len(wset.windows)} windows)")
             ids = [f"h{i}" for i in range(history, history + args.batch)]
             with store.connect() as con:
                 want = dict(con.execute('SELECT record_id, "values" FROM window_features WHERE record_id IN '
@@ -103,6 +129,8 @@ def main() -> int:
         "windows": len(wset.windows), "setup_s": round(setup_s, 1),
         "incremental_s": round(inc.seconds, 3), "earlier_records_updated": inc.updated_later,
         "from_scratch_s": round(scratch.seconds, 2), "ratio": round(ratio, 1), "values_identical": same,
+        "api_state_events": live.events, "api_state_load_s": round(load_s, 2), "api_state_append_s": round(append_s, 2),
+        "api_values_ms_1": round(per_call[1], 3), "api_values_ms_64": round(per_call[64], 3),
     })
     return 0 if same else 1
 

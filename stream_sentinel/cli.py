@@ -130,6 +130,67 @@ def cmd_windows(args) -> int:
 # ------------------------------------------------------------------------------ search
 
 
+def cmd_erase(args) -> int:
+    """Erase records everywhere (an erasure_job run in this process), or lift an erasure."""
+    from .erasure import requests as erasure_requests
+    from .erasure.keys import IdHasher
+    from .store import Store
+
+    paths = Paths.from_env().ensure()
+    ids = list(args.record_id or [])
+    if args.ids_file:
+        try:
+            ids += [line.strip() for line in Path(args.ids_file).read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            _err(f"cannot read {args.ids_file}: {exc}")
+            return 2
+    if not ids:
+        _err("name the records: --record-id ID (repeatable) or --ids-file FILE (one id per line)")
+        return 2
+    if args.lift:
+        hasher = IdHasher.for_root(paths.home, create=False)
+        hashes = [hasher(i) for i in ids] if hasher else []
+        with Store(paths.db).transaction() as con:
+            lifted = con.execute("""UPDATE erasures SET lifted_at = now() WHERE id_hash IN (SELECT unnest(?))
+                                    AND lifted_at IS NULL RETURNING id_hash""", [hashes]).fetchall()
+        _emit({"lifted": len(lifted), "requested": len(ids)}, args.json,
+              lambda d: print(f"{d['lifted']} of {d['requested']} erasure(s) lifted: those ids may be ingested again"))
+        return 0 if len(lifted) == len(ids) else 1
+    try:
+        request = erasure_requests.write(paths.home, ids, args.reason or "")
+    except erasure_requests.BadRequest as exc:
+        _err(str(exc))
+        return 2
+    if args.queue:
+        _emit({"queued": request.name, "records": len(ids)}, args.json,
+              lambda d: print(f"queued {d['records']} erasure(s) in erasures/{d['queued']}; erasure_sensor runs it"))
+        return 0
+    from .definitions import build_definitions
+    from .sensors.once import console as _console, dagster_instance as _instance, metadata_values
+
+    job = build_definitions().resolve_job_def("erasure_job")
+    instance = _instance()
+    with instance:
+        result = job.execute_in_process(
+            # every waiting request (this one, and any an interrupted run left behind)
+            run_config={"ops": {"erasures": {"config": {"files": []}}}, **_console("WARNING")},
+            instance=instance, raise_on_error=False)
+    if not result.success:
+        _err(f"erasure_job run {result.run_id} failed; the request stays in erasures/{request.name} and "
+             "erasure_sensor retries it")
+        return 1
+    (mat,) = result.asset_materializations_for_node("erasures")
+    meta = metadata_values(mat.metadata)
+    out = {"run_id": result.run_id, **meta}
+    _emit(out, args.json, lambda d: print(
+        f"{d['completed']} erased, {d['already_erased']} already erased ({d['id_hashes']}); removed: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(d['removed'].items()) if v)
+        + (f"; champion {d['withdrawn_champion']} withdrawn" if d['withdrawn_champion'] else "")
+        + ("; a full retrain is requested" if d['retrain_needed'] else "")))
+    return 0
+
+
 def cmd_search(args) -> int:
     from .embedding.embedder import Embedder
     from .index import IndexStore
@@ -720,6 +781,16 @@ def build_parser() -> argparse.ArgumentParser:
     wsh.add_argument("--record-id", required=True)
     wsh.add_argument("--json", action="store_true")
     wsh.set_defaults(func=cmd_windows)
+
+    er = sub.add_parser("erase", help="right to erasure: remove records everywhere, withdraw models trained on "
+                        "them, keep an audit row (or --lift an erasure)")
+    er.add_argument("--record-id", action="append", help="a record id (repeatable)")
+    er.add_argument("--ids-file", help="a file of record ids, one per line")
+    er.add_argument("--reason", default="", help="kept in the audit row")
+    er.add_argument("--queue", action="store_true", help="only write the request: erasure_sensor runs it")
+    er.add_argument("--lift", action="store_true", help="let these ids be ingested again (the audit row stays)")
+    er.add_argument("--json", action="store_true")
+    er.set_defaults(func=cmd_erase)
 
     se = sub.add_parser("search", help="nearest records to a text")
     se.add_argument("query")

@@ -381,6 +381,9 @@ class Settings:
     ab_alpha: float = setting(0.05, _S + "AB_ALPHA", "significance of the A/B decision", "ab", low=0, high=1)
     ab_min_samples: int = setting(100, _S + "AB_MIN_SAMPLES", "labelled answers per arm before deciding",
                                   "ab", low=1)
+    erasure_tainted_models: typing.Literal["delete", "keep"] = setting(
+        "delete", _S + "ERASURE_TAINTED_MODELS", "model versions trained on an erased record: delete their "
+        "files, or keep them (marked tainted: never served, promoted or rolled back to)", "learning")
     # retries
     retry_max_attempts: int = setting(4, _S + "RETRY_MAX_ATTEMPTS", "failed runs of a unit (batch, range, "
                                       "feedback file) before it is parked", "retry", low=1)

@@ -15,7 +15,8 @@ from stream_sentinel.assets import all_assets, all_checks, all_jobs, all_schedul
 from stream_sentinel.config import Paths, Settings
 from stream_sentinel.drift import DriftConfig
 from stream_sentinel.resources import EmbedderResource, KafkaResource, StreamSentinelResource
-from stream_sentinel.sensors import (build_drift_retrain_sensor, build_feedback_sensors, build_raw_files_sensor,
+from stream_sentinel.sensors import (build_drift_retrain_sensor, build_erasure_retrain_sensor, build_erasure_sensor,
+                                     build_feedback_sensors, build_raw_files_sensor,
                                      build_recent_drift_sensor, build_retrain_sensor, build_run_liveness_sensor,
                                      build_served_sensor)
 
@@ -38,7 +39,7 @@ def build_definitions(settings: Settings | None = None, home: str | None = None,
         schedules=all_schedules(daily_arrivals(start)),
         sensors=[build_raw_files_sensor(settings), *build_feedback_sensors(settings), build_retrain_sensor(settings),
                  build_drift_retrain_sensor(settings), build_recent_drift_sensor(settings), build_run_liveness_sensor(),
-                 build_served_sensor(settings),
+                 build_served_sensor(settings), build_erasure_sensor(settings), build_erasure_retrain_sensor(settings),
                  # declarative automation for the middle of the graph (vector_index after an
                  # embeddings backfill, labels when late records land), on out of the box
                  dg.AutomationConditionSensorDefinition(

@@ -142,6 +142,11 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
         before_e = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]
         before_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchall()[0][0]
         if events:
+            from .ingest import _erased
+
+            erased = _erased(con)
+            if erased is not None:  # a vote for an erased record: a tombstone at its offset, no payload
+                events = [Event(e.pos, "", "", "", 0.0, e.ts) if erased(e.record_id) else e for e in events]
             df = pd.DataFrame({
                 "topic": [e.pos.topic for e in events],
                 "partition": np.array([e.pos.partition for e in events], dtype=np.int32),
@@ -285,8 +290,9 @@ def _keep_resolved_at(labels: pd.DataFrame, before: pd.DataFrame) -> None:
 def resolve_labels(store: Store, cfg: ConsensusConfig) -> dict[str, int]:
     """Recompute ``labels`` and ``reviewer_reliability`` from all feedback (idempotent)."""
     with store.connect() as con:
+        # record_id '': a tombstone (the vote of an erased record), kept for its offset only
         votes = con.execute("""SELECT topic, "partition", "offset", record_id, label, source, confidence, ts
-                               FROM feedback_events""").df()
+                               FROM feedback_events WHERE record_id <> ''""").df()
         existing = [r[0] for r in con.execute(
             "SELECT DISTINCT f.record_id FROM feedback_events f JOIN records r ON r.id = f.record_id").fetchall()]
         before = con.execute("SELECT record_id, label, status, resolved_at FROM labels").df()

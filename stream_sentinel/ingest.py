@@ -501,6 +501,26 @@ def _record_rows(fresh: list[tuple[Record, _Parsed]], now: datetime) -> pd.DataF
     })
 
 
+def _erased(con):
+    """id -> its erasure hash when the id was erased (and not lifted), else None; None when
+    nothing was ever erased (no key is read or made)."""
+    hashes = {r[0] for r in con.execute("SELECT id_hash FROM erasures WHERE lifted_at IS NULL").fetchall()}
+    if not hashes:
+        return None
+    from .erasure.keys import IdHasher
+
+    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    hasher = IdHasher.for_root(Path(db).parent, create=False)
+    if hasher is None:
+        return None
+
+    def check(record_id: str) -> str | None:
+        h = hasher(record_id)
+        return h if h in hashes else None
+
+    return check
+
+
 def _flush(con, parsed: list[_Parsed]) -> None:
     """Insert the records and rejects of one or more files (in order) in the caller's
     transaction. An id seen before is skipped when its content is identical and rejected
@@ -513,9 +533,15 @@ def _flush(con, parsed: list[_Parsed]) -> None:
         existing = dict(con.execute(
             "SELECT r.id, r.content_hash FROM records r JOIN chunk_ids c USING (id)").fetchall())
         con.unregister("chunk_ids")
+    erased = _erased(con) if recs else None
     fresh: list[tuple[Record, _Parsed]] = []
     for f in parsed:
         for r in f.recs:
+            if erased is not None and (h := erased(r.id)) is not None:
+                # neither the id nor the content is kept: the reject names the erasure
+                f.rejects.append(Reject(r.position, "erased", f"the id of this record was erased (erasure "
+                                        f"{h[:16]}); `stream-sentinel erase --lift` lets it in again", None, ""))
+                continue
             prev = existing.get(r.id)
             if prev is None:
                 existing[r.id] = r.content_hash

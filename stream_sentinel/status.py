@@ -60,5 +60,14 @@ def collect_status(paths: Paths, settings: Settings | None = None) -> dict:
                 "watermark": from_us(watermark).isoformat() if watermark is not None else None,
             }
             out["windows"]["pending"] = out["records"] - out["windows"]["computed"]
+        # erasures: done, under way (or interrupted: a request file waits for its rerun), lifted
+        done, running, lifted = con.execute(
+            """SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'running'),
+                      count(*) FILTER (WHERE lifted_at IS NOT NULL) FROM erasures""").fetchall()[0]
+        from .erasure import requests as erasure_requests
+
+        out["erasures"] = {"completed": int(done), "running": int(running), "lifted": int(lifted),
+                           "requests_waiting": len(erasure_requests.pending(paths.home)),
+                           "tainted_versions": one("SELECT count(*) FROM model_versions WHERE tainted_by IS NOT NULL")}
     out["learning"] = learning_metrics(store, ModelRegistry(paths.models, store).reconcile())
     return out

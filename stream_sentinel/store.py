@@ -427,6 +427,9 @@ CREATE TABLE IF NOT EXISTS window_events (
     dropped BOOLEAN NOT NULL,           -- later than the allowed lateness: in no other record's value
     PRIMARY KEY (name, record_id)
 );
+-- the order events were appended in (1, 2, ...; NULL before it was kept): a reader that holds
+-- the state in memory (the API) loads only what came after what it has
+ALTER TABLE window_events ADD COLUMN IF NOT EXISTS seq BIGINT;
 -- each record's window values, the features win_<name> the model sees
 CREATE TABLE IF NOT EXISTS window_features (
     record_id VARCHAR PRIMARY KEY,
@@ -435,6 +438,23 @@ CREATE TABLE IF NOT EXISTS window_features (
     digest VARCHAR NOT NULL,            -- the window set it was computed with
     computed_at TIMESTAMPTZ NOT NULL
 );
+-- erasures (stream_sentinel.erasure): one row per erased record id, named by its keyed hash;
+-- the id and the content are never stored
+CREATE TABLE IF NOT EXISTS erasures (
+    id_hash VARCHAR PRIMARY KEY,        -- HMAC-SHA256 of the record id (erasure.keys)
+    reason VARCHAR,
+    status VARCHAR NOT NULL,            -- running | completed
+    requested_at TIMESTAMPTZ NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL,
+    completed_at TIMESTAMPTZ,
+    counts JSON,                        -- what was removed, per place
+    plan JSON,                          -- while running: vec_ids, model versions, reports to remove
+    retrain_needed BOOLEAN,             -- it withdrew a model: erasure_retrain_sensor starts a full retrain
+    lifted_at TIMESTAMPTZ               -- set: a record with this id may arrive again
+);
+-- the erasure whose record a model version was trained on (NULL: none); such a version is
+-- never served, promoted or rolled back to
+ALTER TABLE model_versions ADD COLUMN IF NOT EXISTS tainted_by VARCHAR;
 -- records with their window values merged into features: what training, scoring, serving and
 -- drift read, so a window feature is computed one way everywhere
 CREATE OR REPLACE VIEW records_w AS

@@ -304,7 +304,22 @@ def test_no_request_gets_a_500_fuzz(paths):
         def paths_(name, prefix):
             _sane(api.get(prefix + quote(name.encode("utf-8", "surrogatepass"), safe="/")))
 
-        for fuzz in (records, feedback, search, paths_):
+        @FUZZ
+        @given(texts, bodies)
+        def erase(name, body):
+            resp = api.request("DELETE", "/v1/records/" + quote(name.encode("utf-8", "surrogatepass"), safe=""),
+                               content=body)
+            _sane(resp)
+            if resp.status_code == 202:  # queued as a request file the erasure job can read
+                from stream_sentinel.erasure import requests as erasure_requests
+
+                path = erasure_requests.folder(paths.home) / resp.json()["queued"]
+                (req,) = erasure_requests.read(path)
+                assert req.record_id.strip() and (req.record_id == name or not name.isprintable()
+                                                  or name.strip(".") == "")
+                path.unlink()
+
+        for fuzz in (records, feedback, search, paths_, erase):
             fuzz()
         assert "Traceback" not in api.server_log()
 

@@ -50,6 +50,7 @@ class Version:
     promoted_at: Any
     promoted_score: float | None
     reason: str | None
+    tainted_by: str | None = None  # the erasure whose record it was trained on: never served
 
     def as_json(self) -> dict:
         d = dict(self.__dict__)
@@ -57,6 +58,10 @@ class Version:
         for k in ("created_at", "promoted_at"):
             d[k] = d[k].isoformat() if d[k] is not None else None
         return d
+
+
+class TaintedVersion(ValueError):
+    """A version trained on an erased record cannot serve."""
 
 
 class ModelRegistry:
@@ -152,7 +157,7 @@ class ModelRegistry:
         fsync_path(self.root)
         with self.store.transaction() as con:
             con.execute(
-                """INSERT INTO model_versions VALUES (?, ?, ?, 'candidate', ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)""",
+                """INSERT INTO model_versions VALUES (?, ?, ?, 'candidate', ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)""",
                 [version, semver, parent, strategy, json.dumps(params), json.dumps(metrics), training_samples,
                  training_set_version, embedding_model_id, str(self.root / version), sha, _now()])
         return self.get(version)  # type: ignore[return-value]
@@ -178,6 +183,12 @@ class ModelRegistry:
         """Make ``version`` the champion: pointer first (atomic), then the database mirror."""
         if not (self.root / version / "model.txt").exists():
             raise KeyError(f"no model version {version}")
+        if self.store is not None:
+            with self.store.connect() as con:
+                taint = con.execute("SELECT tainted_by FROM model_versions WHERE version = ?", [version]).fetchall()
+            if taint and taint[0][0]:
+                raise TaintedVersion(f"{version} was trained on an erased record (erasure {taint[0][0]}): "
+                                     "it is never served again")
         previous = self.champion_version()
         write_bytes_atomic(self.root / POINTER, (version + "\n").encode())
         pause_point("promotion_after_pointer")
@@ -230,7 +241,8 @@ class ModelRegistry:
         with self.store.connect() as con:
             rows = con.execute(
                 """SELECT version FROM model_versions WHERE promoted_at IS NOT NULL AND version <> ?
-                   AND status <> 'rejected' ORDER BY promoted_at DESC LIMIT 1""", [current]).fetchall()
+                   AND status <> 'rejected' AND tainted_by IS NULL ORDER BY promoted_at DESC LIMIT 1""",
+                [current]).fetchall()
         return rows[0][0] if rows else None
 
     def rollback(self, to: str | None = None) -> str:

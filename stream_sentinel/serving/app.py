@@ -51,7 +51,7 @@ from .metrics import ApiMetrics, LoopCollector, RequestMetrics
 from ..atomic import write_bytes_atomic
 from ..config import Paths, Settings
 from ..jsonout import dumps
-from ..records import JSONProblem, Reject, loads, validate
+from ..records import JSONProblem, Reject, is_utf8, loads, validate
 from ..store import Store, StoreBusy
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def healthz(request: Request) -> Response:
                    and served_index.meta.version == meta.version,
                    "embedder": svc.batcher.embedding.describe() is not None,
                    "labelled_reference": held["labelled_reference"], "known_records": held["known_records"],
+                   "window_events": held["window_events"],
                    "model_error": held["model_error"]},
         "challenger": held["challenger"],
         "search": svc.search.describe(),
@@ -335,6 +336,39 @@ async def post_records(request: Request) -> Response:
                                "sha256": hashlib.sha256(data).hexdigest()}, status_code=202)
 
 
+async def delete_record(request: Request) -> Response:
+    """
+    summary: Erase a record everywhere (right to erasure)
+    description: >
+      Queues an erasure request (a file in <data root>/erasures/, temp name then rename); the
+      erasure_sensor runs erasure_job, which removes the record from every table, the vector index
+      and its older versions, files, logs, reports and caches, withdraws models trained on it and
+      keeps an audit row named by a keyed hash of the id (never the id). Optional body
+      {"reason": "..."}. Answers 202 whether or not the id is known (an unknown id is erased from
+      nowhere, and is refused if it arrives later).
+    responses:
+      202: {description: "{queued, status_hint}"}
+      413: {description: body too large}
+    """
+    from ..erasure import requests as erasure_requests
+
+    svc: Service = request.app.state.svc
+    rid = request.path_params["record_id"]
+    body = await read_body(request, 64 << 10)
+    reason = ""
+    if body.strip():
+        obj = parse_json(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("reason", ""), str):
+            raise ApiError(422, "bad_reason", "the body, when given, is {\"reason\": \"...\"}", field="reason")
+        reason = obj.get("reason", "")[:500]
+    if not rid.strip() or not is_utf8(rid):
+        raise ApiError(422, "bad_id", "the record id must be a non-empty UTF-8 string", field="record_id")
+    path = await run_in_threadpool(erasure_requests.write, svc.paths.home, [rid], reason)
+    log.info("erasure: one request queued in erasures/%s", path.name)
+    return StrictJSONResponse({"queued": path.name,
+                               "status_hint": "stream-sentinel status --json: erasures"}, status_code=202)
+
+
 async def post_feedback(request: Request) -> Response:
     """
     summary: Send label feedback
@@ -438,16 +472,18 @@ def _predict_items(body: Any, limit: int) -> list[dict]:
             broken.append({"index": i, "id": obj.get("id") if isinstance(obj.get("id"), str) else None,
                            "rule": "bad_routing_key", "error": "routing_key must be a string of 1 to 1000 characters"})
             continue
-        # the record contract's own rules (id, text, features); a known id may come without text
-        probe = {"id": obj.get("id"), "text": obj.get("text", "x"), "event_time": "2000-01-01T00:00:00Z"}
-        if "features" in obj:
-            probe["features"] = obj["features"]
+        # the record contract's own rules (id, text, event_time, features, other keys); a known
+        # id may come without text, and a record without event_time is valued as of now
+        probe = {k: v for k, v in obj.items() if k != "routing_key"}
+        probe.setdefault("text", "x")
+        probe.setdefault("event_time", "2000-01-01T00:00:00Z")
         checked = validate(probe, f"records[{i}]")
         if isinstance(checked, Reject):
             broken.append({"index": i, "id": checked.record_id, "rule": checked.rule, "error": checked.message})
             continue
         out.append({"id": checked.id, "text": obj.get("text"), "features": checked.features or {},
-                    "routing_key": key})
+                    "routing_key": key, "extra": checked.extra,
+                    "event_time": checked.event_time if obj.get("event_time") is not None else None})
     if broken:
         raise ApiError(422, "invalid_records", f"{len(broken)} of {len(items)} records cannot be scored; none was",
                        field="records", records=broken[:100])
@@ -458,9 +494,11 @@ async def predict(request: Request) -> Response:
     """
     summary: Predict with the champion (and the challenger)
     description: >
-      Body {"records": [{"id", "text"?, "features"?, "routing_key"?}, ...]}. A record with a known id
-      and no text is scored from its stored embedding and features; a text is embedded (requests that
-      arrive together are embedded in one batch). Each answer is served by the champion or, while an
+      Body {"records": [{"id", "text"?, "features"?, "event_time"?, "routing_key"?, ...}, ...]}. A
+      record with a known id and no text is scored from its stored embedding and features (window
+      values included); a text is embedded (requests that arrive together are embedded in one batch)
+      and gets the declared windows' values at its event_time (default: now) from the records ingested
+      so far, as training computes them (its other keys are its extra, for window keys there). Each answer is served by the champion or, while an
       A/B test runs, by the route of its routing key (routing_key, else id: hash share or Thompson
       sampling); the other model scores it in shadow. Every answer is logged for the loop (served/,
       loaded into served_predictions by served_predictions_sensor). The version is the one the
@@ -644,6 +682,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
         Route("/v1/predict", predict, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/records", post_records, methods=["POST"]),
+        Route("/v1/records/{record_id:path}", delete_record, methods=["DELETE"]),
         Route("/v1/feedback", post_feedback, methods=["POST"]),
         Route("/reports/{name:path}", get_report, methods=["GET"]),
     ]

@@ -15,6 +15,9 @@ What a prediction needs, and where it comes from without the database on the req
   held in memory and extended when a new index version appears. A record that is not in it
   yet must come with its text.
 * a **new text's** vector: the shared embedder, through the dynamic batcher.
+* a **new text's window values** (``win_<name>``): from the window state in memory
+  (``windows.online.LiveWindows``), which the background thread extends with the events
+  ingested since its last look.
 
 Every answer (the served one and the shadow one of the other model) is appended to the
 prediction log (``served.PredictionLog``), which a sensor loads into DuckDB.
@@ -113,6 +116,7 @@ class Predictor:
         self._labels_checked = 0.0
         self._known_index: str | None = None  # the index version whose records ``known`` holds
         self.known = KnownRecords()
+        self.windows = None  # windows.online.LiveWindows: the declared windows' state, None: none declared
         # the records of concurrent requests scored together (one kNN search, one tree pass)
         self.scorer = ContinuousBatcher(self._score_group, SCORE_MAX_ROWS if settings.api_batch_max > 1 else 1,
                                         name="score-batcher")
@@ -183,7 +187,8 @@ class Predictor:
         ref = self.reference
         return {"champion": self._champion, "challenger": self.challenger,
                 "model_error": None if self._broken is None else self._broken[1],
-                "labelled_reference": 0 if ref is None else len(ref.ids), "known_records": len(self.known)}
+                "labelled_reference": 0 if ref is None else len(ref.ids), "known_records": len(self.known),
+                "window_events": None if self.windows is None else self.windows.events}
 
     # ------------------------------------------------------------------ keeping current
     def refresh(self, index) -> None:
@@ -205,6 +210,7 @@ class Predictor:
                     self._add_known(index)
                     self._known_index = index.meta.version
                 if due:
+                    self._read_windows()
                     self._read_labels()
                     self._read_ab()
                     self._labels_checked = time.monotonic()
@@ -216,7 +222,10 @@ class Predictor:
 
         from ..store import Store, vectors_from_arrow
 
-        new = [v for v in index.vec_ids.tolist() if v not in self.known.vec_ids] \
+        served = set(index.vec_ids.tolist())
+        if self.known.vec_ids - served:  # records left the index (an erasure): forget them all, reload
+            self.known = KnownRecords()
+        new = [v for v in served if v not in self.known.vec_ids] \
             if index.meta.model_id == self.known.model_id else index.vec_ids.tolist()
         if not new:
             return
@@ -232,6 +241,13 @@ class Predictor:
         self.known.add(index.meta.model_id, table.column("vec_id").to_pylist(), table.column("id").to_pylist(),
                        [json.loads(x) if x else {} for x in table.column("features").to_pylist()],
                        vectors_from_arrow(table.column("vector"), n))
+
+    def _read_windows(self) -> None:
+        from ..store import Store
+        from ..windows.online import LiveWindows
+
+        with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+            self.windows = LiveWindows.refresh(con, self.windows)
 
     def _read_labels(self) -> None:
         from ..learning.loop import current_reference, resolved_labels_digest
@@ -295,6 +311,18 @@ class Predictor:
                 if not records[i].get("features"):
                     features[i] = got[1][j]
         new = [i for i, s in enumerate(source) if s == "text"]
+        live = self.windows
+        # features from the request: the windows' values as of the record's event time (as
+        # training computes them; they replace any win_ keys sent). Stored ones have theirs.
+        sent = [i for i, r in enumerate(records) if live is not None and (r.get("text") is not None or r.get("features"))]
+        if sent:
+            from ..windows.state import to_us
+
+            now = to_us(datetime.now(timezone.utc))
+            vals = live.values([{"features": features[i], "extra": records[i].get("extra") or {}} for i in sent],
+                               [to_us(records[i]["event_time"]) if records[i].get("event_time") else now for i in sent])
+            for i, v in zip(sent, vals):
+                features[i] = {**features[i], **v}
         if new:
             vectors[new] = yield self.batcher.submit([records[i]["text"] for i in new], model.embedding_model_id, dim)
         return vectors, features, source

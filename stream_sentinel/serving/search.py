@@ -180,6 +180,10 @@ class SearchService:
         if version is not None and (self.index is None or self.index.meta.version != version):
             loaded = store.load(version)
             loaded.lookup()  # built once here, not by the first query
+            old = self.index
+            if old is not None and len(np.setdiff1d(old.vec_ids, loaded.vec_ids, assume_unique=True)):
+                # records left the index (an erasure): their texts leave the lexical side too
+                self.lexical = Lexical()
             self.index = loaded
             log.info("search: index %s (%d vectors)", version, loaded.meta.ntotal)
         index = self.index

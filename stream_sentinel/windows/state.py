@@ -115,7 +115,7 @@ _INGEST_MARGIN_S = 3600
 def _pending(con, digest: str, partition: str | None, after: tuple | None, limit: int,
              since: datetime | None) -> list[tuple]:
     """Up to ``limit`` records without values of the current declaration, plus (a backfill)
-    every record of a partition, in event-time order after ``after`` (event_time, id).
+    every record of a partition, in event-time order after ``after`` (event time in µs, id).
     ``since``: only records ingested after it can lack values (a column scan of ``records``,
     not a join with every value)."""
     fresh = "(w.record_id IS NULL OR w.digest != ?)"
@@ -126,10 +126,10 @@ def _pending(con, digest: str, partition: str | None, after: tuple | None, limit
     where = f"({fresh}" + (" OR r.arrival_date = CAST(? AS DATE))" if partition else ")")
     params += [partition] if partition else []
     if after is not None:
-        where += " AND (r.event_time > ? OR (r.event_time = ? AND r.id > ?))"
+        where += " AND (epoch_us(r.event_time) > ? OR (epoch_us(r.event_time) = ? AND r.id > ?))"
         params += [after[0], after[0], after[1]]
     return con.execute(
-        f"""SELECT r.id, r.event_time, r.features, r.extra, w.late AS was_late FROM records r
+        f"""SELECT r.id, epoch_us(r.event_time), r.features, r.extra, w.late AS was_late FROM records r
             LEFT JOIN window_features w ON w.record_id = r.id
             WHERE {where} ORDER BY r.event_time, r.id LIMIT {int(limit)}""", params).fetchall()
 
@@ -271,7 +271,7 @@ def update(store: Store, wset: WindowSet, partition: str | None = None, chunk: i
 
 def _apply(con, wset: WindowSet, batch: list[tuple], wm: int | None, partition: str | None, out: Update) -> None:
     ids = [r[0] for r in batch]
-    ts = [to_us(r[1]) for r in batch]
+    ts = [r[1] for r in batch]  # event time in µs, from the database (not through tz-aware datetimes)
     late_cut = None if wm is None else wm - wset.lateness_us
     # a backfilled record keeps the lateness it was judged with on arrival
     was = {r[0]: bool(r[4]) for r in batch if r[4] is not None}
@@ -302,7 +302,9 @@ def _apply(con, wset: WindowSet, batch: list[tuple], wm: int | None, partition: 
         con.execute("DELETE FROM window_events WHERE record_id IN (SELECT unnest(?))", [ids])
     touched: dict[str, dict] = defaultdict(dict)  # earlier records whose values changed
     if new["name"]:
+        base = con.execute("SELECT coalesce(max(seq), 0) FROM window_events").fetchall()[0][0]
         _insert(con, "window_events", {**new, "t": pa.array(new["t"], pa.int64()),
+                                       "seq": pa.array(np.arange(base + 1, base + 1 + len(new["t"])), pa.int64()),
                                        "num": pa.array(new["num"], pa.float64(), from_pandas=True),
                                        "tok": pa.array(new["tok"], pa.string())})
         st = _state_for(con, wset, new)
@@ -322,11 +324,12 @@ def _apply(con, wset: WindowSet, batch: list[tuple], wm: int | None, partition: 
             ev = compute.Events(code[live], t[live], st["num"][lsel], toks,
                                 np.array([x is not None for x in toks], dtype=bool))
             # every row's window; an earlier record changes when an on-time batch event is in it
-            lo, hi = compute.bounds(w, ev, code, t)
+            prep = compute.Prepared(w, ev)
+            lo, hi = prep.bounds(code, t)
             is_new = s_new[sel]
             c_new = np.concatenate([[0], np.cumsum(is_new[live])])
             target = is_new | (c_new[hi] - c_new[lo] > 0)
-            vals = compute.aggregate(w, ev, lo[target], hi[target])
+            vals = prep.aggregate(lo[target], hi[target])
             n_later = 0
             for rid, v in zip(st["record_id"][sel[target]].tolist(), vals):
                 if rid in values:
@@ -412,13 +415,15 @@ def partition_version(store: Store, partition: str) -> tuple[int, str]:
 def stored_set(store: Store) -> WindowSet:
     """The declaration the stored values were computed with (what `windows show` and the API
     explain and serve), from ``window_defs``."""
-    from .spec import parse
-
     with store.connect() as con:
-        rows = con.execute("SELECT spec, lateness_us FROM window_defs ORDER BY name").fetchall()
+        return stored_set_of(con)
+
+
+def stored_set_of(con) -> WindowSet:
+    from .spec import fmt_duration, parse
+
+    rows = con.execute("SELECT spec, lateness_us FROM window_defs ORDER BY name").fetchall()
     if not rows:
         return WindowSet(source="window_defs")
-    from .spec import fmt_duration
-
     return parse({"windows": [json.loads(r[0]) for r in rows], "allowed_lateness": fmt_duration(rows[0][1])},
                  "window_defs")
