@@ -12,19 +12,30 @@ from stream_sentinel.assets.erasure import ErasureConfig, erasure_job
 from stream_sentinel.assets.models import ERASURE_TAG, training_job, training_run_config
 from stream_sentinel.config import Settings
 from stream_sentinel.erasure import requests as erasure_requests
-from stream_sentinel.resources import StreamSentinelResource
+from stream_sentinel.erasure.kafka_source import pull
+from stream_sentinel.resources import KafkaResource, StreamSentinelResource
 
 from .served import IN_FLIGHT
 from .units import skip_while_busy
 
 
 def evaluate_erasures(sentinel: StreamSentinelResource, instance: dg.DagsterInstance | None = None,
-                      ) -> dg.RunRequest | dg.SkipReason:
-    """One run for every waiting request file, when none is queued or running: a run that
-    failed (or was killed) leaves its files, and the next tick starts another, never stuck."""
+                      kafka: KafkaResource | None = None) -> dg.RunRequest | dg.SkipReason:
+    """Requests on the Kafka erasure topic (when Kafka is configured) become a request file
+    first; then one run for every waiting request file, when none is queued or running: a run
+    that failed (or was killed) leaves its files, and the next tick starts another."""
+    note = ""
+    if kafka is not None and kafka.configured:
+        try:
+            got = pull(kafka.settings, sentinel.settings.erasure_topic, sentinel.paths.home, sentinel.paths.failed)
+        except Exception as exc:  # noqa: BLE001 -- a broker away: the files still run, the topic waits
+            note = f" (Kafka erasure topic not read: {type(exc).__name__}: {exc})"
+        else:
+            if got["invalid"]:
+                note = f" ({got['invalid']} message(s) of {got['topic']} were not requests: kept in failed/erasures/)"
     pending = erasure_requests.pending(sentinel.paths.home)
     if not pending:
-        return dg.SkipReason("no erasure requests")
+        return dg.SkipReason("no erasure requests" + note)
     if instance is not None and instance.get_run_records(
             filters=dg.RunsFilter(job_name=erasure_job.name, statuses=IN_FLIGHT), limit=1):
         return dg.SkipReason(f"{len(pending)} erasure request file(s) wait for the erasure_job run in flight")
@@ -35,10 +46,11 @@ def evaluate_erasures(sentinel: StreamSentinelResource, instance: dg.DagsterInst
 def build_erasure_sensor(settings: Settings) -> dg.SensorDefinition:
     @dg.sensor(name="erasure_sensor", job=erasure_job, minimum_interval_seconds=settings.sensor_interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Erasure request files in <data root>/erasures/ -> erasure_job (the files waiting, "
-               "when no erasure_job run is in flight).")
-    def erasure_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource):
-        return evaluate_erasures(sentinel, context.instance)
+               description="Erasure requests (the Kafka erasure topic when Kafka is configured, request files in "
+               "<data root>/erasures/) -> erasure_job (the files waiting, when no erasure_job run is in flight).")
+    def erasure_sensor(context: dg.SensorEvaluationContext, sentinel: StreamSentinelResource,
+                       kafka: KafkaResource):
+        return evaluate_erasures(sentinel, context.instance, kafka)
 
     return erasure_sensor
 

@@ -330,6 +330,9 @@ class Settings:
     # feedback and labels
     feedback_topic: str = setting("stream-sentinel.feedback", _S + "FEEDBACK_TOPIC", "Kafka topic of label "
                                   "feedback", "feedback")
+    erasure_topic: str = setting("stream-sentinel.erasures", _S + "ERASURE_TOPIC", "Kafka topic of erasure "
+                                 "requests ({record_id, reason}), read by erasure_sensor when Kafka is configured",
+                                 "feedback")
     labels: str = setting("ham,spam", _S + "LABELS", "the two allowed labels, comma-separated; empty: any "
                           "string", "feedback", blank=True)
     # as configured; the resolved pair is positive_label / negative_label

@@ -5,9 +5,11 @@ refused if it comes back. The same with the erasing process SIGKILLed half way a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from stream_sentinel.learning.registry import ModelRegistry, TaintedVersion
 from stream_sentinel.store import Store
 
 from .conftest import drop, kill_when_paused
-from .helpers import candidate, ingest_records, label_records
+from .helpers import candidate, ingest_records, label_records, serve
 
 MARK = "zqx-erasure-marker-7f3a"  # in the erased record's text and key, nowhere else
 TARGET = "erase-me-5c1d9e"
@@ -128,7 +130,22 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
         with Store(paths.db).connect() as con:
             assert con.execute("SELECT status FROM erasures").fetchall() == [
                 ("completed" if kill_at == "erasure.before_compact" else "running",)]
-    out = _erase_cli("--record-id", TARGET, "--reason", "subject request")
+    api_ctx = serve(paths) if kill_at is None else contextlib.nullcontext()
+    with api_ctx as api:
+        if api is not None:  # the API holds the record in memory: its text (BM25), vector and features
+            deadline = time.monotonic() + 60
+            while TARGET not in _api_hits(api):
+                assert time.monotonic() < deadline, "the API never found the record before the erasure"
+                time.sleep(0.2)
+        out = _erase_cli("--record-id", TARGET, "--reason", "subject request")
+        if api is not None:  # ... and forgets it once the new index version is served
+            deadline = time.monotonic() + 30
+            while TARGET in _api_hits(api):
+                assert time.monotonic() < deadline, "the API still finds the erased record"
+                time.sleep(0.2)
+            gone = api.post("/v1/predict", json={"records": [{"id": TARGET}]})
+            assert gone.status_code in (404, 503), gone.text  # unknown id (503: no champion is serving)
+            assert "Traceback" not in api.server_log()
     if kill_at == "erasure.before_compact":  # it had completed; the rerun rewrites the file and tidies up
         assert (out["completed"], out["already_erased"]) == (0, 1)
     else:
@@ -171,13 +188,14 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
     import dagster as dg
 
     from stream_sentinel.config import Settings
-    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.resources import KafkaResource, StreamSentinelResource
     from stream_sentinel.sensors.erasure import build_erasure_retrain_sensor, build_erasure_sensor
 
     sentinel = StreamSentinelResource.from_env(home=str(paths.home))
     req = build_erasure_retrain_sensor(Settings())(dg.build_sensor_context(resources={"sentinel": sentinel}))
     assert isinstance(build_erasure_sensor(Settings())(dg.build_sensor_context(
-        resources={"sentinel": sentinel}, instance=instance)), dg.SkipReason)  # its request file is gone with it
+        resources={"sentinel": sentinel, "kafka": KafkaResource()}, instance=instance)),
+        dg.SkipReason)  # its request file is gone with it
     assert req.run_key == f"erasure-retrain:{h[:16]}" and req.tags["stream_sentinel/erasure"] == h[:16]
 
     # it comes back: refused by the rule `erased`, keeping neither id nor text
@@ -194,6 +212,24 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
     # erasing it again does nothing twice
     again = _erase_cli("--record-id", TARGET)
     assert again["completed"] == 0 and again["already_erased"] == 1
+    # lifted: the user lets the id in again, and it is
+    assert json.loads(_capture(["erase", "--lift", "--record-id", TARGET, "--json"]))["lifted"] == 1
+    drop(paths.raw, "back.jsonl", [{"id": TARGET, "text": "hello once more", "event_time": "2024-05-04T00:00:00Z"}])
+    ingest.scan(paths, Store(paths.db), debounce_s=1)
+    for b in ingest.plan_batches(Store(paths.db)):
+        for sha in b.files:
+            ingest.process_file(paths, Store(paths.db), sha)
+    with Store(paths.db).connect() as con:
+        assert con.execute("SELECT count(*) FROM records WHERE id = ?", [TARGET]).fetchone()[0] == 1
+
+
+def _api_hits(api) -> set[str]:
+    found = set()
+    for mode in ("lexical", "hybrid"):
+        resp = api.get("/v1/search", params={"q": f"{MARK} please forget me", "k": 5, "mode": mode})
+        assert resp.status_code == 200, resp.text
+        found |= {r["id"] for r in resp.json()["results"]}
+    return found
 
 
 def _capture(argv: list[str]) -> str:
@@ -211,7 +247,7 @@ def test_requests_name_the_file_line_and_rule_and_the_sensor_takes_every_waiting
 
     from stream_sentinel.config import Settings
     from stream_sentinel.erasure import requests
-    from stream_sentinel.resources import StreamSentinelResource
+    from stream_sentinel.resources import KafkaResource, StreamSentinelResource
     from stream_sentinel.sensors.erasure import build_erasure_sensor
 
     bad = requests.folder(paths.home) / "bad.jsonl"
@@ -224,8 +260,53 @@ def test_requests_name_the_file_line_and_rule_and_the_sensor_takes_every_waiting
     with pytest.raises(requests.BadRequest):
         requests.write(paths.home, [""])
     sensor = build_erasure_sensor(Settings())
-    ctx = dg.build_sensor_context(resources={"sentinel": StreamSentinelResource.from_env(home=str(paths.home))},
-                                  instance=instance)
+    ctx = dg.build_sensor_context(resources={"sentinel": StreamSentinelResource.from_env(home=str(paths.home)),
+                                             "kafka": KafkaResource()}, instance=instance)
     req = sensor(ctx)
     assert req.run_config["ops"]["erasures"]["config"]["files"] == sorted([bad.name, path.name])
     assert all("x" not in str(v) for v in req.tags.values())  # names and counts, never an id
+
+
+def test_requests_on_the_kafka_erasure_topic_become_a_request_file_and_bad_messages_are_kept(
+        paths, kafka_broker, monkeypatch, instance):
+    """A real broker: two requests and a message that is not one; the sensor writes the requests
+    as one file (then commits), keeps the bad message byte for byte, and reads nothing twice."""
+    import uuid
+
+    import dagster as dg
+    from confluent_kafka import Producer
+
+    from stream_sentinel.config import Settings
+    from stream_sentinel.erasure import requests
+    from stream_sentinel.resources import KafkaResource, StreamSentinelResource
+    from stream_sentinel.sensors.erasure import build_erasure_sensor
+
+    from .conftest import create_topic
+
+    bootstrap = kafka_broker.state().bootstrap
+    topic = create_topic(bootstrap, f"er-{uuid.uuid4().hex[:8]}", partitions=2)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+    monkeypatch.setenv("STREAM_SENTINEL_ERASURE_TOPIC", topic)
+    prod = Producer({"bootstrap.servers": bootstrap})
+    bad = b"\xff not a request"
+    for value in (json.dumps({"record_id": "gone-1", "reason": "asked"}).encode(), bad,
+                  json.dumps({"record_id": "gone-2"}).encode()):
+        prod.produce(topic, value=value, partition=0)
+    prod.flush(10)
+
+    def tick():
+        with dg.build_resources({"sentinel": StreamSentinelResource.from_env(home=str(paths.home)),
+                                 "kafka": KafkaResource.from_env()}) as res:
+            return build_erasure_sensor(Settings.from_env())(dg.build_sensor_context(
+                resources={"sentinel": res.sentinel, "kafka": res.kafka}, instance=instance))
+
+    first = tick()
+    (name,) = first.run_config["ops"]["erasures"]["config"]["files"]
+    got = requests.read(requests.folder(paths.home) / name)
+    assert [(r.record_id, r.reason) for r in got] == [("gone-1", "asked"), ("gone-2", "")]
+    (kept,) = (paths.failed / "erasures").glob("kafka-*.bin")
+    assert kept.read_bytes() == bad
+    assert "not_an_erasure_request" in kept.with_name(kept.name + ".error.json").read_text()
+    again = tick()  # committed: nothing read twice, the same file still waits for its run
+    assert again.run_config["ops"]["erasures"]["config"]["files"] == [name]
+    assert len(list(requests.folder(paths.home).iterdir())) == 1

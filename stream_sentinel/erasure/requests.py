@@ -38,17 +38,18 @@ def folder(home: Path) -> Path:
     return Path(home) / FOLDER
 
 
-def write(home: Path, record_ids: list[str], reason: str = "") -> Path:
-    """One request file for ``record_ids``; returns its path."""
+def write(home: Path, record_ids: list[str], reason: str | list[str] = "", prefix: str = "erase") -> Path:
+    """One request file for ``record_ids`` (one reason for all, or one each); returns its path."""
     if not record_ids:
         raise BadRequest("no record id to erase")
     for rid in record_ids:
         if not isinstance(rid, str) or not rid.strip():
             raise BadRequest(f"a record id must be a non-empty string, got {rid!r}")
+    reasons = reason if isinstance(reason, list) else [reason] * len(record_ids)
     now = datetime.now(timezone.utc).isoformat()
-    body = "".join(json.dumps({"record_id": r, "reason": reason, "requested_at": now}, ensure_ascii=False) + "\n"
-                   for r in record_ids)
-    path = folder(home) / f"erase-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+    body = "".join(json.dumps({"record_id": r, "reason": why, "requested_at": now}, ensure_ascii=False) + "\n"
+                   for r, why in zip(record_ids, reasons))
+    path = folder(home) / f"{prefix}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, body.encode("utf-8", "surrogatepass"))
     return path
