@@ -82,23 +82,35 @@ class LiveWindows:
 
     @staticmethod
     def _merge(wset: WindowSet, old: dict | None, new: pd.DataFrame) -> dict:
+        """Each window's columns sorted by (key code, time): the new events sorted and merged
+        into the held ones (a copy per column, no sort of what was already sorted)."""
         out = {}
         for w in wset.windows:
             part = new[new["name"] == w.name]
             prev = (old or {}).get(w.name)
             codes = dict(prev["codes"]) if prev is not None else {}
-            keys = part["key"].tolist()
-            code = np.fromiter((codes.setdefault(k, len(codes)) for k in keys), dtype=np.int64, count=len(keys))
+            local, uniques = pd.factorize(part["key"])
+            to_code = np.fromiter((codes.setdefault(k, len(codes)) for k in uniques), dtype=np.int64,
+                                  count=len(uniques))
+            code = to_code[local] if len(local) else np.zeros(0, np.int64)
             tok = part["tok"].to_numpy(dtype=object)
             cols = {"code": code, "t": part["t"].to_numpy(dtype=np.int64),
                     "num": part["num"].to_numpy(dtype=np.float64, na_value=np.nan),
                     "has": np.array([x is not None for x in tok], dtype=bool),
                     # the values themselves only where they are counted; the others need presence
                     "tok": tok if w.agg == "distinct" else np.empty(len(tok), dtype=object)}
-            if prev is not None:
-                cols = {c: np.concatenate([prev[c], v]) for c, v in cols.items()}
             order = np.lexsort((cols["t"], cols["code"]))
-            out[w.name] = {**{c: v[order] for c, v in cols.items()}, "codes": codes}
+            cols = {c: v[order] for c, v in cols.items()}
+            if prev is not None and len(prev["t"]):
+                # where each new event goes: after the held events of its key at or before its time
+                o_code, o_t = prev["code"], prev["t"]
+                lo = np.searchsorted(o_code, cols["code"], side="left")
+                hi = np.searchsorted(o_code, cols["code"], side="right")
+                at = np.fromiter((a + np.searchsorted(o_t[a:b], t, side="right")
+                                  for a, b, t in zip(lo.tolist(), hi.tolist(), cols["t"].tolist())),
+                                 dtype=np.int64, count=len(lo))
+                cols = {c: np.insert(prev[c], at, v) for c, v in cols.items()}
+            out[w.name] = {**cols, "codes": codes}
         return out
 
     # ------------------------------------------------------------------ answering
