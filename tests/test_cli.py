@@ -203,3 +203,41 @@ def test_up_s_dagster_home_is_its_real_path(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert dh.prepare(tmp_path / "link" / "dagster") == (tmp_path / "real" / "dagster").resolve()
+
+
+def test_the_instance_moves_to_postgresql_when_its_url_is_set(tmp_path, pg_database):
+    """STREAM_SENTINEL_DAGSTER_PG_URL puts runs, event logs and schedules on a real PostgreSQL
+    server; the instance file names the variable, never the URL (its password); a bare
+    postgresql:// URL is refused with the fix; unset, the next prepare is back on SQLite."""
+    import dagster as dg
+    import yaml
+
+    from stream_sentinel import dagster_home as dh
+    from stream_sentinel.config import SettingError
+
+    env = {dh.PG_URL_ENV: pg_database}
+    home = dh.prepare(tmp_path / "dagster", env)
+    text = (home / dh.INSTANCE_FILE).read_text()
+    assert yaml.safe_load(text)["storage"] == {"postgres": {"postgres_url": {"env": dh.PG_URL_ENV}}}
+    assert pg_database not in text and "host=" not in text
+
+    @dg.asset
+    def probe() -> int:
+        return 1
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(dh.PG_URL_ENV, pg_database)
+        with dg.DagsterInstance.from_config(str(home)) as inst:
+            assert type(inst.run_storage).__name__ == "PostgresRunStorage"
+            assert type(inst.event_log_storage).__name__ == "PostgresEventLogStorage"
+            assert dg.materialize([probe], instance=inst).success
+            assert inst.get_latest_materialization_event(probe.key) is not None
+        with dg.DagsterInstance.from_config(str(home)) as again:  # a second process sees the same runs
+            assert len(again.get_runs()) == 1
+
+    secret = "postgresql://user:s3cret@db.example/dagster"
+    with pytest.raises(SettingError, match=r"postgresql\+psycopg2://") as err:
+        dh.prepare(tmp_path / "other", {dh.PG_URL_ENV: secret})
+    assert "s3cret" not in str(err.value)
+    home = dh.prepare(tmp_path / "dagster", {})
+    assert "storage" not in yaml.safe_load((home / dh.INSTANCE_FILE).read_text())

@@ -29,21 +29,25 @@ pytestmark = pytest.mark.daemon
 WAIT_S = 420
 
 
-@pytest.fixture
-def daemon(paths, tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def daemon(paths, tmp_path, request):
+    """The daemon on the default instance (SQLite files in DAGSTER_HOME), and on an instance
+    whose runs, event logs and schedules live on a real PostgreSQL server
+    (STREAM_SENTINEL_DAGSTER_PG_URL, as a user selects it)."""
+    pg = {dagster_home_files.PG_URL_ENV: request.getfixturevalue("pg_database")} if request.param == "postgres" else {}
     # the instance folder as `stream-sentinel up` prepares it: the packaged dagster.yaml and workspace.yaml,
     # and the embedding server `up` starts beside it (eager): each run embeds through it instead of
     # importing torch and loading the model itself (about 10 s per run on two cores)
     embed_server = start_embed_server(paths)
-    dagster_home = dagster_home_files.prepare(tmp_path / "dagster_home")
-    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(paths.home),
+    dagster_home = dagster_home_files.prepare(tmp_path / "dagster_home", {**os.environ, **pg})
+    env = {**os.environ, **pg, "DAGSTER_HOME": str(dagster_home), "STREAM_SENTINEL_HOME": str(paths.home),
            "STREAM_SENTINEL_SENSOR_INTERVAL": "1", "STREAM_SENTINEL_DEBOUNCE_SECONDS": "0.5"}
     log = open(tmp_path / "daemon.log", "w")
     dagster_daemon = Path(sys.executable).parent / "dagster-daemon"
     proc = subprocess.Popen([str(dagster_daemon), "run", "-w", str(dagster_home / "workspace.yaml")], cwd=dagster_home,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield dagster_home, tmp_path / "daemon.log"
+        yield dagster_home, tmp_path / "daemon.log", pg
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -71,8 +75,8 @@ def _ntotal(paths):
     return meta.ntotal if meta else 0
 
 
-def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_records):
-    dagster_home, log = daemon
+def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_records, monkeypatch):
+    dagster_home, log, pg = daemon
     first, second = demo_records[:60], demo_records[60:90]
     drop(paths.raw, "drop-1.jsonl", first, age=0)
     drop(paths.raw, "drop-2.json", [{"id": "x"}], age=0)  # one rejected record: pipeline carries on
@@ -108,7 +112,10 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
                                     "event_time": "2024-01-01T00:00:00Z"}], age=0)
     _wait_for(lambda: label_status().get("late-1") == "resolved", "late-1 resolved by automation", log)
     # Dagster's own record of it: sensor-launched runs with our run keys, all successful
+    for k, v in pg.items():  # the instance file names the variable, not the URL
+        monkeypatch.setenv(k, v)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        assert type(instance.run_storage).__name__ == ("PostgresRunStorage" if pg else "SqliteRunStorage")
         runs = _wait_for(lambda: [r for r in instance.get_runs() if r.is_finished] or None, "finished runs", log)
         assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         ingest_runs = [r for r in runs if r.job_name == "ingest_job"]

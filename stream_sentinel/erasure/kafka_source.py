@@ -18,37 +18,48 @@ import json
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic, write_json_atomic
-from ..kafka import KafkaSettings, consumer, partitions
+from ..kafka import KafkaSettings, consumer, watermarks
 from . import requests
 
 GROUP_ID = "stream-sentinel-erasures"
 
 
 def pull(settings: KafkaSettings, topic: str, home: Path, failed: Path, max_messages: int = 10_000,
-         idle_s: float = 1.0) -> dict:
-    """Read what the group has not committed, up to ``max_messages``; returns counts."""
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+         deadline_s: float = 20.0) -> dict:
+    """Read what the group has not committed, up to ``max_messages``; returns counts.
+
+    Reads each partition up to its end offset as it was when the pull began (so "nothing came
+    within a second" on a slow first fetch is never taken for "nothing to read"), with
+    ``deadline_s`` as the backstop; what is left is read by the next pull."""
+    import time
+
+    from confluent_kafka import KafkaError, TopicPartition
 
     cons = consumer(settings, **{"group.id": GROUP_ID})
     try:
-        parts = partitions(cons, topic)
-        if not parts:
+        marks = {w.partition: w for w in watermarks(cons, topic)}
+        if not marks:
             return {"requests": 0, "invalid": 0, "topic": topic, "missing": True}
-        committed = cons.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        cons.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                     for tp in committed])
-        ids, reasons, bad, nxt, at_end = [], [], 0, {}, set()
-        while len(ids) + bad < max_messages and len(at_end) < len(parts):
-            msg = cons.poll(idle_s)
+        committed = cons.committed([TopicPartition(topic, p) for p in marks], timeout=10)
+        start = {tp.partition: tp.offset if tp.offset >= 0 else marks[tp.partition].low for tp in committed}
+        todo = {p: marks[p].high for p, o in start.items() if marks[p].high > max(o, marks[p].low)}
+        if not todo:
+            return {"requests": 0, "invalid": 0, "topic": topic}
+        cons.assign([TopicPartition(topic, p, max(start[p], marks[p].low)) for p in todo])
+        ids, reasons, bad, nxt, done = [], [], 0, {}, set()
+        deadline = time.monotonic() + deadline_s
+        while len(ids) + bad < max_messages and len(done) < len(todo) and time.monotonic() < deadline:
+            msg = cons.poll(0.5)
             if msg is None:
-                break
+                continue
             if msg.error():
                 if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
+                    done.add(msg.partition())
                     continue
                 raise RuntimeError(f"erasure topic {topic}: {msg.error()}")
-            at_end.discard(msg.partition())
             nxt[msg.partition()] = msg.offset() + 1
+            if msg.offset() + 1 >= todo[msg.partition()]:
+                done.add(msg.partition())
             raw = msg.value() or b""
             try:
                 obj = json.loads(raw)
