@@ -21,7 +21,7 @@ from stream_sentinel.drift import DriftConfig
 from stream_sentinel.embedding.embedder import Embedder, model_dimension
 from stream_sentinel.index import IndexStore
 from stream_sentinel.learning.registry import ModelRegistry
-from stream_sentinel.store import Store
+from stream_sentinel.store import STORE_URL_ENV, Store, store_url
 from stream_sentinel.windows import spec as window_spec
 from stream_sentinel.windows.spec import WindowSet
 
@@ -42,6 +42,10 @@ class StreamSentinelResource(dg.ConfigurableResource):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    store_url: Optional[str] = Field(
+        default=None, description="the metrics store on PostgreSQL (postgresql+psycopg2://...), by reference to "
+        "$STREAM_SENTINEL_STORE_URL so the password stays in the environment; empty: DuckDB at "
+        "<data root>/metrics.duckdb. In progress: see the README's \"Beyond one machine\".")
     windows_file: Optional[str] = Field(
         default=None, description="the stream windows' declarations (YAML, see the README); empty: "
         "<data root>/windows.yaml. Each window_features materialization shows what it read.")
@@ -57,7 +61,9 @@ class StreamSentinelResource(dg.ConfigurableResource):
         values = {field: section_values(settings, group) for field, group in SENTINEL_SECTIONS.items()}
         values["drift"] = section_values(drift or DriftConfig.from_env(), "drift")
         values["home"] = str(Paths.at(home).home if home else Paths.from_env().home)
-        return with_defaults(cls, values)()
+        # the URL by reference (an unset dg.EnvVar would fail every run, so only when set)
+        refs = {"store_url": dg.EnvVar(STORE_URL_ENV)} if store_url() else {}
+        return with_defaults(cls, values)(**refs)
 
     @classmethod
     def from_env(cls, home: str | None = None) -> "StreamSentinelResource":
@@ -70,6 +76,8 @@ class StreamSentinelResource(dg.ConfigurableResource):
         self._settings = Settings(**values)  # checks every rule (a launchpad value too), naming the variable
         self._drift = DriftConfig(**self.drift.model_dump())
         self._paths = (Paths.at(self.home) if self.home else Paths.from_env()).ensure()
+        if self.store_url:  # a launchpad value too: a URL, never a path taken for a DuckDB file
+            store_url({STORE_URL_ENV: self.store_url})
         run = context.run
         if run is not None and context.instance is not None and run.tags.get(WORKER_TAG) != (me := procs.identity()):
             # who runs this run: run_liveness_sensor fails the run if this process dies mid-run
@@ -88,7 +96,7 @@ class StreamSentinelResource(dg.ConfigurableResource):
         return self._settings
 
     def store(self, lock_timeout_s: float = 120.0) -> Store:
-        return Store(self._paths.db, lock_timeout_s=lock_timeout_s)
+        return Store(self.store_url or self._paths.db, lock_timeout_s=lock_timeout_s)
 
     def index_store(self) -> IndexStore:
         return IndexStore(self._paths.index, keep_backups=self._settings.keep_backups)

@@ -1,5 +1,9 @@
 """DuckDB storage: the file registry, records, rejects, embeddings and index history.
 
+``Store(path)`` is the embedded default, one DuckDB file; ``Store(url)`` with a
+``postgresql+psycopg2://`` URL is the same store on PostgreSQL (``pgstore``: the same schema
+and statements, written by several processes at once).
+
 DuckDB lets one process hold a read-write handle at a time. The sensor (in the
 daemon), the run workers and the CLI are separate processes, so every caller opens a
 short-lived connection through :meth:`Store.connect`, which waits (with backoff) while
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
+
+from . import pgstore
 
 SCHEMA = """
 CREATE SEQUENCE IF NOT EXISTS vec_id_seq START 1;
@@ -470,6 +476,27 @@ CREATE OR REPLACE VIEW records_w AS
 LEARNING_ORDER = "l.resolved_at, r.event_time, l.record_id"
 
 
+STORE_URL_ENV = "STREAM_SENTINEL_STORE_URL"
+
+
+def store_url(environ=None) -> str | None:
+    """The metrics store's PostgreSQL URL from ``STREAM_SENTINEL_STORE_URL`` (None: DuckDB).
+    Refused, naming the variable but never the value, unless it is a PostgreSQL URL."""
+    import os
+
+    from .config import SettingError
+
+    url = (os.environ if environ is None else environ).get(STORE_URL_ENV, "").strip()
+    if url and not url.startswith("postgresql+psycopg2://"):
+        raise SettingError(f"{STORE_URL_ENV} must be a postgresql+psycopg2:// URL (or unset for DuckDB)")
+    return url or None
+
+
+def location(db_path: Path, environ=None) -> str | Path:
+    """Where the store is: ``STREAM_SENTINEL_STORE_URL`` when set, else the DuckDB file."""
+    return store_url(environ) or db_path
+
+
 def vectors_from_arrow(column, n: int):
     """A DuckDB FLOAT[] column (Arrow list) as an (n, dim) float32 array, without a Python loop."""
     import numpy as np
@@ -514,6 +541,25 @@ def _schema_columns() -> dict[str, tuple[tuple[str, str, bool, str], ...]]:
 
 
 _COLUMNS: dict[str, tuple[tuple[str, str, bool, str], ...]] | None = None
+_TRANSLATOR: pgstore.Translator | None = None
+
+
+def _translator() -> pgstore.Translator:
+    """DuckDB statements -> PostgreSQL, knowing each table's columns and primary key (for
+    ``INSERT OR REPLACE``), read from the schema itself."""
+    global _TRANSLATOR
+    if _TRANSLATOR is None:
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(SCHEMA)
+            keys = {t: list(cols) for t, cols in con.execute(
+                "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+                "WHERE constraint_type = 'PRIMARY KEY'").fetchall()}
+        finally:
+            con.close()
+        columns = {t: [c[0] for c in cols] for t, cols in _schema_columns().items()}
+        _TRANSLATOR = pgstore.Translator(keys, columns)
+    return _TRANSLATOR
 
 
 def _column_notes() -> dict[tuple[str, str], str]:
@@ -564,11 +610,62 @@ def _shared(key: str) -> _Shared:
         return _SHARED.setdefault(key, _Shared())
 
 
+class _PgPool:
+    """Idle PostgreSQL connections of this process, per URL (a connect costs a few ms; a
+    learning step opens the store dozens of times). A forked child starts with none."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: dict[tuple[int, str], list] = {}
+
+    def take(self, url: str, timeout_s: float):
+        import os
+
+        import psycopg2
+
+        with self.lock:
+            idle = self.idle.get((os.getpid(), url))
+            raw = idle.pop() if idle else None
+        if raw is None or raw.closed:
+            raw = psycopg2.connect(pgstore.dsn(url), connect_timeout=max(1, int(timeout_s)))
+            raw.autocommit = True
+        return raw
+
+    def give(self, url: str, raw) -> None:
+        import os
+
+        import psycopg2.extensions as ext
+
+        if raw.closed or raw.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE:
+            raw.close()
+            return
+        with raw.cursor() as cur:
+            cur.execute("DISCARD TEMP")  # the registered DataFrames of the last user
+        with self.lock:
+            idle = self.idle.setdefault((os.getpid(), url), [])
+            if len(idle) < 4:
+                idle.append(raw)
+                return
+        raw.close()
+
+
+_PG_POOL = _PgPool()
+
+
 class Store:
     def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
-        self.path = Path(path)
+        # a postgresql URL selects the PostgreSQL backend; anything else is a DuckDB file
+        self.url = str(path) if pgstore.is_url(path) else None
+        self.path = None if self.url else Path(path)
         self.lock_timeout_s = lock_timeout_s
-        self._key = str(self.path.absolute())
+        self._key = self.url or str(self.path.absolute())
+
+    @property
+    def backend(self) -> str:
+        return "postgres" if self.url else "duckdb"
+
+    def __repr__(self) -> str:
+        return f"Store({pgstore.redacted(self.url) if self.url else str(self.path)!r})"
 
     @contextlib.contextmanager
     def session(self, timeout_s: float | None = None) -> Iterator["Store"]:
@@ -576,6 +673,9 @@ class Store:
         at ~10 ms each); every ``connect`` inside it, from any thread of this process, is a
         cursor of the same instance. Other processes wait for the block, so keep it to one
         run's step."""
+        if self.url:  # PostgreSQL serves many processes at once: nothing to hold
+            yield self
+            return
         self._acquire(timeout_s)
         try:
             yield self
@@ -633,7 +733,12 @@ class Store:
         """A cursor of this process's instance of the file (opened on demand, closed after
         its last user); waits while another process holds the file. Connections are always
         read-write: DuckDB opens a file in one mode per process, and every caller in a
-        process shares that one instance."""
+        process shares that one instance. On PostgreSQL: a pooled connection, as a
+        ``pgstore.PgConnection`` (the same methods)."""
+        if self.url:
+            with self._pg(timeout_s) as con:
+                yield con
+            return
         con = self._acquire(timeout_s)
         try:
             cur = con.cursor()
@@ -643,6 +748,32 @@ class Store:
                 cur.close()
         finally:
             self._release()
+
+    @contextlib.contextmanager
+    def _pg(self, timeout_s: float | None) -> Iterator[pgstore.PgConnection]:
+        raw = _PG_POOL.take(self.url, self.lock_timeout_s if timeout_s is None else timeout_s)
+        ok = False
+        try:
+            if self._key not in _SCHEMA_DONE:
+                with raw.cursor() as cur:  # one process creates or migrates at a time
+                    cur.execute("SELECT pg_advisory_lock(%s)", [pgstore._DDL_LOCK])
+                    try:
+                        for stmt in pgstore.schema_statements(SCHEMA):
+                            cur.execute(stmt)
+                    finally:
+                        cur.execute("SELECT pg_advisory_unlock(%s)", [pgstore._DDL_LOCK])
+                _SCHEMA_DONE.add(self._key)
+            con = pgstore.PgConnection(raw, _translator())
+            try:
+                yield con
+            finally:
+                con.close()
+            ok = True
+        finally:
+            if ok:
+                _PG_POOL.give(self.url, raw)
+            else:
+                raw.close()
 
     @contextlib.contextmanager
     def transaction(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, Producer
 from stream_sentinel import feedback as fb
 from stream_sentinel.config import Settings
 from stream_sentinel.sensors.feedback import build_feedback_sensors
+from stream_sentinel import store as store_mod
 from stream_sentinel.store import Store
 
 from .conftest import create_topic, kill_when_paused, start_broker
@@ -41,8 +42,24 @@ def topic(kafka_broker, monkeypatch):
     return name
 
 
+@pytest.fixture(params=["duckdb", "postgres"])
+def backend(request, monkeypatch):
+    """The metrics store: the DuckDB file, or a new database on a real PostgreSQL server
+    (STREAM_SENTINEL_STORE_URL, as a user selects it)."""
+    if request.param == "postgres":
+        monkeypatch.setenv(store_mod.STORE_URL_ENV, request.getfixturevalue("pg_database"))
+    else:
+        monkeypatch.delenv(store_mod.STORE_URL_ENV, raising=False)
+    return request.param
+
+
+def metrics(paths) -> Store:
+    """The store the runs write to (the one STREAM_SENTINEL_STORE_URL selects)."""
+    return Store(store_mod.location(paths.db))
+
+
 def count(paths, table="feedback_events"):
-    with Store(paths.db).connect() as con:
+    with metrics(paths).connect() as con:
         return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
@@ -69,7 +86,7 @@ def test_defaults_confidence_one():
     assert isinstance(item, fb.Event) and item.confidence == 1.0
 
 
-def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, instance, topic, kafka_broker):
+def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, instance, topic, kafka_broker, backend):
     bootstrap = kafka_broker.state().bootstrap
     produce(bootstrap, topic, [vote(f"r{i}", "spam" if i % 2 else "ham", f"rev{i % 7}") for i in range(10_000)])
     first = tick(paths, instance)
@@ -89,8 +106,8 @@ def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, in
     for r in reqs:
         execute(paths, instance, r)
     assert count(paths) == 10_000
-    with Store(paths.db).connect() as con:
-        assert con.execute('SELECT count(DISTINCT (topic, "partition", "offset")) FROM feedback_events'
+    with metrics(paths).connect() as con:
+        assert con.execute('SELECT count(*) FROM (SELECT DISTINCT topic, "partition", "offset" FROM feedback_events) d'
                            ).fetchone()[0] == 10_000
         lag = con.execute("SELECT sum(lag) FROM kafka_lag WHERE topic = ?", [topic]).fetchone()[0]
     assert lag == 0
@@ -104,6 +121,8 @@ def test_ten_thousand_messages_over_three_partitions_land_exactly_once(paths, in
     # with everything done, even a lost cursor requests nothing
     assert tick(paths, instance, cursor=None).run_requests == []
     assert tick(paths, instance, cursor=first.cursor).run_requests == []
+    if backend == "postgres":  # it all went to PostgreSQL: the DuckDB file holds no feedback
+        assert not paths.db.exists() or Store(paths.db).row_count("feedback_events") == 0
 
 
 def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance, topic, kafka_broker, monkeypatch):
@@ -123,13 +142,13 @@ def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance,
 
 @pytest.mark.parametrize("pause_at", ["feedback_before_write", "feedback_after_write"])
 def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, topic, kafka_broker, tmp_path,
-                                                              pause_at):
+                                                              pause_at, backend):
     bootstrap = kafka_broker.state().bootstrap
     produce(bootstrap, topic, [vote(f"r{i}") for i in range(300)] + [b"garbage"], keyed=False)
     plan = flush_tick(paths)  # unkeyed: a partition may hold fewer than the batch size
     (first, *rest) = plan.run_requests
     cfg = first.run_config["ops"]["feedback"]["config"]
-    kill_when_paused([sys.executable, "-c", KILLED_RUN, str(paths.db), bootstrap, cfg["topic"],
+    kill_when_paused([sys.executable, "-c", KILLED_RUN, str(store_mod.location(paths.db)), bootstrap, cfg["topic"],
                       str(cfg["partition"]), str(cfg["start_offset"]), str(cfg["end_offset"])],
                      pause_at, tmp_path / "paused")
     for r in plan.run_requests:  # the retry, then the other partitions
@@ -138,14 +157,14 @@ def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, t
     assert count(paths, "feedback_rejects") == 1
 
 
-def test_malformed_messages_reach_the_dlq_and_the_rejects_table(paths, instance, topic, kafka_broker):
+def test_malformed_messages_reach_the_dlq_and_the_rejects_table(paths, instance, topic, kafka_broker, backend):
     bootstrap = kafka_broker.state().bootstrap
     bad = [b"{oops", json.dumps(vote("r1", label="maybe")), json.dumps(vote("r2", confidence=7))]
     produce(bootstrap, topic, [vote("ok1"), *bad, vote("ok2", label="ham")], keyed=False)
     for r in flush_tick(paths).run_requests:
         execute(paths, instance, r)
     assert count(paths) == 2
-    with Store(paths.db).connect() as con:
+    with metrics(paths).connect() as con:
         rules = sorted(r[0] for r in con.execute("SELECT rule FROM feedback_rejects").fetchall())
     assert rules == ["confidence_out_of_range", "invalid_json", "unknown_label"]
     cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "dlq-reader", "auto.offset.reset": "earliest"})
@@ -253,3 +272,34 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch):
     cluster_id = kafka_broker.new_cluster_id()
     assert not cluster_id.startswith("-") and len(cluster_id) == 22
     assert cluster_id == "AQEBAQEBAQEBAQEBAQEBAQ"  # the second draw: the first began with "-"
+
+
+def test_concurrent_runs_on_postgresql_land_each_offset_once(paths, topic, kafka_broker, pg_database, monkeypatch):
+    """Several run workers writing one PostgreSQL store at once: three ranges, each read by two
+    processes at the same time (a retry racing the run it retries), six writers in all. Every
+    offset lands once, the labels resolve from all of them, and the lag is 0."""
+    monkeypatch.setenv(store_mod.STORE_URL_ENV, pg_database)
+    bootstrap = kafka_broker.state().bootstrap
+    produce(bootstrap, topic, [vote(f"r{i}", "spam" if i % 3 else "ham", f"rev{i % 5}") for i in range(3000)])
+    reqs = flush_tick(paths).run_requests
+    assert len(reqs) == 3
+    procs = []
+    for r in reqs:
+        cfg = r.run_config["ops"]["feedback"]["config"]
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", KILLED_RUN, pg_database, bootstrap, cfg["topic"], str(cfg["partition"]),
+                 str(cfg["start_offset"]), str(cfg["end_offset"])], stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert count(paths) == 3000
+    store = metrics(paths)
+    with store.connect() as con:
+        assert con.execute('SELECT count(*) FROM (SELECT DISTINCT "partition", "offset" FROM feedback_events) d'
+                           ).fetchone()[0] == 3000
+        assert con.execute("SELECT count(*) FROM feedback_ranges WHERE topic = ?", [topic]).fetchone()[0] == 3
+        assert con.execute("SELECT sum(lag) FROM kafka_lag WHERE topic = ?", [topic]).fetchone()[0] == 0
+    got = fb.resolve_labels(store, fb.ConsensusConfig())
+    assert got["labels"] == 3000 and got["reviewers"] == 5
+    assert flush_tick(paths).run_requests == []  # nothing left to read
