@@ -55,7 +55,7 @@ case "$cmd" in
     : > bench/results/summary.jsonl
     for script in footprint embedding_backends drop_latency faiss_search model_update drift_report \
                   stream_quality promotion_cost kafka_feedback ingest_memory chaos soak serving serving_search \
-                  windows erasure; do
+                  windows erasure scale_out; do
       echo "==> bench/$script.py $*"
       "$VENV/bin/python" "bench/$script.py" "$@" | tee /dev/stderr | tail -n 1 >> bench/results/summary.jsonl
     done

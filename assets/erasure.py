@@ -11,6 +11,8 @@ from stream_sentinel.erasure import requests as erasure_requests
 from stream_sentinel.atomic import fsync_path, write_json_atomic
 from stream_sentinel.resources import StreamSentinelResource
 
+from .pools import POOL_INDEX
+
 
 class ErasureConfig(dg.Config):
     files: list[str] = []  # request files in <data root>/erasures/ (empty: every file there)
@@ -19,6 +21,7 @@ class ErasureConfig(dg.Config):
 @dg.asset(
     group_name="erasure",
     kinds={"duckdb", "faiss"},
+    pool=POOL_INDEX,
     description="Right to erasure: each requested record removed from records, embeddings, the vector index "
     "(and every older version holding it), labels and feedback (tombstones keep the offsets), predictions, "
     "training-set rows, window state, rejects, raw and quarantined files, logs, drift reports and caches; "

@@ -10,6 +10,7 @@ from stream_sentinel import ingest, pipeline
 from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .partitions import declared_daily_arrivals as daily_arrivals
+from .pools import POOL_INDEX
 
 
 # Files are written in groups of 20, each one held DuckDB session and one transaction
@@ -129,6 +130,7 @@ def embeddings(
     deps=[embeddings],
     group_name="ingest",
     kinds={"faiss"},
+    pool=POOL_INDEX,
     automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()),
     description="FAISS index (cosine via inner product) over every embedding of the current model. "
     "Grown in place while new vectors are under the rebuild ratio of the index, rebuilt past it; "

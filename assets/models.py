@@ -12,6 +12,7 @@ from stream_sentinel.resources import EmbedderResource, StreamSentinelResource
 
 from .feedback import labels
 from .ingest import embeddings
+from .pools import POOL_REGISTRY
 
 
 class ModelConfig(dg.Config):
@@ -62,7 +63,7 @@ def training_set(context: dg.AssetExecutionContext, sentinel: StreamSentinelReso
         data_version=dg.DataVersion(ts.data_version))
 
 
-@dg.asset(deps=[training_set], group_name="learning", kinds={"lightgbm"}, output_required=False,
+@dg.asset(deps=[training_set], group_name="learning", kinds={"lightgbm"}, output_required=False, pool=POOL_REGISTRY,
           check_specs=[dg.AssetCheckSpec(
               "candidate_beats_champion", asset="model", blocking=True,
               description="non-inferiority of the candidate against the champion on the validation slice "
@@ -125,7 +126,7 @@ def model(context: dg.AssetExecutionContext, config: ModelConfig, sentinel: Stre
                   "margin": verdict.margin})
 
 
-@dg.asset(deps=[model], group_name="learning", kinds={"lightgbm"},
+@dg.asset(deps=[model], group_name="learning", kinds={"lightgbm"}, pool=POOL_REGISTRY,
           description="The serving model: the candidate of this run, promoted atomically once "
           "candidate_beats_champion passed (the check blocks this step otherwise).")
 def champion(context: dg.AssetExecutionContext, sentinel: StreamSentinelResource) -> dg.MaterializeResult:

@@ -96,7 +96,7 @@ class StreamSentinelResource(dg.ConfigurableResource):
         return self._settings
 
     def store(self, lock_timeout_s: float = 120.0) -> Store:
-        return Store(self.store_url or self._paths.db, lock_timeout_s=lock_timeout_s)
+        return Store(self.store_url or self._paths.db, lock_timeout_s=lock_timeout_s, home=self._paths.home)
 
     def index_store(self) -> IndexStore:
         return IndexStore(self._paths.index, keep_backups=self._settings.keep_backups)

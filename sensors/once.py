@@ -97,7 +97,7 @@ def run_once(paths: Paths, settings: Settings, wait_seconds: float, say: Callabl
     progress lines (the CLI prints them to stderr)."""
     from stream_sentinel.definitions import build_definitions
 
-    store = Store(paths.db)
+    store = Store.of(paths)
     scanned = ingest.scan(paths, store, settings.debounce_s, settle_s=settings.settle_s)
     # a cron or CI job that just wrote its files expects them in this run: wait out the
     # debounce of files already there (bounded, for a file that never stops growing)

@@ -89,7 +89,7 @@ def cmd_windows(args) -> int:
     from .windows import state as window_state
 
     paths = Paths.from_env().ensure()
-    store = Store(paths.db)
+    store = Store.of(paths)
     stored = window_state.stored_set(store)
     try:
         declared = window_spec.load(paths.home)
@@ -151,7 +151,7 @@ def cmd_erase(args) -> int:
     if args.lift:
         hasher = IdHasher.for_root(paths.home, create=False)
         hashes = [hasher(i) for i in ids] if hasher else []
-        with Store(paths.db).transaction() as con:
+        with Store.of(paths).transaction() as con:
             lifted = con.execute("""UPDATE erasures SET lifted_at = now() WHERE id_hash IN (SELECT unnest(?))
                                     AND lifted_at IS NULL RETURNING id_hash""", [hashes]).fetchall()
         _emit({"lifted": len(lifted), "requested": len(ids)}, args.json,
@@ -213,7 +213,7 @@ def cmd_search(args) -> int:
     hits = loaded.search(embedder.embed([args.query]), args.k)[0]
     snippets: dict[str, str] = {}
     if hits:
-        with Store(paths.db).connect() as con:
+        with Store.of(paths).connect() as con:
             ids = [h[0] for h in hits]
             rows = con.execute("SELECT id, text FROM records WHERE id IN (SELECT unnest(?))", [ids]).fetchall()
         snippets = {i: " ".join(t.split())[: args.snippet] for i, t in rows}
@@ -264,7 +264,7 @@ def cmd_model(args) -> int:
     from .store import Store
 
     paths = Paths.from_env().ensure()
-    store = Store(paths.db)
+    store = Store.of(paths)
     registry = ModelRegistry(paths.models, store)
     champion = registry.reconcile()
     action = args.model_command
@@ -353,7 +353,7 @@ def cmd_drift(args) -> int:
     from .store import Store
 
     paths = Paths.from_env().ensure()
-    store = Store(paths.db)
+    store = Store.of(paths)
     try:
         cfg = drift.DriftConfig.from_env()
         cfg.validate()

@@ -28,6 +28,9 @@ INSTANCE_FILE = "dagster.yaml"
 WORKSPACE_FILE = "workspace.yaml"
 PACKAGED = (INSTANCE_FILE, WORKSPACE_FILE)
 PG_URL_ENV = "STREAM_SENTINEL_DAGSTER_PG_URL"
+STORE_URL_ENV = "STREAM_SENTINEL_STORE_URL"  # the metrics store's (store.STORE_URL_ENV)
+MAX_RUNS_ENV = "STREAM_SENTINEL_MAX_CONCURRENT_RUNS"
+DEFAULT_MAX_RUNS = 4
 # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and dagster-postgres (0.29) then fails
 # on its `NOTIFY run_events, $1`; dagster-postgres is written for psycopg2, which it requires.
 PG_SCHEME = "postgresql+psycopg2"
@@ -67,9 +70,30 @@ def pg_url(environ: os._Environ | dict | None = None) -> str | None:
 
 def instance_yaml(environ: os._Environ | dict | None = None) -> bytes:
     """The instance settings to write: the packaged ``dagster.yaml``, plus the PostgreSQL
-    storage block when ``STREAM_SENTINEL_DAGSTER_PG_URL`` is set."""
+    storage block when ``STREAM_SENTINEL_DAGSTER_PG_URL`` is set. When the metrics store is on
+    PostgreSQL too (``STREAM_SENTINEL_STORE_URL``), runs no longer wait for one run slot: up to
+    ``STREAM_SENTINEL_MAX_CONCURRENT_RUNS`` (default 4) run at once, and the assets that must
+    have one writer (the index, training, erasure) are kept to one at a time by Dagster
+    concurrency pools (``pool=`` on those assets; every pool's limit is 1)."""
+    environ = os.environ if environ is None else environ
     data = packaged(INSTANCE_FILE)
-    return data + POSTGRES_STORAGE if pg_url(environ) else data
+    if not pg_url(environ):
+        return data
+    if not environ.get(STORE_URL_ENV, "").strip():
+        return data + POSTGRES_STORAGE
+    import yaml
+
+    raw = environ.get(MAX_RUNS_ENV, "").strip() or str(DEFAULT_MAX_RUNS)
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise SettingError(f"{MAX_RUNS_ENV}={raw!r} is not a whole number of runs from 1 to 64")
+    settings = yaml.safe_load(data)
+    queue = settings.get("run_queue", {})
+    queue.pop("max_concurrent_runs", None)  # Dagster refuses it beside `concurrency: runs`
+    settings["concurrency"] = {"runs": {"max_concurrent_runs": int(raw)}, "pools": {"default_limit": 1}}
+    head = (f"# Written by stream-sentinel for the scale-out deployment ({PG_URL_ENV} and\n"
+            f"# {STORE_URL_ENV} are set): the packaged dagster.yaml, with up to {raw} runs at once\n"
+            f"# and one writer per concurrency pool. The packaged file explains each setting.\n")
+    return head.encode() + yaml.safe_dump(settings, sort_keys=False).encode() + POSTGRES_STORAGE
 
 
 def location(paths: Paths) -> Path:

@@ -166,7 +166,7 @@ def load_window(store: Store, embedding_model_id: str, champion: str | None, whe
             f"""WITH arrived AS (SELECT record_id, min(ingested_at) AS at FROM feedback_events GROUP BY 1),
                      answers AS (SELECT record_id, label, scored_at AS at FROM predictions WHERE served
                                  UNION ALL SELECT record_id, label, served_at FROM served_predictions WHERE served),
-                     served AS (SELECT q.record_id, arg_max(q.label, q.at) AS label FROM answers q
+                     served AS (SELECT q.record_id, (array_agg(q.label ORDER BY q.at DESC))[1] AS label FROM answers q
                                 JOIN arrived a ON a.record_id = q.record_id
                                 WHERE q.at < a.at GROUP BY 1)
                 SELECT count(*), avg(CASE WHEN s.label = l.label THEN 1.0 ELSE 0.0 END)

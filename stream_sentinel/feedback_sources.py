@@ -366,9 +366,9 @@ def file_batches(store: Store, after_seq: int = 0) -> list[FileBatch]:
     requested yet (``after_seq`` = the cursor), or what is not done (``after_seq`` = 0)."""
     with store.connect(timeout_s=20) as con:
         rows = con.execute(
-            """SELECT b.seq, b.run_key, list(f.sha256 ORDER BY f.sha256) FROM feedback_file_batches b
+            """SELECT b.seq, b.run_key, array_agg(f.sha256 ORDER BY f.sha256) FROM feedback_file_batches b
                JOIN feedback_files f ON f.batch_seq = b.seq
-               WHERE b.seq > ? GROUP BY ALL HAVING bool_or(f.status = 'pending') ORDER BY b.seq""",
+               WHERE b.seq > ? GROUP BY b.seq, b.run_key HAVING bool_or(f.status = 'pending') ORDER BY b.seq""",
             [after_seq]).fetchall()
     return [FileBatch(seq, key, tuple(files)) for seq, key, files in rows]
 

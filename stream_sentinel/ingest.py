@@ -434,9 +434,9 @@ def batches_after(store: Store, seq: int, lock_timeout_s: float | None = None) -
     """Batches cut after ``seq`` (what a sensor cursor has not requested yet)."""
     with store.connect(timeout_s=lock_timeout_s) as con:
         rows = con.execute(
-            """SELECT b.seq, b.run_key, b.partition_key, b.est_records, list(f.sha256 ORDER BY f.sha256)
+            """SELECT b.seq, b.run_key, b.partition_key, b.est_records, array_agg(f.sha256 ORDER BY f.sha256)
                FROM batches b JOIN files f ON f.batch_seq = b.seq
-               WHERE b.seq > ? GROUP BY ALL ORDER BY b.seq""", [seq]).fetchall()
+               WHERE b.seq > ? GROUP BY b.seq, b.run_key, b.partition_key, b.est_records ORDER BY b.seq""", [seq]).fetchall()
     return [Batch(s, k, p, tuple(files), est) for s, k, p, est, files in rows]
 
 
@@ -444,9 +444,9 @@ def unfinished_batches(store: Store, lock_timeout_s: float | None = None) -> lis
     """Batches with a file still waiting to be processed (``run --once``; the sensor's retries)."""
     with store.connect(timeout_s=lock_timeout_s) as con:
         rows = con.execute(
-            """SELECT b.seq, b.run_key, b.partition_key, b.est_records, list(f.sha256 ORDER BY f.sha256)
+            """SELECT b.seq, b.run_key, b.partition_key, b.est_records, array_agg(f.sha256 ORDER BY f.sha256)
                FROM batches b JOIN files f ON f.batch_seq = b.seq
-               GROUP BY ALL HAVING bool_or(f.status = 'batched') ORDER BY b.seq""").fetchall()
+               GROUP BY b.seq, b.run_key, b.partition_key, b.est_records HAVING bool_or(f.status = 'batched') ORDER BY b.seq""").fetchall()
     return [Batch(s, k, p, tuple(files), est) for s, k, p, est, files in rows]
 
 
@@ -509,8 +509,16 @@ def _erased(con):
         return None
     from .erasure.keys import IdHasher
 
-    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
-    hasher = IdHasher.for_root(Path(db).parent, create=False)
+    from .pgstore import dialect
+
+    if dialect(con) == "postgres":
+        if con.home is None:  # never a silent pass: an erased id must not come back
+            raise RuntimeError("erased ids cannot be checked: this PostgreSQL store was opened without its data root")
+        root = Path(con.home)
+    else:
+        root = Path(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+                                ).fetchone()[0]).parent
+    hasher = IdHasher.for_root(root, create=False)
     if hasher is None:
         return None
 
@@ -723,7 +731,7 @@ class _MemoryCap:
     def __init__(self, store: Store, want: str | None = None):
         limit = memory_limit(os.environ.get(DB_MEMORY_ENV, "") if want is None else want)
         self.store, self.prev, self.want = store, None, limit or "off"
-        if limit is None:
+        if limit is None or store.backend != "duckdb":  # a PostgreSQL server manages its own memory
             return
         with store.connect() as con:
             prev = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]

@@ -66,7 +66,35 @@ _VIEWS = {
             FROM predictions p JOIN model_versions m ON m.version = p.model_version
             WHERE m.status = 'champion' OR p.role = 'champion') ranked
         WHERE rank_ = 1""",
+    "records_w": """CREATE OR REPLACE VIEW records_w AS
+        SELECT r.id, r.vec_id, r.text, r.event_time,
+               CASE WHEN w.record_id IS NULL THEN r.features
+                    ELSE json_merge_patch(coalesce(r.features, '{}'), w."values") END AS features,
+               r.label, r.extra, r.content_hash, r.file_sha256, r.position, r.arrival_date, r.ingested_at
+        FROM records r LEFT JOIN window_features w ON w.record_id = r.id""",
 }
+
+
+# DuckDB functions the library's shared statements call, defined on PostgreSQL
+_FUNCTIONS = [
+    # a deterministic 64-bit hash (DuckDB's hash() differs; values are only compared within a backend)
+    """CREATE OR REPLACE FUNCTION hash(v anyelement) RETURNS numeric
+       AS $$ SELECT hashtextextended(v::text, 0)::numeric $$ LANGUAGE sql IMMUTABLE""",
+    """CREATE OR REPLACE FUNCTION hash(a text, b text) RETURNS numeric
+       AS $$ SELECT hashtextextended(a || chr(31) || b, 0)::numeric $$ LANGUAGE sql IMMUTABLE""",
+    """CREATE OR REPLACE FUNCTION epoch_us(t timestamptz) RETURNS bigint
+       AS $$ SELECT (extract(epoch FROM t) * 1000000)::bigint $$ LANGUAGE sql IMMUTABLE""",
+    # '$.a.b' paths only, which is all the library asks for
+    """CREATE OR REPLACE FUNCTION json_extract_string(j text, path text) RETURNS text
+       AS $$ SELECT (j::jsonb) #>> string_to_array(substr(path, 3), '.') $$ LANGUAGE sql IMMUTABLE""",
+    """CREATE OR REPLACE FUNCTION regexp_extract(s text, pattern text, grp integer) RETURNS text
+       AS $$ SELECT coalesce((regexp_match(s, pattern))[grp], '') $$ LANGUAGE sql IMMUTABLE""",
+    # json_merge_patch of two flat objects (the records_w view): keys of b win, null in b removes
+    """CREATE OR REPLACE FUNCTION json_merge_patch(a text, b text) RETURNS text
+       AS $$ SELECT ((coalesce(a, '{}')::jsonb - ARRAY(SELECT k FROM jsonb_each(b::jsonb) e(k, v)
+                                                       WHERE v = 'null'::jsonb))
+                     || jsonb_strip_nulls(b::jsonb))::text $$ LANGUAGE sql IMMUTABLE""",
+]
 
 
 def _strip_comments(sql: str) -> str:
@@ -76,13 +104,16 @@ def _strip_comments(sql: str) -> str:
 def _types(sql: str) -> str:
     sql = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", sql)
     sql = re.sub(r"\bFLOAT\[\]", "REAL[]", sql)
-    return re.sub(r"\bBLOB\b", "BYTEA", sql)
+    sql = re.sub(r"\bBLOB\b", "BYTEA", sql)
+    # DuckDB hands JSON columns to Python as text; as TEXT here they read the same, and rows
+    # inserted from a registered DataFrame (text columns) need no cast
+    return re.sub(r"\bJSON\b", "TEXT", sql)
 
 
 def schema_statements(schema: str) -> list[str]:
     """The DuckDB schema as PostgreSQL statements: types renamed, DuckDB-only views replaced by
     their PostgreSQL spelling (or left out when the library does not read them on this backend)."""
-    out = []
+    out = list(_FUNCTIONS)
     for stmt in _strip_comments(schema).split(";"):
         stmt = stmt.strip()
         if not stmt:
@@ -104,6 +135,13 @@ _QUOTED = re.compile(r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\")")
 def _outside_quotes(sql: str, fn) -> str:
     parts = _QUOTED.split(sql)
     return "".join(p if i % 2 else fn(p) for i, p in enumerate(parts))
+
+
+def _statement(text: str) -> str:
+    """The parts of a statement outside quotes: types, ``?`` -> ``%s`` (a literal ``%`` doubled),
+    and ``unnest(?)`` of a Python list typed (PostgreSQL cannot type an empty array literal)."""
+    text = re.sub(r"unnest\(\?\)", "unnest(CAST(? AS TEXT[]))", text)
+    return _types(text.replace("%", "%%").replace("?", "%s"))
 
 
 class Translator:
@@ -140,15 +178,43 @@ class Translator:
         elif ignore:
             sql = re.sub(r"INSERT\s+OR\s+IGNORE\s+INTO", "INSERT INTO", sql, count=1, flags=re.I).rstrip().rstrip(";")
             sql += " ON CONFLICT DO NOTHING"
-        return _outside_quotes(sql, lambda s: _types(s.replace("%", "%%").replace("?", "%s")))
+        return _outside_quotes(sql, _statement)
 
 
 # ------------------------------------------------------------------------------ values
 
+# PostgreSQL's text cannot hold U+0000, which DuckDB's VARCHAR (and JSON input) can: a record's
+# text with a NUL in it must land on both stores alike. Strings are stored with NUL written as
+# ESC + "0" and ESC itself as ESC + ESC, ESC being U+10FFFF (a noncharacter: no text carries it),
+# and read back exactly. Only strings holding either character change.
+_ESC = "\U0010ffff"
+_UNESC = re.compile(_ESC + "([0" + _ESC + "])")
+
+
+def _enc(s: str) -> str:
+    if "\x00" in s or _ESC in s:
+        return s.replace(_ESC, _ESC + _ESC).replace("\x00", _ESC + "0")
+    return s
+
+
+def _dec(v: Any) -> Any:
+    if isinstance(v, str) and _ESC in v:
+        return _UNESC.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, v)
+    if isinstance(v, list):
+        return [_dec(x) for x in v]
+    return v
+
+
+def _row(row: tuple | None) -> tuple | None:
+    return None if row is None else tuple(_dec(v) for v in row)
+
+
 def _py(v: Any) -> Any:
-    """A Python value psycopg2 adapts: numpy scalars unboxed, NaN/NaT -> NULL."""
+    """A Python value psycopg2 adapts: numpy scalars unboxed, NaN/NaT -> NULL, NUL escaped."""
     if v is None:
         return None
+    if isinstance(v, str):
+        return _enc(v)
     if isinstance(v, (np.generic,)):
         v = v.item()
     if isinstance(v, float) and v != v:
@@ -198,12 +264,31 @@ def _pg_type(series: pd.Series) -> str:
 
 # ------------------------------------------------------------------------------ the connection
 
+class _Relation:
+    def __init__(self, columns: list[str], rows: list[tuple]):
+        self.columns, self.rows = columns, rows
+
+    def fetchall(self) -> list[tuple]:
+        return self.rows
+
+    def df(self) -> pd.DataFrame:
+        return pd.DataFrame.from_records(self.rows, columns=self.columns)
+
+    def to_arrow_table(self):
+        import pyarrow as pa
+
+        data = list(zip(*self.rows)) if self.rows else [[] for _ in self.columns]
+        return pa.table({c: pa.array(list(v)) for c, v in zip(self.columns, data)})
+
+    arrow = to_arrow_table
+
+
 class PgConnection:
     """The subset of ``duckdb.DuckDBPyConnection`` the library uses, on a psycopg2 connection
     (autocommit; ``BEGIN``/``COMMIT`` are statements, as on DuckDB)."""
 
-    def __init__(self, raw, translate: Translator):
-        self.raw, self.translate = raw, translate
+    def __init__(self, raw, translate: Translator, home=None):
+        self.raw, self.translate, self.home = raw, translate, home
         self._cur = raw.cursor()
         self._registered: list[str] = []
 
@@ -221,20 +306,36 @@ class PgConnection:
         execute_batch(self._cur, self.translate(sql), [_params(r) for r in rows], page_size=1000)
         return self
 
+    @property
+    def description(self):
+        return self._cur.description
+
     def fetchone(self):
-        return self._cur.fetchone()
+        return _row(self._cur.fetchone())
 
     def fetchall(self) -> list:
-        return self._cur.fetchall()
+        return [_row(r) for r in self._cur.fetchall()]
 
     def df(self) -> pd.DataFrame:
         cols = [d.name for d in self._cur.description]
-        return pd.DataFrame.from_records(self._cur.fetchall(), columns=cols)
+        return pd.DataFrame.from_records(self.fetchall(), columns=cols)
 
     fetchdf = df
 
+    def arrow(self):
+        cols = [d.name for d in self._cur.description]
+        return _Relation(cols, self.fetchall()).to_arrow_table()
+
+    fetch_arrow_table = arrow
+
+    def sql(self, query: str, params: Iterable | None = None) -> "_Relation":
+        """DuckDB's ``con.sql(query, params=...)``: a result read as Arrow, a DataFrame or rows."""
+        self.execute(query, params)
+        cols = [d.name for d in self._cur.description]
+        return _Relation(cols, self.fetchall())
+
     def cursor(self) -> "PgConnection":
-        return PgConnection(self.raw, self.translate)
+        return PgConnection(self.raw, self.translate, self.home)
 
     # -- DataFrames as tables
     def register(self, name: str, obj) -> "PgConnection":

@@ -26,7 +26,7 @@ def collect_status(paths: Paths, settings: Settings | None = None) -> dict:
     """Counts, lag, index, labels and learning figures of one data root, as plain values."""
     settings = settings or Settings.from_env()
     mid = embedding_model_id(settings)
-    store = Store(paths.db)
+    store = Store.of(paths)
     out: dict = {"home": str(paths.home), "model_id": mid}
     out.update(store.status())
     with store.connect() as con:

@@ -653,12 +653,19 @@ _PG_POOL = _PgPool()
 
 
 class Store:
-    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0):
+    def __init__(self, path: str | Path, lock_timeout_s: float = 120.0, home: Path | None = None):
         # a postgresql URL selects the PostgreSQL backend; anything else is a DuckDB file
         self.url = str(path) if pgstore.is_url(path) else None
         self.path = None if self.url else Path(path)
+        # the data root the store belongs to (the erasure key lives there); a DuckDB file's folder
+        self.home = Path(home) if home is not None else (self.path.parent if self.path else None)
         self.lock_timeout_s = lock_timeout_s
         self._key = self.url or str(self.path.absolute())
+
+    @classmethod
+    def of(cls, paths, lock_timeout_s: float = 120.0, environ=None) -> "Store":
+        """The data root's store: ``STREAM_SENTINEL_STORE_URL`` when set, else its DuckDB file."""
+        return cls(location(paths.db, environ), lock_timeout_s=lock_timeout_s, home=paths.home)
 
     @property
     def backend(self) -> str:
@@ -763,7 +770,7 @@ class Store:
                     finally:
                         cur.execute("SELECT pg_advisory_unlock(%s)", [pgstore._DDL_LOCK])
                 _SCHEMA_DONE.add(self._key)
-            con = pgstore.PgConnection(raw, _translator())
+            con = pgstore.PgConnection(raw, _translator(), home=self.home)
             try:
                 yield con
             finally:

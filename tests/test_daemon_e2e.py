@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +21,7 @@ import pytest
 
 from stream_sentinel import dagster_home as dagster_home_files
 from stream_sentinel.index import IndexStore
-from stream_sentinel.store import Store
+from stream_sentinel.store import STORE_URL_ENV, Store
 
 from .conftest import REPO, drop
 from .helpers import start_embed_server, stop_process
@@ -31,10 +32,17 @@ WAIT_S = 420
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def daemon(paths, tmp_path, request):
-    """The daemon on the default instance (SQLite files in DAGSTER_HOME), and on an instance
-    whose runs, event logs and schedules live on a real PostgreSQL server
-    (STREAM_SENTINEL_DAGSTER_PG_URL, as a user selects it)."""
-    pg = {dagster_home_files.PG_URL_ENV: request.getfixturevalue("pg_database")} if request.param == "postgres" else {}
+    """The daemon on the embedded default (SQLite files in DAGSTER_HOME, metrics.duckdb), and with
+    both on a real PostgreSQL server: the instance's runs, event logs and schedules
+    (STREAM_SENTINEL_DAGSTER_PG_URL) and the metrics store (STREAM_SENTINEL_STORE_URL), as a
+    user selects them."""
+    pg = {}
+    if request.param == "postgres":  # Dagster's storage and the metrics store, each in its own database
+        from stream_sentinel.devtools import postgres_server as pgs
+
+        server = request.getfixturevalue("postgres_server")
+        pg = {dagster_home_files.PG_URL_ENV: request.getfixturevalue("pg_database"),
+              STORE_URL_ENV: pgs.create_database(server, f"m_{uuid.uuid4().hex[:12]}")}
     # the instance folder as `stream-sentinel up` prepares it: the packaged dagster.yaml and workspace.yaml,
     # and the embedding server `up` starts beside it (eager): each run embeds through it instead of
     # importing torch and loading the model itself (about 10 s per run on two cores)
@@ -77,6 +85,8 @@ def _ntotal(paths):
 
 def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_records, monkeypatch):
     dagster_home, log, pg = daemon
+    for k, v in pg.items():  # this process reads the same stores (the instance file names the variable)
+        monkeypatch.setenv(k, v)
     first, second = demo_records[:60], demo_records[60:90]
     drop(paths.raw, "drop-1.jsonl", first, age=0)
     drop(paths.raw, "drop-2.json", [{"id": "x"}], age=0)  # one rejected record: pipeline carries on
@@ -88,11 +98,13 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
 
     out = subprocess.run([sys.executable, "-m", "stream_sentinel.cli", "search", second[5]["text"][:200],
                           "-k", "1", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env={**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)})
+                         env={**os.environ, **pg, "STREAM_SENTINEL_HOME": str(paths.home)})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["results"][0]["id"] == second[5]["id"]
 
-    status = Store(paths.db).status()
+    status = Store.of(paths).status()
+    if pg:  # everything went to PostgreSQL: no run, sensor or command made the DuckDB file
+        assert not paths.db.exists()
     assert (status["records"], status["rejected_records"], status["duplicate_files"]) == (90, 1, 1)
 
     # feedback through the drop folder: one vote for a record that has not arrived yet
@@ -102,7 +114,7 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
     drop(paths.feedback, "votes.jsonl", "".join(json.dumps(v) + "\n" for v in votes), age=0)
 
     def label_status():
-        with Store(paths.db).connect() as con:
+        with Store.of(paths).connect() as con:
             return dict(con.execute("SELECT record_id, status FROM labels").fetchall())
 
     _wait_for(lambda: label_status().get("late-1") == "pending", "labels with late-1 pending", log)
@@ -112,8 +124,6 @@ def test_dropped_files_become_searchable_through_the_daemon(paths, daemon, demo_
                                     "event_time": "2024-01-01T00:00:00Z"}], age=0)
     _wait_for(lambda: label_status().get("late-1") == "resolved", "late-1 resolved by automation", log)
     # Dagster's own record of it: sensor-launched runs with our run keys, all successful
-    for k, v in pg.items():  # the instance file names the variable, not the URL
-        monkeypatch.setenv(k, v)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert type(instance.run_storage).__name__ == ("PostgresRunStorage" if pg else "SqliteRunStorage")
         runs = _wait_for(lambda: [r for r in instance.get_runs() if r.is_finished] or None, "finished runs", log)

@@ -103,6 +103,14 @@ def _scan(root: Path, needles: list[bytes]) -> list[str]:
     return hits
 
 
+def _pg_tables(store, request) -> Path:
+    """The folder of the store's database on the test server (after a checkpoint: on disk)."""
+    with store.connect() as con:
+        con.execute("CHECKPOINT")
+        oid = con.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    return request.getfixturevalue("postgres_server").pgdata / "base" / str(oid)
+
+
 def _erase_cli(*args: str) -> dict:
     import contextlib
     import io
@@ -115,19 +123,25 @@ def _erase_cli(*args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [None, "erasure.after_models", "erasure.after_files", "erasure.before_compact"])
-def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store, demo_embedder, demo_records,
-                                                                   demo_labels, kill_at, tmp_path, instance):
+@pytest.mark.parametrize("kill_at,backend", [
+    (None, "duckdb"), (None, "postgres"), ("erasure.after_models", "duckdb"), ("erasure.after_files", "postgres"),
+    ("erasure.before_compact", "duckdb")], indirect=["backend"])
+def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(backend, paths, store, demo_embedder, demo_records,
+                                                                   demo_labels, kill_at, tmp_path, instance, request):
+    """The whole loop on the data root (and, on PostgreSQL, the metrics store's table files):
+    after the erasure neither the id nor the marker is anywhere."""
     root = _build_root(paths, store, demo_embedder, demo_records, demo_labels)
     needles = [MARK.encode(), TARGET.encode()]
     before = _scan(paths.home, needles)
     # the scan can see it: raw, failed, the database, the logs
     assert any(h.startswith("raw/") for h in before) and any(h.startswith("failed/") for h in before), before
+    if backend == "postgres":  # ... and the table files of this test's database on the server
+        assert _scan(_pg_tables(store, request), needles)
     if kill_at:
         kill_when_paused([sys.executable, "-m", "stream_sentinel.cli", "erase", "--record-id", TARGET,
                           "--reason", "subject request"],
                          kill_at, tmp_path / "paused")
-        with Store(paths.db).connect() as con:
+        with Store.of(paths).connect() as con:
             assert con.execute("SELECT status FROM erasures").fetchall() == [
                 ("completed" if kill_at == "erasure.before_compact" else "running",)]
     api_ctx = serve(paths) if kill_at is None else contextlib.nullcontext()
@@ -152,15 +166,20 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
         assert (out["completed"], out["already_erased"]) == (1, 0)
         assert out["withdrawn_champion"] == root["first"] and out["retrain_needed"] is True
 
-    # nowhere: no file of the data root holds the id or the marker (DuckDB after its rewrite)
+    # nowhere: no file of the data root holds the id or the marker (DuckDB after its rewrite), nor
+    # (PostgreSQL) a table file of the server after VACUUM FULL; its write-ahead log keeps the bytes
+    # until its segments are recycled (see the README)
     assert _scan(paths.home, needles) == []
+    if backend == "postgres":
+        assert _scan(_pg_tables(store, request), needles) == []
+        assert not paths.db.exists()  # every step, the API and the CLI used the PostgreSQL store
     for v in IndexStore(paths.index).versions():
         assert not _holds(paths, v, root["vec_id"]), v
     found = json.loads(_capture(["search", f"{MARK} please forget me", "-k", "5", "--json"]))
     assert TARGET not in {r["id"] for r in found["results"]}
 
     # the champion was trained on it: withdrawn, marked, never promoted again; a retrain is owed
-    registry = ModelRegistry(paths.models, Store(paths.db))
+    registry = ModelRegistry(paths.models, Store.of(paths))
     assert registry.champion_version() is None
     assert registry.get(root["first"]).tainted_by is not None
     with pytest.raises((TaintedVersion, KeyError)):
@@ -169,7 +188,7 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
 
     # the audit row: a keyed hash, never the id; what went, counted once
     h = IdHasher.for_root(paths.home)(TARGET)
-    with Store(paths.db).connect() as con:
+    with Store.of(paths).connect() as con:
         rows = con.execute("SELECT id_hash, reason, status, counts, plan, retrain_needed FROM erasures").fetchall()
         assert con.execute("SELECT count(*) FROM records WHERE id = 'keep-1'").fetchone()[0] == 1
         tomb = con.execute("SELECT count(*) FROM feedback_events WHERE record_id = ''").fetchone()[0]
@@ -200,11 +219,11 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
 
     # it comes back: refused by the rule `erased`, keeping neither id nor text
     drop(paths.raw, "again.jsonl", [{"id": TARGET, "text": "hello again", "event_time": "2024-05-03T00:00:00Z"}])
-    ingest.scan(paths, Store(paths.db), debounce_s=1)
-    for b in ingest.plan_batches(Store(paths.db)):
+    ingest.scan(paths, Store.of(paths), debounce_s=1)
+    for b in ingest.plan_batches(Store.of(paths)):
         for sha in b.files:
-            ingest.process_file(paths, Store(paths.db), sha)
-    with Store(paths.db).connect() as con:
+            ingest.process_file(paths, Store.of(paths), sha)
+    with Store.of(paths).connect() as con:
         assert con.execute("SELECT count(*) FROM records WHERE id = ?", [TARGET]).fetchone()[0] == 0
         (rule, rid, raw, msg), = con.execute("SELECT rule, record_id, raw, message FROM rejects "
                                               "WHERE rule = 'erased'").fetchall()
@@ -215,11 +234,11 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(paths, store,
     # lifted: the user lets the id in again, and it is
     assert json.loads(_capture(["erase", "--lift", "--record-id", TARGET, "--json"]))["lifted"] == 1
     drop(paths.raw, "back.jsonl", [{"id": TARGET, "text": "hello once more", "event_time": "2024-05-04T00:00:00Z"}])
-    ingest.scan(paths, Store(paths.db), debounce_s=1)
-    for b in ingest.plan_batches(Store(paths.db)):
+    ingest.scan(paths, Store.of(paths), debounce_s=1)
+    for b in ingest.plan_batches(Store.of(paths)):
         for sha in b.files:
-            ingest.process_file(paths, Store(paths.db), sha)
-    with Store(paths.db).connect() as con:
+            ingest.process_file(paths, Store.of(paths), sha)
+    with Store.of(paths).connect() as con:
         assert con.execute("SELECT count(*) FROM records WHERE id = ?", [TARGET]).fetchone()[0] == 1
 
 

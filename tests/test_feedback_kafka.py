@@ -42,20 +42,9 @@ def topic(kafka_broker, monkeypatch):
     return name
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
-def backend(request, monkeypatch):
-    """The metrics store: the DuckDB file, or a new database on a real PostgreSQL server
-    (STREAM_SENTINEL_STORE_URL, as a user selects it)."""
-    if request.param == "postgres":
-        monkeypatch.setenv(store_mod.STORE_URL_ENV, request.getfixturevalue("pg_database"))
-    else:
-        monkeypatch.delenv(store_mod.STORE_URL_ENV, raising=False)
-    return request.param
-
-
 def metrics(paths) -> Store:
     """The store the runs write to (the one STREAM_SENTINEL_STORE_URL selects)."""
-    return Store(store_mod.location(paths.db))
+    return Store.of(paths)
 
 
 def count(paths, table="feedback_events"):
@@ -140,9 +129,10 @@ def test_batch_policy_waits_for_size_or_age_and_flush_overrides(paths, instance,
     assert [r.tags["stream_sentinel/messages"] for r in aged.run_requests] == ["1"]
 
 
-@pytest.mark.parametrize("pause_at", ["feedback_before_write", "feedback_after_write"])
-def test_run_killed_mid_range_then_retried_adds_nothing_twice(paths, instance, topic, kafka_broker, tmp_path,
-                                                              pause_at, backend):
+@pytest.mark.parametrize("pause_at,backend", [("feedback_before_write", "duckdb"), ("feedback_after_write", "duckdb"),
+                                              ("feedback_after_write", "postgres")], indirect=["backend"])
+def test_run_killed_mid_range_then_retried_adds_nothing_twice(backend, paths, instance, topic, kafka_broker, tmp_path,
+                                                              pause_at):
     bootstrap = kafka_broker.state().bootstrap
     produce(bootstrap, topic, [vote(f"r{i}") for i in range(300)] + [b"garbage"], keyed=False)
     plan = flush_tick(paths)  # unkeyed: a partition may hold fewer than the batch size

@@ -20,8 +20,8 @@ from .conftest import kill_when_paused
 from .helpers import WINDOW, candidate, ingest_with_labels, label_records
 
 
-def test_first_full_version_then_continued_child_with_exact_lineage(paths, store, demo_embedder, demo_records,
-                                                                   demo_labels):
+def test_first_full_version_then_continued_child_with_exact_lineage(backend, paths, store, demo_embedder,
+                                                                   demo_records, demo_labels):
     embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")
@@ -121,8 +121,8 @@ def test_model_and_champion_steps_use_their_own_runs_facts(paths, store, demo_em
     assert facts == {"training_set": version, "candidate": meta["candidate"].value}
 
 
-def test_rollback_restores_the_previous_champion_and_its_predictions(paths, store, demo_embedder, demo_records,
-                                                                    demo_labels):
+def test_rollback_restores_the_previous_champion_and_its_predictions(backend, paths, store, demo_embedder,
+                                                                    demo_records, demo_labels):
     embedder = demo_embedder  # precomputed vectors: the embedder is not what is tested here
     registry = ModelRegistry(paths.models, store)
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, WINDOW, "a")

@@ -281,7 +281,7 @@ def burst_stream(n: int = 240, seed: int = 3) -> list[dict]:
     return out
 
 
-def test_window_features_through_ingest_training_scoring_backfill_and_cli(paths, instance, capsys):
+def test_window_features_through_ingest_training_scoring_backfill_and_cli(backend, paths, instance, capsys):
     """The asset computes what the brute force says; a model trained on a stream whose label is a
     window learns it (from the window: the texts carry nothing) and scores new records with it;
     a backfill recomputes the partition to the same values; `windows show` explains a value."""
@@ -298,15 +298,15 @@ def test_window_features_through_ingest_training_scoring_backfill_and_cli(paths,
     stream = burst_stream()
     recs = [r for r, _, _ in stream]
     drop(paths.raw, "burst.jsonl", recs)
-    ingest.scan(paths, Store(paths.db), debounce_s=1)
-    (batch,) = ingest.plan_batches(Store(paths.db))
+    ingest.scan(paths, Store.of(paths), debounce_s=1)
+    (batch,) = ingest.plan_batches(Store.of(paths))
     job = build_definitions(home=str(paths.home)).resolve_job_def("ingest_job")
     result = job.execute_in_process(run_config={"ops": {"raw_records": {"config": {"files": list(batch.files)}}}},
                                     partition_key=batch.partition_key, instance=instance)
     (mat,) = result.asset_materializations_for_node("window_features")
     meta = {k: v.value for k, v in mat.metadata.items()}
     assert meta["records_computed"] == len(recs) and meta["late_records"] == 0
-    store = Store(paths.db)
+    store = Store.of(paths)
     got, _ = stored_values(store)
     assert [got[r["id"]]["win_user_msgs_1h"] for r in recs] == [n for _, _, n in stream]
     by_day: dict = {}

@@ -39,6 +39,10 @@ def compact(store: Store, attempts: int = 5, lock_wait_s: float = 10.0) -> int:
     session of this process (the file must close to be replaced). Other processes open the
     file for moments (sensor ticks, the API's refresh): the lock is tried for ``lock_wait_s``
     after each copy, and the copy made again only when the file changed meanwhile."""
+    if store.url:  # PostgreSQL: deleted rows stay in the table files until VACUUM FULL rewrites them
+        with store.connect() as con:
+            con.execute("VACUUM FULL")
+            return int(con.execute("SELECT pg_database_size(current_database())").fetchone()[0])
     db = store.path
     for _ in range(attempts):
         tmp = db.with_name(f".{db.name}.compact-{uuid.uuid4().hex[:8]}")

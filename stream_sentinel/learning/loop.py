@@ -445,7 +445,7 @@ class LabelBacklog:
 def label_backlog(store: Store) -> LabelBacklog:
     """What the newest training set lacks: the input of the retrain policy (``retrain_due``)."""
     with store.connect() as con:
-        last = con.execute("SELECT data_version, epoch(now() - created_at) FROM training_sets "
+        last = con.execute("SELECT data_version, extract(epoch FROM now() - created_at) FROM training_sets "
                            "ORDER BY created_at DESC LIMIT 1").fetchall()
         if not last:
             n = con.execute("SELECT count(*) FROM labels WHERE status = 'resolved'").fetchall()[0][0]

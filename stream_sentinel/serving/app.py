@@ -105,7 +105,7 @@ class Service:
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
 
     def store(self) -> Store:
-        return Store(self.paths.db, lock_timeout_s=STORE_WAIT_S)
+        return Store.of(self.paths, lock_timeout_s=STORE_WAIT_S)
 
     def registry(self):
         from ..learning.registry import ModelRegistry
@@ -589,11 +589,13 @@ def read_loop_state(svc: Service) -> None:
     """Kafka lag and the newest drift verdict of each kind, for /metrics (a short read: when a
     run holds the database the previous snapshot stays, and its age says so)."""
     try:
-        with Store(svc.paths.db, lock_timeout_s=0.2).connect() as con:
+        with Store.of(svc.paths, lock_timeout_s=0.2).connect() as con:
             lag = {(t, p): n for t, p, n in con.execute('SELECT topic, "partition", lag FROM kafka_lag').fetchall()}
             drift = {kind: (window, bool(drifted)) for kind, window, drifted in con.execute(
-                """SELECT kind, window_key, drifted FROM drift_reports WHERE status = 'ok'
-                   QUALIFY row_number() OVER (PARTITION BY kind ORDER BY created_at DESC) = 1""").fetchall()}
+                """SELECT kind, window_key, drifted FROM (
+                       SELECT kind, window_key, drifted,
+                              row_number() OVER (PARTITION BY kind ORDER BY created_at DESC) AS n
+                       FROM drift_reports WHERE status = 'ok') newest WHERE n = 1""").fetchall()}
     except StoreBusy:
         return
     svc.loop = {"kafka_lag": lag, "drift": drift, "snapshot_at": time.time()}

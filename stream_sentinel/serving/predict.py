@@ -147,7 +147,7 @@ class Predictor:
         from ..learning.registry import ModelRegistry
         from ..store import Store
 
-        store = Store(self.paths.db, lock_timeout_s=2.0)
+        store = Store.of(self.paths, lock_timeout_s=2.0)
         v = ModelRegistry(self.paths.models, store).get(version)
         positive, negative = version_labels(store, v)
         return {"positive": positive, "negative": negative}
@@ -205,7 +205,7 @@ class Predictor:
         if not (new_index or due):
             return  # the database is opened only when there is something to read
         try:
-            with Store(self.paths.db, lock_timeout_s=0.2).session():
+            with Store.of(self.paths, lock_timeout_s=0.2).session():
                 if new_index:
                     self._add_known(index)
                     self._known_index = index.meta.version
@@ -229,7 +229,7 @@ class Predictor:
             if index.meta.model_id == self.known.model_id else index.vec_ids.tolist()
         if not new:
             return
-        with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+        with Store.of(self.paths, lock_timeout_s=0.2).connect() as con:
             table = con.sql(
                 """SELECT r.vec_id, r.id, r.features, e.vector FROM records_w r
                    JOIN embeddings e ON e.record_id = r.id AND e.model_id = ?
@@ -246,7 +246,7 @@ class Predictor:
         from ..store import Store
         from ..windows.online import LiveWindows
 
-        with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+        with Store.of(self.paths, lock_timeout_s=0.2).connect() as con:
             self.windows = LiveWindows.refresh(con, self.windows)
 
     def _read_labels(self) -> None:
@@ -257,7 +257,7 @@ class Predictor:
         if champion is None:
             return
         model = self.model(champion)
-        store = Store(self.paths.db, lock_timeout_s=0.2)
+        store = Store.of(self.paths, lock_timeout_s=0.2)
         digest = f"{resolved_labels_digest(store)}:{model.embedding_model_id}:{model.positive}"
         if digest == self._labels_digest:
             return
@@ -271,7 +271,7 @@ class Predictor:
         from ..learning.registry import ModelRegistry
         from ..store import Store
 
-        registry = ModelRegistry(self.paths.models, Store(self.paths.db, lock_timeout_s=0.2))
+        registry = ModelRegistry(self.paths.models, Store.of(self.paths, lock_timeout_s=0.2))
         challenger = registry.challenger_version()
         if challenger is not None:
             self.model(challenger)

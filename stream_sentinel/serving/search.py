@@ -194,7 +194,7 @@ class SearchService:
             self.lexical.rebuild()
             return
         try:
-            with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+            with Store.of(self.paths, lock_timeout_s=0.2).connect() as con:
                 rows = con.execute("""SELECT vec_id, id, text FROM records WHERE vec_id > ? AND vec_id <= ?
                                       ORDER BY vec_id LIMIT 50000""", [self.lexical.high_water, top]).fetchall()
         except StoreBusy:
@@ -245,7 +245,7 @@ class SearchService:
         from ..store import Store, StoreBusy
 
         try:
-            with Store(self.paths.db, lock_timeout_s=0.2).connect() as con:
+            with Store.of(self.paths, lock_timeout_s=0.2).connect() as con:
                 rows = con.execute("SELECT id, text FROM records WHERE id IN (SELECT unnest(?))", [ids]).fetchall()
         except StoreBusy:
             return {}

@@ -1,0 +1,185 @@
+"""The scale-out backends together: Dagster's instance and the metrics store on one real
+PostgreSQL server, and ingest runs that overlap instead of waiting for one run slot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stream_sentinel import dagster_home as dh
+from stream_sentinel import ingest
+from stream_sentinel.index import IndexStore
+from stream_sentinel.store import STORE_URL_ENV, Store
+
+from .conftest import drop
+from .helpers import start_embed_server, stop_process
+
+
+# one ingest_job run in its own process, as a run worker launched by the run coordinator
+RUN = textwrap.dedent("""
+    import json, sys
+    import dagster as dg
+    from stream_sentinel.definitions import build_definitions
+    batch = json.loads(sys.argv[1])
+    job = build_definitions().resolve_job_def("ingest_job")
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            run_config={"ops": {"raw_records": {"config": {"files": batch["files"]}}}},
+            partition_key=batch["partition_key"], instance=instance, raise_on_error=False,
+            tags={"dagster/run_key": batch["run_key"]})
+    sys.exit(0 if result.success else 1)
+""")
+
+
+def test_duckdb_statements_are_rewritten_for_postgresql_only_where_they_differ():
+    from stream_sentinel import pgstore
+    from stream_sentinel.store import _translator
+
+    t = _translator()
+    assert t("INSERT OR REPLACE INTO run_facts VALUES (?, ?, ?)") == (
+        'INSERT INTO run_facts VALUES (%s, %s, %s) ON CONFLICT ("run_id", "fact") DO UPDATE SET "value" = excluded."value"')
+    assert t("INSERT OR IGNORE INTO labels SELECT * FROM lab") == "INSERT INTO labels SELECT * FROM lab ON CONFLICT DO NOTHING"
+    # quoted text is left alone; a literal % is doubled for psycopg2; types renamed outside quotes
+    assert t("SELECT '?', \"a?\", x LIKE 'a%' FROM t WHERE y = ? AND CAST(z AS DOUBLE) > 0") == (
+        "SELECT '?', \"a?\", x LIKE 'a%' FROM t WHERE y = %s AND CAST(z AS DOUBLE PRECISION) > 0")
+    assert t("DELETE FROM t WHERE id IN (SELECT unnest(?))") == "DELETE FROM t WHERE id IN (SELECT unnest(CAST(%s AS TEXT[])))"
+    assert t("BEGIN TRANSACTION") == "BEGIN"
+    ddl = "\n".join(pgstore.schema_statements("CREATE TABLE a (x DOUBLE, v FLOAT[], b BLOB, j JSON); -- c;"))
+    assert "x DOUBLE PRECISION, v REAL[], b BYTEA, j TEXT" in ddl
+    assert pgstore.redacted("postgresql+psycopg2://u:s3cret@h/db") == "postgresql+psycopg2://u:***@h/db"
+
+
+@pytest.mark.parametrize("sql,params", [
+    ("SELECT json_merge_patch(?, ?)", ['{"a": 1, "win_x": 3}', '{"win_x": null, "win_y": 2}']),
+    ("SELECT json_merge_patch(NULL, ?)", ['{"win_y": 2.5}']),
+    ("SELECT json_extract_string(?, '$.run_key')", ['{"run_key": "raw:1", "n": 2}']),
+    ("SELECT json_extract_string(?, '$.missing')", ['{"run_key": "raw:1"}']),
+    ("SELECT CAST(regexp_extract(?, '[.][.]([0-9]+)$', 1) AS BIGINT)", ["event_time:1..42"]),
+    ("SELECT epoch_us(CAST(? AS TIMESTAMPTZ))", ["2024-03-01T12:00:00.123456+00:00"]),
+    ("SELECT (array_agg(x ORDER BY y DESC))[1] FROM (VALUES ('a', 1), ('b', 2)) t(x, y)", []),
+    ("SELECT count(*) FROM (SELECT unnest(?)) u", [[]]),
+])
+def test_the_duckdb_functions_the_library_uses_answer_the_same_on_postgresql(sql, params, pg_database):
+    """Each DuckDB function the shared statements call, defined on PostgreSQL by pgstore: the
+    same inputs give the same answers on both engines (JSON compared as values)."""
+    import duckdb
+
+    duck = duckdb.connect().execute(sql, params).fetchone()[0]
+    with Store(pg_database).connect() as con:
+        pg = con.execute(sql, params).fetchone()[0]
+    if isinstance(duck, str) and duck.startswith("{"):
+        duck, pg = json.loads(duck), json.loads(pg)
+    assert pg == duck
+
+
+@pytest.mark.slow
+def test_four_ingest_runs_at_once_on_postgresql_land_every_record_once(paths, demo_records, tmp_path,
+                                                                      pg_database, postgres_server):
+    """Four micro-batches ingested by four run processes at the same time, each embedding (through
+    the shared embedding server) and publishing the index: the store holds every record once,
+    every record has one vector, the index holds exactly the embedded rows, and Dagster's
+    PostgreSQL instance holds the four successful runs with their run keys."""
+    from stream_sentinel.devtools import postgres_server as pgs
+
+    import uuid
+
+    dagster_url = pgs.create_database(postgres_server, f"d_{uuid.uuid4().hex[:12]}")  # Dagster's own database
+    env = {**os.environ, STORE_URL_ENV: pg_database, dh.PG_URL_ENV: dagster_url,
+           "STREAM_SENTINEL_HOME": str(paths.home)}
+    env["DAGSTER_HOME"] = str(dh.prepare(tmp_path / "dagster_home", env))
+    store = Store(pg_database)
+    recs = demo_records[:240]
+    for i in range(4):
+        drop(paths.raw, f"part-{i}.jsonl", recs[i * 60:(i + 1) * 60])
+    drop(paths.raw, "again.jsonl", recs[:60])  # the same bytes as part-0: a duplicate, ingested never
+    ingest.scan(paths, store, debounce_s=0)
+    batches = ingest.plan_batches(store, max_files=1)
+    assert len(batches) == 4
+    server = start_embed_server(paths)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", RUN, json.dumps(
+            {"files": list(b.files), "partition_key": b.partition_key, "run_key": b.run_key})],
+            env=env, stderr=subprocess.PIPE, text=True) for b in batches]
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-4000:]
+    finally:
+        stop_process(server)
+    status = store.status()
+    assert (status["records"], status["embedded"], status["duplicate_files"]) == (240, 240, 1)
+    with store.connect() as con:
+        assert con.execute("SELECT count(DISTINCT vec_id) FROM records").fetchone()[0] == 240
+        assert con.execute("SELECT count(*) FROM files WHERE status = 'processed'").fetchone()[0] == 4
+    meta = IndexStore(paths.index).read_meta()
+    assert meta.ntotal == 240  # index ntotal = embedded rows
+    assert not paths.db.exists() or Store(paths.db).row_count("records") == 0
+
+    import dagster as dg
+
+    os.environ[dh.PG_URL_ENV] = dagster_url
+    try:
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            runs = instance.get_runs(dg.RunsFilter(job_name="ingest_job"))
+    finally:
+        del os.environ[dh.PG_URL_ENV]
+    assert sorted(r.tags["dagster/run_key"] for r in runs) == sorted(b.run_key for b in batches)
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+
+def test_with_both_stores_on_postgresql_runs_overlap_and_each_pool_has_one_writer(tmp_path, pg_database, monkeypatch):
+    """The scale-out instance: several runs at once (STREAM_SENTINEL_MAX_CONCURRENT_RUNS), every
+    concurrency pool limited to one step, and the single writers (the index, the model registry,
+    erasure) in pools; without the PostgreSQL metrics store the run queue stays at one."""
+    import dagster as dg
+
+    from stream_sentinel.config import SettingError
+    from stream_sentinel.definitions import build_definitions
+
+    both = {dh.PG_URL_ENV: pg_database, STORE_URL_ENV: pg_database, dh.MAX_RUNS_ENV: "3"}
+    home = dh.prepare(tmp_path / "scale", both)
+    monkeypatch.setenv(dh.PG_URL_ENV, pg_database)
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        cfg = inst.get_concurrency_config()
+        assert (cfg.run_queue_config.max_concurrent_runs, cfg.pool_config.default_pool_limit) == (3, 1)
+    with dg.DagsterInstance.from_config(str(dh.prepare(tmp_path / "instance-only", {dh.PG_URL_ENV: pg_database}))) as inst:
+        assert inst.get_concurrency_config().run_queue_config.max_concurrent_runs == 1
+    with pytest.raises(SettingError, match=dh.MAX_RUNS_ENV):
+        dh.prepare(tmp_path / "bad", {**both, dh.MAX_RUNS_ENV: "many"})
+    graph = build_definitions(home=str(tmp_path / "root")).resolve_asset_graph()
+    pools = {k: graph.get(dg.AssetKey(k)).pools for k in ("vector_index", "erasures", "model", "champion", "embeddings")}
+    assert pools["vector_index"] == pools["erasures"] == {"stream_sentinel_index"}
+    assert pools["model"] == pools["champion"] == {"stream_sentinel_registry"}
+    assert not pools["embeddings"]  # embedding runs overlap (up to the run limit)
+
+
+def test_any_string_reads_back_exactly_from_postgresql_nul_included(pg_database):
+    """PostgreSQL's text cannot hold U+0000, DuckDB's can: strings go through pgstore's escape and
+    come back exactly, in a plain column, in a DataFrame registered as a table, and as a key."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    store = Store(pg_database).init()
+    chars = st.text(alphabet=st.sampled_from(["\x00", "\U0010ffff", "0", "a", "é", "\\"]) | st.characters(
+        blacklist_categories=("Cs",)), max_size=12)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(key=chars, value=chars)
+    def roundtrip(key, value):
+        import pandas as pd
+
+        with store.transaction() as con:
+            con.execute("DELETE FROM run_facts")
+            con.execute("INSERT OR REPLACE INTO run_facts VALUES (?, ?, ?)", [key, "f", value])
+            con.register("frame", pd.DataFrame({"run_id": [key + "x"], "fact": ["g"], "value": [value]}))
+            con.execute("INSERT INTO run_facts SELECT * FROM frame")
+        with store.connect() as con:
+            assert con.execute("SELECT value FROM run_facts WHERE run_id = ?", [key]).fetchone() == (value,)
+            assert con.execute("SELECT run_id, value FROM run_facts ORDER BY fact").df().values.tolist() == [
+                [key, value], [key + "x", value]]
+
+    roundtrip()
