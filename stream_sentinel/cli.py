@@ -674,7 +674,8 @@ def cmd_embed_server(args) -> int:
 
     paths = Paths.from_env().ensure()
     settings = Settings.from_env()
-    sock = Path(args.socket) if args.socket else paths.embed_socket
+    sock = args.socket if args.socket and args.socket.startswith("tcp://") else (
+        Path(args.socket) if args.socket else paths.embed_socket)
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision,
                              settings.embed_backend, paths.embedding_models)
     compile_ = settings.embed_compile and not args.no_compile and embedder.backend == "torch"
@@ -849,7 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     es = sub.add_parser("embed-server", help="keep the embedding model loaded for every run (`up` starts it)")
-    es.add_argument("--socket", default=None, help="Unix socket (default: $STREAM_SENTINEL_HOME/embedder.sock)")
+    es.add_argument("--socket", default=None, help="Unix socket (default: $STREAM_SENTINEL_HOME/embedder.sock), or "
+                    "tcp://HOST:PORT to serve other machines (clients: $STREAM_SENTINEL_EMBED_SERVER)")
     es.add_argument("--no-compile", action="store_true",
                     help="serve the eager model only (default: compile at start, see STREAM_SENTINEL_EMBED_COMPILE)")
     es.set_defaults(func=cmd_embed_server)

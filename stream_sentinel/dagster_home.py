@@ -31,6 +31,7 @@ PG_URL_ENV = "STREAM_SENTINEL_DAGSTER_PG_URL"
 STORE_URL_ENV = "STREAM_SENTINEL_STORE_URL"  # the metrics store's (store.STORE_URL_ENV)
 MAX_RUNS_ENV = "STREAM_SENTINEL_MAX_CONCURRENT_RUNS"
 DEFAULT_MAX_RUNS = 4
+FREE_SLOTS_AFTER_S = 30
 # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and dagster-postgres (0.29) then fails
 # on its `NOTIFY run_events, $1`; dagster-postgres is written for psycopg2, which it requires.
 PG_SCHEME = "postgresql+psycopg2"
@@ -90,6 +91,10 @@ def instance_yaml(environ: os._Environ | dict | None = None) -> bytes:
     queue = settings.get("run_queue", {})
     queue.pop("max_concurrent_runs", None)  # Dagster refuses it beside `concurrency: runs`
     settings["concurrency"] = {"runs": {"max_concurrent_runs": int(raw)}, "pools": {"default_limit": 1}}
+    # a run killed while its step held a pool's slot (failed afterwards by run_liveness_sensor)
+    # would hold it forever, and every later step of that pool would wait: Dagster frees a
+    # finished run's slots only when this is set (found by the chaos run: a training run stuck)
+    settings["run_monitoring"]["free_slots_after_run_end_seconds"] = FREE_SLOTS_AFTER_S
     head = (f"# Written by stream-sentinel for the scale-out deployment ({PG_URL_ENV} and\n"
             f"# {STORE_URL_ENV} are set): the packaged dagster.yaml, with up to {raw} runs at once\n"
             f"# and one writer per concurrency pool. The packaged file explains each setting.\n")

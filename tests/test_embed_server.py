@@ -83,3 +83,35 @@ def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embed
         assert mat.metadata["embedded_by"].value == "embed-server (compiled)"
     finally:
         stop_process(proc)
+
+
+def test_a_tcp_server_serves_runs_on_other_machines(paths, embedder, demo_records, instance, monkeypatch):
+    """`embed-server --socket tcp://HOST:PORT` (a cluster's embedding service): the same vectors,
+    and a run told STREAM_SENTINEL_EMBED_SERVER embeds through it; a bad address is no server."""
+    import os
+    import subprocess
+    import sys
+
+    from stream_sentinel.devtools.kafka_broker import free_port
+    from stream_sentinel.embedding.server import ADDRESS_ENV
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server", "--no-compile",
+                             "--socket", address], env={**os.environ, "STREAM_SENTINEL_HOME": str(paths.home)},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while (remote := connect(address, embedder.model_id, embedder.dim)) is None:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the TCP embedding server did not come up"
+            time.sleep(0.5)
+        texts = [r["text"] for r in demo_records[:20]]
+        assert np.allclose(remote.embed(texts), embedder.embed(texts), atol=1e-6)
+        assert not paths.embed_socket.exists()  # nothing listens on the data root's socket
+        monkeypatch.setenv(ADDRESS_ENV, address)
+        _, mat = _ingest(paths, instance, "tcp.jsonl", demo_records[:10])
+        assert mat.metadata["embedded_by"].value == "embed-server"
+    finally:
+        stop_process(proc)
+    assert connect(address, embedder.model_id, embedder.dim) is None  # gone: runs embed in-process
+    assert connect("tcp://nowhere", embedder.model_id, embedder.dim) is None

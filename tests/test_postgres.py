@@ -146,6 +146,8 @@ def test_with_both_stores_on_postgresql_runs_overlap_and_each_pool_has_one_write
     with dg.DagsterInstance.from_config(str(home)) as inst:
         cfg = inst.get_concurrency_config()
         assert (cfg.run_queue_config.max_concurrent_runs, cfg.pool_config.default_pool_limit) == (3, 1)
+        # the slot of a run killed mid-step is given back once the run is failed, or its pool stops
+        assert inst.run_monitoring_settings["free_slots_after_run_end_seconds"] == dh.FREE_SLOTS_AFTER_S
     with dg.DagsterInstance.from_config(str(dh.prepare(tmp_path / "instance-only", {dh.PG_URL_ENV: pg_database}))) as inst:
         assert inst.get_concurrency_config().run_queue_config.max_concurrent_runs == 1
     with pytest.raises(SettingError, match=dh.MAX_RUNS_ENV):

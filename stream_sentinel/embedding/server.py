@@ -1,4 +1,4 @@
-"""A warm embedding model shared by every run, over a Unix socket.
+"""A warm embedding model shared by every run, over a Unix socket (or TCP, for a cluster).
 
 Dagster launches each run in a fresh process. Importing torch and sentence-transformers
 and loading the model costs about 5 s of that process's life, which is most of a
@@ -13,6 +13,12 @@ optimisation, never a dependency.
 Being long-lived, the server is also where compiling the model pays (``encoder.py``): it
 compiles in a background thread at start and serves eager until that is done. The reply
 header says which (``compiled``), and runs record it in the embeddings metadata.
+
+Address: a Unix socket path (the default, ``<data root>/embedder.sock``: one machine, the
+data root's owner only), or ``tcp://host:port`` where runs and the API live on other machines
+(a Kubernetes Service; ``STREAM_SENTINEL_EMBED_SERVER`` tells clients where, ``embed-server
+--socket tcp://0.0.0.0:8766`` where to listen). TCP has no authentication: keep it inside the
+cluster's network (a ClusterIP Service, a NetworkPolicy), as the texts travel in the clear.
 
 Protocol: one request per connection. A frame is a 4-byte big-endian length followed by
 the payload. The request payload is JSON ``{"model_id": ..., "texts": [...]}``, or
@@ -34,6 +40,24 @@ from typing import Sequence
 import numpy as np
 
 MAX_FRAME = 256 * 1024 * 1024
+ADDRESS_ENV = "STREAM_SENTINEL_EMBED_SERVER"
+
+
+def parse_address(address: str | os.PathLike[str]) -> tuple[str, object]:
+    """``("tcp", (host, port))`` for ``tcp://host:port``, else ``("unix", Path)``."""
+    text = str(address)
+    if text.startswith("tcp://"):
+        host, _, port = text[len("tcp://"):].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"embedding server address {text!r}: expected tcp://host:port")
+        return "tcp", (host.strip("[]"), int(port))
+    return "unix", Path(text)
+
+
+def default_address(embed_socket: Path, environ=None) -> str | Path:
+    """Where clients find the server: ``STREAM_SENTINEL_EMBED_SERVER`` when set, else the data
+    root's socket."""
+    return (os.environ if environ is None else environ).get(ADDRESS_ENV, "").strip() or embed_socket
 
 
 def _send(sock: socket.socket, payload: bytes) -> None:
@@ -87,6 +111,16 @@ class _Handler(socketserver.BaseRequestHandler):
                 pass
 
 
+class TcpEmbedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], embedder):
+        self.embedder = embedder
+        self.lock = threading.Lock()
+        super().__init__(addr, _Handler)
+
+
 class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
@@ -100,7 +134,10 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)  # the data root's owner only
 
 
-def serve(path: Path, embedder, ready=None, compile_: bool = False, log=None, granule: int | None = None) -> None:
+def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None,
+          granule: int | None = None) -> None:
+    """Serve on ``path``: a Unix socket path or ``tcp://host:port``."""
+    kind, where = parse_address(path)
     embedder.embed(["warm up"])  # import and load now, not on the first run's request
     if compile_:
         def compile_in_background() -> None:
@@ -110,29 +147,42 @@ def serve(path: Path, embedder, ready=None, compile_: bool = False, log=None, gr
                     else f"embedding server: not compiled, serving eager: {embedder.compile_error}")
 
         threading.Thread(target=compile_in_background, name="embed-compile", daemon=True).start()
-    with EmbedServer(path, embedder) as server:
+    with (TcpEmbedServer(where, embedder) if kind == "tcp" else EmbedServer(where, embedder)) as server:
         if ready is not None:
             ready()
         try:
             server.serve_forever(poll_interval=0.5)
         finally:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            if kind == "unix":
+                try:
+                    where.unlink()
+                except FileNotFoundError:
+                    pass
 
 
 class RemoteEmbedder:
     """The ``TextEmbedder`` interface over a running server."""
 
-    def __init__(self, path: Path, model_id: str, dim: int, timeout_s: float = 600.0):
-        self.path, self.model_id, self.dim, self.timeout_s = Path(path), model_id, dim, timeout_s
+    def __init__(self, path: Path | str, model_id: str, dim: int, timeout_s: float = 600.0):
+        self.kind, self.where = parse_address(path)
+        self.path, self.model_id, self.dim, self.timeout_s = path, model_id, dim, timeout_s
         self.compiled: bool | None = None  # as the server said in its last reply
 
+    def _open(self) -> socket.socket:
+        if self.kind == "tcp":
+            return socket.create_connection(self.where, timeout=self.timeout_s)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout_s)
+        try:
+            sock.connect(str(self.where))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def _call(self, req: dict) -> tuple[dict, bytes | None]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        with self._open() as sock:
             sock.settimeout(self.timeout_s)
-            sock.connect(str(self.path))
             _send(sock, json.dumps(req).encode())
             head = json.loads(_recv(sock))
             body = _recv(sock) if head.get("ok") and "n" in head else None
@@ -152,9 +202,14 @@ class RemoteEmbedder:
         return np.frombuffer(body, dtype="<f4").reshape(head["n"], head["dim"]).astype(np.float32)
 
 
-def connect(path: Path, model_id: str, dim: int) -> RemoteEmbedder | None:
-    """The server at ``path`` if it is up and embeds with ``model_id``; else None (embed locally)."""
-    if not Path(path).exists():
+def connect(path: Path | str, model_id: str, dim: int) -> RemoteEmbedder | None:
+    """The server at ``path`` (a socket path or ``tcp://host:port``) if it is up and embeds with
+    ``model_id``; else None (embed locally)."""
+    try:
+        kind, where = parse_address(path)
+    except ValueError:
+        return None
+    if kind == "unix" and not where.exists():
         return None
     remote = RemoteEmbedder(path, model_id, dim, timeout_s=600.0)
     try:

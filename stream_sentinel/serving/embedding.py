@@ -36,7 +36,7 @@ class Embedding:
 
     def embedder(self, model_id: str, dim: int):
         from ..embedding.embedder import Embedder
-        from ..embedding.server import connect
+        from ..embedding.server import connect, default_address
 
         emb = self._embedder
         if emb is not None and emb.model_id == model_id:
@@ -45,7 +45,7 @@ class Embedding:
             emb = self._embedder
             if emb is not None and emb.model_id == model_id:
                 return emb
-            emb = connect(self.paths.embed_socket, model_id, dim)
+            emb = connect(default_address(self.paths.embed_socket), model_id, dim)
             if emb is None:
                 s = self.settings
                 emb = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
