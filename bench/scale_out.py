@@ -95,9 +95,21 @@ def _files(folder: Path, n: int, per_file: int) -> None:
         (folder / f"part-{f // per_file:04d}.jsonl").write_text("\n".join(rows) + "\n")
 
 
+class _Unit:
+    """Random unit vectors at once: what is timed is storing and publishing them, not a model."""
+    model_id, dim = "bench-random", 384
+
+    def embed(self, texts):
+        import numpy as np
+
+        v = np.random.default_rng(len(texts)).normal(size=(len(texts), self.dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def bench_ingest(tmp: Path, locations: dict, records: int, per_file: int, batch_files: int) -> dict:
-    from stream_sentinel import ingest
+    from stream_sentinel import ingest, pipeline
     from stream_sentinel.config import Paths
+    from stream_sentinel.index import IndexStore
     from stream_sentinel.store import Store
 
     source = tmp / "source"
@@ -110,8 +122,10 @@ def bench_ingest(tmp: Path, locations: dict, records: int, per_file: int, batch_
             shutil.copytree(source, paths.raw, dirs_exist_ok=True)
             location = make()
             store = Store(location, home=paths.home).init()
+            t = time.perf_counter()
             ingest.scan(paths, store, debounce_s=0)
             batches = [list(b.files) for b in ingest.plan_batches(store, max_files=batch_files, max_records=10**9)]
+            plan_s = time.perf_counter() - t
             shares = [(str(location), str(home), batches[k::c]) for k in range(c)]
             secs = _parallel(_ingest_worker, shares)
             n = store.status()["records"]
@@ -119,6 +133,18 @@ def bench_ingest(tmp: Path, locations: dict, records: int, per_file: int, batch_
             out[f"{backend}_{c}"] = {"seconds": round(secs, 2), "records_per_s": round(records / secs)}
             print(f"ingest store writes, {backend:8s} {c} process(es): {records / secs:9,.0f} records/s "
                   f"({secs:.1f} s, {len(batches)} batches)")
+            if c == 1:  # the serial parts: planning, storing vectors, publishing an index version
+                t = time.perf_counter()
+                pipeline.embed_partition(store, _Unit(), None)
+                vec_s = time.perf_counter() - t
+                t = time.perf_counter()
+                upd = pipeline.update_index(store, IndexStore(paths.index), _Unit.model_id, _Unit.dim)
+                idx_s = time.perf_counter() - t
+                assert upd.meta.ntotal == records
+                out[f"{backend}_serial_parts"] = {"plan_s": round(plan_s, 2), "vectors_per_s": round(records / vec_s),
+                                                  "index_publish_s": round(idx_s, 2)}
+                print(f"  {backend}: scan + plan {plan_s:.2f} s; vectors stored {records / vec_s:,.0f}/s; "
+                      f"index version published (vectors read from the store, built, switched) {idx_s:.2f} s")
     return out
 
 

@@ -38,6 +38,9 @@ class EmbedResult:
     embedded: int
     already: int
     seconds: float
+    # of the records the step found without a vector, those that still have none afterwards (records
+    # another run ingests meanwhile into the same partition are that run's to embed and check)
+    missing: int = 0
 
     @property
     def texts_per_s(self) -> float:
@@ -113,7 +116,16 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
             done += len(chunk)
             if progress:
                 progress(done, len(todo))
-    return EmbedResult(model_id, done, total - len(todo), time.perf_counter() - started)
+    missing = 0
+    if todo:
+        with store.connect() as con:
+            con.register("todo_ids", pd.DataFrame({"id": [r[0] for r in todo]}))
+            missing = int(con.execute(
+                """SELECT count(*) FROM todo_ids t JOIN records r ON r.id = t.id WHERE NOT EXISTS (
+                       SELECT 1 FROM embeddings e WHERE e.record_id = t.id AND e.model_id = ?)""",
+                [model_id]).fetchall()[0][0])  # all rows read: DuckDB refuses unregister mid-result
+            con.unregister("todo_ids")
+    return EmbedResult(model_id, done, total - len(todo), time.perf_counter() - started, missing)
 
 
 def embeddings_data_version(store: Store, model_id: str, partition_key: str | None) -> str:

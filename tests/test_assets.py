@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 
+import pytest
+
 from stream_sentinel import ingest
 from stream_sentinel.definitions import build_definitions
 from stream_sentinel.embedding.embedder import default_model_path
@@ -61,7 +63,7 @@ def _drop_demo(paths, demo_records, start, n, per_file=40, sub="demo"):
 
 
 def _sensor_batches(paths):
-    store = Store(paths.db)
+    store = Store.of(paths)
     ingest.scan(paths, store, debounce_s=1)
     return ingest.plan_batches(store)
 
@@ -130,7 +132,7 @@ def test_bad_files_are_quarantined_and_the_run_still_succeeds(paths, instance):
 
 def test_backfill_of_a_past_day_is_idempotent(paths, instance, demo_records):
     _drop_demo(paths, demo_records, 0, 60, sub="day1")
-    store = Store(paths.db)
+    store = Store.of(paths)
     ingest.scan(paths, store, debounce_s=1, now=datetime(2025, 1, 10, 8, tzinfo=timezone.utc))
     ingest.plan_batches(store)
     _drop_demo(paths, demo_records, 60, 30, sub="day2")
@@ -170,17 +172,26 @@ def test_files_from_another_day_are_refused_with_a_clear_error(paths, instance):
     assert "did not arrive on 2025-01-01" in str(failure.event_specific_data.error.message)
 
 
-def test_index_checks_fail_when_index_and_embeddings_disagree(paths, instance, demo_records):
+@pytest.mark.parametrize("backend", ["duckdb", "postgres"], indirect=True)
+def test_index_checks_fail_when_index_and_embeddings_disagree(backend, paths, instance, demo_records):
+    from datetime import timedelta
+
     _drop_demo(paths, demo_records, 0, 30)
     (batch,) = _sensor_batches(paths)
     assert _run(paths, instance, batch.partition_key, batch.files).success
     checks_job = _defs(paths).resolve_job_def("index_checks_job")
     ok = checks_job.execute_in_process(instance=instance, raise_on_error=False)
     assert ok.success and all(_checks(ok).values())
-    # an embedding the index does not hold (e.g. written after the index was built)
-    with Store(paths.db).transaction() as con:
-        con.execute("""INSERT INTO embeddings SELECT 'ghost', model_id, 999999, dim, vector, created_at
-                       FROM embeddings LIMIT 1""")
+    ghost = """INSERT INTO embeddings SELECT ?, model_id, ?, dim, vector, ? FROM embeddings LIMIT 1"""
+    now = datetime.now(timezone.utc)
+    if backend == "postgres":  # runs overlap: a vector embedded after this version was built is the next one's
+        with Store.of(paths).transaction() as con:
+            con.execute(ghost, ["newer", 999998, now + timedelta(seconds=5)])
+        assert _checks(checks_job.execute_in_process(instance=instance, raise_on_error=False))[
+            "index_matches_embeddings"] is True
+    # an embedding the index does not hold although it was written long before the index was built
+    with Store.of(paths).transaction() as con:
+        con.execute(ghost, ["ghost", 999999, now - timedelta(hours=1)])
     bad = checks_job.execute_in_process(instance=instance, raise_on_error=False)
     assert not bad.success
     assert _checks(bad)["index_matches_embeddings"] is False

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
@@ -78,15 +79,14 @@ def test_the_duckdb_functions_the_library_uses_answer_the_same_on_postgresql(sql
 
 
 @pytest.mark.slow
-def test_four_ingest_runs_at_once_on_postgresql_land_every_record_once(paths, demo_records, tmp_path,
-                                                                      pg_database, postgres_server):
-    """Four micro-batches ingested by four run processes at the same time, each embedding (through
-    the shared embedding server) and publishing the index: the store holds every record once,
-    every record has one vector, the index holds exactly the embedded rows, and Dagster's
-    PostgreSQL instance holds the four successful runs with their run keys."""
+def test_four_ingest_runs_and_three_feedback_ranges_at_once_on_postgresql_land_everything_once(
+        paths, demo_records, tmp_path, pg_database, postgres_server, kafka_broker):
+    """Four micro-batches ingested by four run processes and three Kafka feedback ranges read by
+    three more, all seven at the same time: each ingest run embeds (through the shared embedding
+    server) and publishes the index. The store holds every record once with one vector, the index
+    exactly the embedded rows, every feedback offset once with lag 0, and Dagster's PostgreSQL
+    instance the four successful runs with their run keys."""
     from stream_sentinel.devtools import postgres_server as pgs
-
-    import uuid
 
     dagster_url = pgs.create_database(postgres_server, f"d_{uuid.uuid4().hex[:12]}")  # Dagster's own database
     env = {**os.environ, STORE_URL_ENV: pg_database, dh.PG_URL_ENV: dagster_url,
@@ -100,11 +100,31 @@ def test_four_ingest_runs_at_once_on_postgresql_land_every_record_once(paths, de
     ingest.scan(paths, store, debounce_s=0)
     batches = ingest.plan_batches(store, max_files=1)
     assert len(batches) == 4
+    # their labels on Kafka, three reviewers each, cut into one range per partition
+    from stream_sentinel import feedback as fb
+    from stream_sentinel import feedback_sources as fs
+    from stream_sentinel.kafka import KafkaSettings, consumer
+
+    from .conftest import create_topic
+    from .helpers import KILLED_RUN, vote
+    from .test_feedback_kafka import produce
+
+    bootstrap = kafka_broker.state().bootstrap
+    topic = create_topic(bootstrap, f"pg-{uuid.uuid4().hex[:8]}")
+    produce(bootstrap, topic, [vote(r["id"], "spam" if i % 2 else "ham", f"rev{k}")
+                               for i, r in enumerate(recs) for k in range(3)])
+    cons = consumer(KafkaSettings(bootstrap))
+    ranges = fs.plan_ranges(store, cons, topic, {}, fs.Policy(max_range=10**9), flush=True).to_request
+    cons.close()
+    assert len(ranges) == 3
     server = start_embed_server(paths)
     try:
         procs = [subprocess.Popen([sys.executable, "-c", RUN, json.dumps(
             {"files": list(b.files), "partition_key": b.partition_key, "run_key": b.run_key})],
             env=env, stderr=subprocess.PIPE, text=True) for b in batches]
+        procs += [subprocess.Popen([sys.executable, "-c", KILLED_RUN, pg_database, bootstrap, r.topic,
+                                    str(r.partition), str(r.start), str(r.end)], env=env, stderr=subprocess.PIPE,
+                                   text=True) for r in ranges]
         for p in procs:
             _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err[-4000:]
@@ -117,6 +137,12 @@ def test_four_ingest_runs_at_once_on_postgresql_land_every_record_once(paths, de
         assert con.execute("SELECT count(*) FROM files WHERE status = 'processed'").fetchone()[0] == 4
     meta = IndexStore(paths.index).read_meta()
     assert meta.ntotal == 240  # index ntotal = embedded rows
+    with store.connect() as con:
+        assert con.execute('SELECT count(*) FROM (SELECT DISTINCT "partition", "offset" FROM feedback_events '
+                           'WHERE topic = ?) d', [topic]).fetchone()[0] == 720
+        assert con.execute("SELECT count(*) FROM feedback_events WHERE topic = ?", [topic]).fetchone()[0] == 720
+        assert con.execute("SELECT sum(lag) FROM kafka_lag WHERE topic = ?", [topic]).fetchone()[0] == 0
+    assert fb.resolve_labels(store, fb.ConsensusConfig())["resolved"] == 240
     assert not paths.db.exists() or Store(paths.db).row_count("records") == 0
 
     import dagster as dg
