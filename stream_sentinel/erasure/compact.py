@@ -41,6 +41,9 @@ def compact(store: Store, attempts: int = 5, lock_wait_s: float = 10.0) -> int:
     after each copy, and the copy made again only when the file changed meanwhile."""
     if store.url:  # PostgreSQL: deleted rows stay in the table files until VACUUM FULL rewrites them
         with store.connect() as con:
+            # pg_statistic keeps sampled column values (an id, a text) from the last ANALYZE: sample
+            # again without the erased rows, then rewrite every table, the catalog's included
+            con.execute("ANALYZE")
             con.execute("VACUUM FULL")
             return int(con.execute("SELECT pg_database_size(current_database())").fetchone()[0])
     db = store.path
