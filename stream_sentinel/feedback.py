@@ -138,9 +138,8 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
     Rejects keep the original bytes (``raw_bytes``, ``key_bytes``); with a ``dlq_topic`` they
     are recorded ``dlq_status = 'pending'`` and dead-lettered afterwards (:func:`mark_dlq`)."""
     now = pd.Timestamp.now(tz="UTC")
-    with store.transaction() as con:
-        before_e = con.execute("SELECT count(*) FROM feedback_events").fetchall()[0][0]
-        before_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchall()[0][0]
+    new_events = new_rejects = 0  # what the statements inserted (a row seen before is not new)
+    with store.transaction(scope="feedback") as con:
         if events:
             from .ingest import _erased
 
@@ -160,19 +159,18 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
                 "ingested_at": now,
             })
             con.register("fb_chunk", df)
-            con.execute("INSERT INTO feedback_events SELECT * FROM fb_chunk ON CONFLICT DO NOTHING")
+            new_events = con.execute(
+                "INSERT INTO feedback_events SELECT * FROM fb_chunk ON CONFLICT DO NOTHING").fetchall()[0][0]
             con.unregister("fb_chunk")
-        if rejects:
-            status = "pending" if dlq_topic else None
-            con.executemany(
+        status = "pending" if dlq_topic else None
+        for r in rejects:  # few, and each one's count is needed
+            new_rejects += con.execute(
                 """INSERT INTO feedback_rejects (topic, "partition", "offset", msg_key, raw, rule, error,
                        source_kind, dlq_topic, rejected_at, raw_bytes, key_bytes, dlq_status)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-                [[r.pos.topic, r.pos.partition, r.pos.offset, r.key, r.raw, r.rule, r.error, source_kind,
-                  dlq_topic, now, r.raw_bytes, r.key_bytes, status] for r in rejects])
-        after_e = con.execute("SELECT count(*) FROM feedback_events").fetchone()[0]
-        after_r = con.execute("SELECT count(*) FROM feedback_rejects").fetchone()[0]
-    return after_e - before_e, after_r - before_r
+                [r.pos.topic, r.pos.partition, r.pos.offset, r.key, r.raw, r.rule, r.error, source_kind,
+                 dlq_topic, now, r.raw_bytes, r.key_bytes, status]).fetchone()[0]
+    return int(new_events), int(new_rejects)
 
 
 def known_rejects(store: Store, topic: str, partition: int, start: int, end: int) -> dict[int, str | None]:
@@ -195,7 +193,7 @@ def mark_dlq(store: Store, topic: str, partition: int, statuses: dict[int, str])
         return
     df = pd.DataFrame({"offset": np.array(list(statuses), dtype=np.int64),
                        "dlq_status": [str(v) for v in statuses.values()]})
-    with store.transaction() as con:
+    with store.transaction(scope="feedback") as con:
         con.register("dlq_marks", df)
         con.execute("""UPDATE feedback_rejects SET dlq_status = m.dlq_status FROM dlq_marks m
                        WHERE feedback_rejects.topic = ? AND feedback_rejects."partition" = ?

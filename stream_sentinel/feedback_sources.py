@@ -115,7 +115,7 @@ def plan_ranges(store: Store, cons, topic: str, cursor: dict[str, int], policy: 
         for start in range(nxt, st.high, policy.max_range):
             new.append(OffsetRange(topic, st.partition, start, min(st.high, start + policy.max_range) - 1))
     lag: dict[int, int] = {}
-    with store.transaction(timeout_s=20) as con:
+    with store.transaction(timeout_s=20, scope="feedback") as con:
         if new:
             con.executemany("INSERT INTO feedback_ranges VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                             [[r.topic, r.partition, r.start, r.end, r.run_key, datetime.now(timezone.utc)]
@@ -155,7 +155,7 @@ class RangeResult:
 
 def record_lag(store: Store, topic: str, partition: int, high: int, next_offset: int | None = None) -> None:
     """Refresh one partition's row of ``kafka_lag`` after a run (see :func:`partition_lag`)."""
-    with store.transaction() as con:
+    with store.transaction(scope="feedback") as con:
         low = 0 if next_offset is None else min(next_offset, high)
         first = con.execute("""SELECT min(start_offset) FROM feedback_ranges WHERE topic = ? AND "partition" = ?""",
                             [topic, partition]).fetchone()[0]
@@ -273,7 +273,7 @@ def scan_files(paths: Paths, store: Store, debounce_s: float = 2.0) -> list[str]
                 "quarantined_at": now.isoformat()}, paths.home)
             continue
         found.append((rel, st, sha))
-    with store.transaction(timeout_s=20) as con:
+    with store.transaction(timeout_s=20, scope="feedback") as con:
         for rel, st, sha in found:
             con.execute("INSERT INTO feedback_files (sha256, path, size, mtime_ns, status, arrived_at) "
                         "VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
@@ -301,7 +301,7 @@ def ingest_file(paths: Paths, store: Store, sha: str, allowed_labels: frozenset[
     try:
         fh = open_regular(src)
     except FileNotFoundError:
-        with store.transaction() as con:
+        with store.transaction(scope="feedback") as con:
             con.execute("UPDATE feedback_files SET status='missing', error=?, processed_at=? WHERE sha256=?",
                         ["file vanished from feedback/ before it was processed", datetime.now(timezone.utc), sha])
         return {"file": rel, "status": "missing", "events": 0, "rejects": 0}
@@ -321,12 +321,12 @@ def ingest_file(paths: Paths, store: Store, sha: str, allowed_labels: frozenset[
         quarantine_file(paths.failed / "feedback" / now.date().isoformat(), src, sha, {
             "file": f"feedback/{rel}", "sha256": sha, "rule": first.rule, "line": first.pos.offset,
             "message": first.error, "quarantined_at": now.isoformat()}, paths.home)
-        with store.transaction() as con:
+        with store.transaction(scope="feedback") as con:
             con.execute("UPDATE feedback_files SET status='quarantined', error=?, processed_at=? WHERE sha256=?",
                         [f"{first.rule} at line {first.pos.offset}: {first.error}", now, sha])
         return {"file": rel, "status": "quarantined", "events": 0, "rejects": 0}
     new_e, new_r = fb.write(store, events, rejects, "file")
-    with store.transaction() as con:
+    with store.transaction(scope="feedback") as con:
         con.execute("UPDATE feedback_files SET status='processed', events=?, rejects=?, processed_at=? WHERE sha256=?",
                     [len(events), len(rejects), now, sha])
     return {"file": rel, "status": "processed", "events": new_e, "rejects": new_r}
@@ -346,7 +346,7 @@ def plan_file_batches(store: Store, max_files: int = 100) -> list[FileBatch]:
     """Cut pending feedback files that are in no batch yet into batches, stored before any
     run is requested (as :func:`ingest.plan_batches` does for raw files)."""
     new: list[FileBatch] = []
-    with store.transaction(timeout_s=20) as con:
+    with store.transaction(timeout_s=20, scope="feedback") as con:
         shas = [r[0] for r in con.execute(
             """SELECT sha256 FROM feedback_files WHERE status = 'pending' AND batch_seq IS NULL
                ORDER BY arrived_at, path""").fetchall()]

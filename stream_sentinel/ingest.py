@@ -339,7 +339,7 @@ def scan(paths: Paths, store: Store, debounce_s: float = 2.0, now: datetime | No
             result.waiting.append(rel)
     if not (fresh or copied or supersede or ready or result.problems or had_problems):
         return result
-    with store.transaction(timeout_s=lock_timeout_s) as con:
+    with store.transaction(timeout_s=lock_timeout_s, scope="records") as con:
         for sha, reason in supersede:  # first: the same bytes may be registered again below
             _supersede(con, sha, reason)
         for seen, sha, est in fresh:
@@ -400,7 +400,7 @@ def plan_batches(store: Store, max_files: int = 100, max_records: int = 5000,
     grown by what arrived meanwhile: under a backlog every run is a full one, instead of a full
     one followed by a small one that pays a whole run's start-up for a few files."""
     new: list[Batch] = []
-    with store.transaction(timeout_s=lock_timeout_s) as con:
+    with store.transaction(timeout_s=lock_timeout_s, scope="records") as con:
         rows = con.execute(
             """SELECT sha256, CAST(arrival_date AS VARCHAR), est_records, batch_seq FROM files
                WHERE status = 'pending' ORDER BY arrived_at, path""").fetchall()
@@ -751,7 +751,7 @@ class _MemoryCap:
 def _write(store: Store, out: FileOutcome, arrival: date, items: list[Record | Reject],
            then: Callable[[duckdb.DuckDBPyConnection], None]) -> None:
     """One transaction: ``items`` of one file, then ``then(con)`` (its resume point or status)."""
-    with store.transaction() as con:
+    with store.transaction(scope="records") as con:
         _flush(con, [_parsed(out, arrival, items)])
         then(con)
 
@@ -808,7 +808,7 @@ def _process_file(paths: Paths, store: Store, sha: str, settle_s: float | None =
         for report in moved:
             info = json.loads(report.read_text())
             if info.get("sha256") == sha and "copy_of" not in info:
-                with store.transaction() as con:
+                with store.transaction(scope="records") as con:
                     con.execute("""UPDATE files SET status='quarantined', error=?, quarantine_path=?,
                                    processed_at=? WHERE sha256=?""",
                                 [info["error"], info["quarantined_as"], utcnow(), sha])
@@ -816,7 +816,7 @@ def _process_file(paths: Paths, store: Store, sha: str, settle_s: float | None =
                 return FileOutcome(sha, rel, "quarantined", error=info["error"])
         if status == "processed":
             return FileOutcome(sha, rel, "processed")  # already in; the file was since removed
-        with store.transaction() as con:
+        with store.transaction(scope="records") as con:
             con.execute("UPDATE files SET status='missing', error=? WHERE sha256=?",
                         ["file vanished from raw/ before it was processed", sha])
         return FileOutcome(sha, rel, "missing", error="file vanished from raw/ before it was processed")
@@ -859,14 +859,14 @@ def _process_file(paths: Paths, store: Store, sha: str, settle_s: float | None =
         if _young(src, settle_s) and _cut_short(src, err, held):
             reason = (f"{err}; the file ends too early and its writer may not be done: re-examined once it is "
                       f"{settle_s:g} s old")
-            with store.transaction() as con:
+            with store.transaction(scope="records") as con:
                 con.execute("UPDATE files SET status='waiting', error=? WHERE sha256=?", [reason, sha])
             log.info("waiting for %s: %s", source, reason)
             return FileOutcome(sha, rel, "waiting", out.ingested, out.skipped, out.rejected, reason)
         when = utcnow()
         dest = _quarantine(paths, src, source, sha, err, when)
         log.warning("quarantined %s: %s", source, err)
-        with store.transaction() as con:
+        with store.transaction(scope="records") as con:
             con.execute("""UPDATE files SET status='quarantined', error=?, quarantine_path=?, processed_at=?
                            WHERE sha256=?""", [str(err), str(dest.relative_to(paths.home)), when, sha])
             if committed:
@@ -906,7 +906,7 @@ def _process_file(paths: Paths, store: Store, sha: str, settle_s: float | None =
 
 
 def _superseded(store: Store, out: FileOutcome, reason: str) -> FileOutcome:
-    with store.transaction() as con:
+    with store.transaction(scope="records") as con:
         _supersede(con, out.sha256, reason, out)
     log.info("superseded %s: %s", out.path, reason)
     out.status, out.error = "superseded", reason
@@ -941,7 +941,7 @@ def process_files(paths: Paths, store: Store, shas: list[str], settle_s: float |
 
         def write_group() -> None:
             if parsed:
-                with store.transaction() as con:
+                with store.transaction(scope="records") as con:
                     _flush(con, parsed)
                     con.executemany(
                         """UPDATE files SET status='processed', records_ingested=?, records_rejected=?,

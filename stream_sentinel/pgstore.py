@@ -10,19 +10,28 @@ parameters, ``INSERT OR REPLACE``/``OR IGNORE``, ``DOUBLE``, ``FLOAT[]``, ``BLOB
 statement that has no shared spelling asks :func:`dialect` and keeps both forms side by side
 (one line each, not a second module of queries). SQLAlchemy Core would have meant rewriting
 every statement and DataFrame insert for both engines; ADBC's PostgreSQL driver reads Arrow
-fast but is not needed for the row counts of the metrics tables (vectors are read from the
-FAISS files).
+fast but is not needed for the row counts of the metrics tables. Vectors, the one bulky
+column, travel in binary (see :data:`VECTOR_DTYPE`): a float array as PostgreSQL text is ten
+times the bytes and parsed one float at a time on both ends (``bench/scale_out.py --quick``:
+826 vectors/s stored as text arrays, 10,122/s in binary). DataFrames registered as tables go
+by ``COPY`` (Kafka feedback: 13,306 -> 26,140 msg/s).
 
-Concurrency: several run workers write at once. Each ``BEGIN`` also takes one transaction-
-scoped advisory lock (``pg_advisory_xact_lock``), so write transactions run one at a time, as
-they do on DuckDB, and every read-modify-write the library does (plan a range after the last
-one, resolve labels from all votes) stays correct without serializable retries; reads and
-everything outside transactions (embedding, training, reading Kafka) run in parallel. The
-lock is held only for a transaction's statements, never across a run.
+Concurrency: several run workers write at once. Every read-modify-write the library does
+(plan a range after the last one, take a record unless its id is known, resolve labels from all
+votes) must stay correct without serializable retries, so each ``BEGIN`` takes transaction-
+scoped advisory locks (``pg_advisory_xact_lock``): by default the store's one write lock,
+exclusively, so such a transaction runs alone, as on DuckDB. The three write paths that
+overlapping runs keep busy name a *scope* instead (:data:`SCOPES`: ingest of records, feedback,
+stored vectors): they take the write lock shared plus their scope's lock, so a feedback range
+commits while a micro-batch of records is being written, and two micro-batches still take turns.
+A scope covers its own tables only; what reads across them (erasure, consensus, the registry)
+stays exclusive and waits for them. Reads and everything outside transactions (embedding,
+training, reading Kafka) run in parallel; no lock is held across a run.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import threading
 from typing import Any, Iterable
@@ -31,9 +40,30 @@ import numpy as np
 import pandas as pd
 
 SCHEMES = ("postgresql+psycopg2://", "postgresql://", "postgres://")
+# Embedding vectors (DuckDB ``FLOAT[]``) are ``BYTEA`` here: the float32 values big-endian,
+# which is PostgreSQL's own binary form of ``real`` (``float4send``), so SQL can turn them back
+# into ``real[]`` (the ``vector_real`` function) and a ``real[]`` column migrates in place.
+VECTOR_DTYPE = np.dtype(">f4")
+
 # one advisory lock key for the store's write transactions ("stream-s" as a big-endian int64)
 WRITE_LOCK = int.from_bytes(b"stream-s", "big")
 _DDL_LOCK = WRITE_LOCK + 1
+# write paths that may commit beside one another (see the module's docstring), and the tables
+# each may write (a statement outside them is refused: the scope would no longer protect it)
+SCOPES = {
+    "records": ("files", "file_paths", "file_progress", "records", "rejects", "scan_problems", "batches"),
+    "feedback": ("feedback_events", "feedback_rejects", "feedback_ranges", "feedback_files",
+                 "feedback_file_batches", "kafka_lag"),
+    "vectors": ("embeddings",),
+}
+_WRITE = re.compile(r"\s*(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM)\s+\"?(\w+)", re.I)
+# False: every transaction takes the one write lock (bench/scale_out.py compares the two)
+SCOPED_LOCKS = True
+
+
+def scope_lock(scope: str) -> int:
+    """The advisory lock key of a write scope."""
+    return WRITE_LOCK + 2 + list(SCOPES).index(scope)
 
 
 def is_url(location: Any) -> bool:
@@ -87,6 +117,20 @@ _FUNCTIONS = [
     # '$.a.b' paths only, which is all the library asks for
     """CREATE OR REPLACE FUNCTION json_extract_string(j text, path text) RETURNS text
        AS $$ SELECT (j::jsonb) #>> string_to_array(substr(path, 3), '.') $$ LANGUAGE sql IMMUTABLE""",
+    # a stored vector as real[] and back (for SQL users and the migration of real[] columns)
+    # (float4recv cannot be called from SQL: each value is decoded from its IEEE 754 bits)
+    """CREATE OR REPLACE FUNCTION vector_real(b bytea) RETURNS real[]
+       AS $$ SELECT coalesce(array_agg((CASE WHEN e = 255 THEN CASE WHEN m = 0 THEN 'Infinity'::float8 ELSE 'NaN' END
+                                             WHEN e = 0 THEN m * 2::float8 ^ -149
+                                             ELSE (1 + m / 8388608.0::float8) * 2::float8 ^ (e - 127) END
+                                        * (1 - 2 * sign))::real ORDER BY i), '{}')
+             FROM (SELECT i, bits >> 31 AS sign, (bits >> 23) & 255 AS e, bits & 8388607 AS m
+                   FROM (SELECT i, (get_byte(b, 4 * i)::bigint << 24) | (get_byte(b, 4 * i + 1) << 16)
+                                   | (get_byte(b, 4 * i + 2) << 8) | get_byte(b, 4 * i + 3) AS bits
+                         FROM generate_series(0, length(b) / 4 - 1) i) words) parts $$ LANGUAGE sql IMMUTABLE""",
+    """CREATE OR REPLACE FUNCTION vector_bytes(a real[]) RETURNS bytea
+       AS $$ SELECT coalesce(string_agg(float4send(x), ''::bytea ORDER BY i), ''::bytea)
+             FROM unnest(a) WITH ORDINALITY u(x, i) $$ LANGUAGE sql IMMUTABLE""",
     """CREATE OR REPLACE FUNCTION regexp_extract(s text, pattern text, grp integer) RETURNS text
        AS $$ SELECT coalesce((regexp_match(s, pattern))[grp], '') $$ LANGUAGE sql IMMUTABLE""",
     # json_merge_patch of two flat objects (the records_w view): keys of b win, null in b removes
@@ -97,13 +141,25 @@ _FUNCTIONS = [
 ]
 
 
+# changes to tables made by an earlier version, run after the schema (each a no-op once done)
+_MIGRATIONS = [
+    # vectors were real[] before they travelled in binary
+    """DO $$ BEGIN
+         IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                    AND table_name = 'embeddings' AND column_name = 'vector' AND data_type = 'ARRAY') THEN
+           ALTER TABLE embeddings ALTER COLUMN vector TYPE BYTEA USING vector_bytes(vector);
+         END IF;
+       END $$""",
+]
+
+
 def _strip_comments(sql: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
 
 
 def _types(sql: str) -> str:
     sql = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", sql)
-    sql = re.sub(r"\bFLOAT\[\]", "REAL[]", sql)
+    sql = re.sub(r"\bFLOAT\[\]", "BYTEA", sql)  # vectors: see VECTOR_DTYPE
     sql = re.sub(r"\bBLOB\b", "BYTEA", sql)
     # DuckDB hands JSON columns to Python as text; as TEXT here they read the same, and rows
     # inserted from a registered DataFrame (text columns) need no cast
@@ -124,7 +180,7 @@ def schema_statements(schema: str) -> list[str]:
                 out.append(_VIEWS[view.group(1)])
             continue
         out.append(_types(stmt))
-    return out
+    return out + _MIGRATIONS
 
 
 # ------------------------------------------------------------------------------ statements
@@ -198,6 +254,8 @@ def _enc(s: str) -> str:
 
 
 def _dec(v: Any) -> Any:
+    if isinstance(v, memoryview):  # BYTEA
+        return v.tobytes()
     if isinstance(v, str) and _ESC in v:
         return _UNESC.sub(lambda m: "\x00" if m.group(1) == "0" else _ESC, v)
     if isinstance(v, list):
@@ -224,6 +282,8 @@ def _py(v: Any) -> Any:
     if v is pd.NaT:
         return None
     if isinstance(v, np.ndarray):
+        if v.dtype.kind == "f":  # a vector
+            return v.astype(VECTOR_DTYPE).tobytes()
         return [_py(x) for x in v.tolist()]
     if isinstance(v, (list, tuple)):
         return [_py(x) for x in v]
@@ -234,6 +294,52 @@ def _py(v: Any) -> Any:
 
 def _params(params: Iterable | None) -> list | None:
     return None if params is None else [_py(p) for p in params]
+
+
+# COPY's text format: tab between fields, newline after a row, \N for NULL; these are escaped
+_COPY_SPECIAL = re.compile("[\\\\\t\n\r\x00" + _ESC + "]")
+_COPY_NULL = "\\N"
+
+
+def _copy_value(v: Any, pg_type: str = "TEXT") -> str:
+    """One value as a field of ``COPY ... FROM STDIN`` (text format)."""
+    if isinstance(v, str):
+        if _COPY_SPECIAL.search(v):
+            v = _enc(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return v
+    v = _py(v)
+    if v is None:
+        return _COPY_NULL
+    if isinstance(v, str):
+        return _copy_value(v)
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    if pg_type == "BYTEA" and isinstance(v, list):  # a vector
+        v = np.asarray(v, dtype=VECTOR_DTYPE).tobytes()
+    if isinstance(v, (bytes, bytearray)):
+        return "\\\\x" + v.hex()  # bytea's hex input, its backslash escaped for COPY
+    if isinstance(v, float) and pg_type == "BIGINT" and v.is_integer():
+        return str(int(v))  # a whole number in a column of ints (as an INSERT would cast it)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    raise TypeError(f"cannot send a {type(v).__name__} to PostgreSQL")
+
+
+def _copy_column(series: pd.Series, pg_type: str) -> list[str]:
+    """A column as COPY text fields: numbers and timestamps converted by numpy/pandas at once,
+    other values one by one."""
+    kind = series.dtype.kind
+    if kind == "b":
+        return np.where(series.to_numpy(), "t", "f").tolist()
+    if kind in "iu":
+        return series.astype(str).tolist()
+    if kind in "fM":  # floats as float64: its text is the shortest that reads back exactly
+        text = (series.astype(np.float64) if kind == "f" else series).astype(str).to_numpy(dtype=object)
+        text[series.isna().to_numpy()] = _COPY_NULL
+        return text.tolist()
+    return [_copy_value(v, pg_type) for v in series.tolist()]
 
 
 def _pg_type(series: pd.Series) -> str:
@@ -258,7 +364,7 @@ def _pg_type(series: pd.Series) -> str:
     if isinstance(sample, pd.Timestamp) or hasattr(sample, "tzinfo"):
         return "TIMESTAMPTZ"
     if isinstance(sample, (list, np.ndarray)):
-        return "REAL[]"
+        return "BYTEA"  # a vector, see VECTOR_DTYPE
     return "TEXT"
 
 
@@ -291,19 +397,46 @@ class PgConnection:
         self.raw, self.translate, self.home = raw, translate, home
         self._cur = raw.cursor()
         self._registered: list[str] = []
+        self._scope: str | None = None  # of the open transaction
 
     # -- statements
     def execute(self, sql: str, params: Iterable | None = None) -> "PgConnection":
         text = self.translate(sql)
+        if text == "BEGIN":
+            return self.begin()
+        if self._scope is not None:
+            self._check_scope(sql, text)
         self._cur.execute(text, _params(params))
-        if text == "BEGIN":  # write transactions run one at a time (see the module's docstring)
+        return self
+
+    def _check_scope(self, sql: str, text: str) -> None:
+        if text in ("COMMIT", "ROLLBACK"):
+            self._scope = None
+            return
+        m = _WRITE.match(sql)
+        if m and m.group(1) not in SCOPES[self._scope] and m.group(1) not in self._registered:
+            raise RuntimeError(f"a transaction of write scope {self._scope!r} may not write {m.group(1)!r} "
+                               f"(its tables: {', '.join(SCOPES[self._scope])})")
+
+    def begin(self, scope: str | None = None) -> "PgConnection":
+        """Start a write transaction: alone, or beside transactions of other scopes (see the
+        module's docstring). Locks are always taken write lock first, so they cannot deadlock."""
+        self._cur.execute("BEGIN")
+        self._scope = scope
+        if scope is None or not SCOPED_LOCKS:
             self._cur.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
+        else:
+            self._cur.execute("SELECT pg_advisory_xact_lock_shared(%s), pg_advisory_xact_lock(%s)",
+                              [WRITE_LOCK, scope_lock(scope)])
         return self
 
     def executemany(self, sql: str, rows: Iterable[Iterable]) -> "PgConnection":
         from psycopg2.extras import execute_batch
 
-        execute_batch(self._cur, self.translate(sql), [_params(r) for r in rows], page_size=1000)
+        text = self.translate(sql)
+        if self._scope is not None:
+            self._check_scope(sql, text)
+        execute_batch(self._cur, text, [_params(r) for r in rows], page_size=1000)
         return self
 
     @property
@@ -311,9 +444,13 @@ class PgConnection:
         return self._cur.description
 
     def fetchone(self):
+        if self._cur.description is None:  # DML: its row count, as DuckDB answers
+            return (self._cur.rowcount,)
         return _row(self._cur.fetchone())
 
     def fetchall(self) -> list:
+        if self._cur.description is None:
+            return [(self._cur.rowcount,)]
         return [_row(r) for r in self._cur.fetchall()]
 
     def df(self) -> pd.DataFrame:
@@ -340,16 +477,18 @@ class PgConnection:
     # -- DataFrames as tables
     def register(self, name: str, obj) -> "PgConnection":
         """``obj`` (a DataFrame or an Arrow table) as the temporary table ``name`` for this
-        connection's statements, column types from the frame's dtypes."""
-        from psycopg2.extras import execute_values
-
+        connection's statements, column types from the frame's dtypes, its rows sent by ``COPY``
+        (one stream, parsed by the server's bulk loader: about twice the rows per second of
+        multi-row ``INSERT``s, whose statement text psycopg2 builds value by value)."""
         frame = obj.to_pandas() if hasattr(obj, "to_pandas") and not isinstance(obj, pd.DataFrame) else obj
-        cols = ", ".join(f'"{c}" {_pg_type(frame[c])}' for c in frame.columns)
+        types = [_pg_type(frame[c]) for c in frame.columns]
+        cols = ", ".join(f'"{c}" {t}' for c, t in zip(frame.columns, types))
         self._cur.execute(f'DROP TABLE IF EXISTS "{name}"')
         self._cur.execute(f'CREATE TEMP TABLE "{name}" ({cols})')
         if len(frame):
-            rows = [[_py(v) for v in row] for row in frame.itertuples(index=False, name=None)]
-            execute_values(self._cur, f'INSERT INTO "{name}" VALUES %s', rows, page_size=2000)
+            fields = [_copy_column(frame[c], t) for c, t in zip(frame.columns, types)]
+            data = "".join("\t".join(row) + "\n" for row in zip(*fields))
+            self._cur.copy_expert(f'COPY "{name}" FROM STDIN', io.StringIO(data))
         self._registered.append(name)
         return self
 

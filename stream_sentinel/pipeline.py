@@ -107,7 +107,7 @@ def embed_partition(store: Store, embedder: TextEmbedder, partition_key: str | N
                 "vector": list(vecs),
                 "created_at": pd.Timestamp.now(tz="UTC"),
             })
-            with store.transaction() as con:
+            with store.transaction(scope="vectors") as con:
                 con.register("chunk_vecs", df)
                 con.execute("""INSERT INTO embeddings
                                SELECT record_id, model_id, vec_id, dim, CAST(vector AS FLOAT[]), created_at

@@ -498,11 +498,17 @@ def location(db_path: Path, environ=None) -> str | Path:
 
 
 def vectors_from_arrow(column, n: int):
-    """A DuckDB FLOAT[] column (Arrow list) as an (n, dim) float32 array, without a Python loop."""
+    """A vector column read as Arrow as an (n, dim) float32 array, without a Python loop: a
+    DuckDB FLOAT[] (Arrow list), or PostgreSQL's BYTEA of big-endian float32 (Arrow binary,
+    see ``pgstore.VECTOR_DTYPE``)."""
     import numpy as np
+    import pyarrow as pa
 
     if n == 0:
         return np.zeros((0, 0), dtype=np.float32)
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        flat = np.frombuffer(b"".join(column.to_pylist()), dtype=pgstore.VECTOR_DTYPE)
+        return flat.astype(np.float32).reshape(n, -1)
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(flat, dtype=np.float32).reshape(n, -1)
 
@@ -783,9 +789,18 @@ class Store:
                 raw.close()
 
     @contextlib.contextmanager
-    def transaction(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self, timeout_s: float | None = None, scope: str | None = None
+                    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write transaction. ``scope`` (one of ``pgstore.SCOPES``) lets it commit beside
+        transactions of other scopes on PostgreSQL, where runs overlap; it must write only that
+        scope's tables. Without one it runs alone. DuckDB has one writer either way."""
+        if scope is not None and scope not in pgstore.SCOPES:
+            raise ValueError(f"unknown write scope {scope!r} (one of {', '.join(pgstore.SCOPES)})")
         with self.connect(timeout_s=timeout_s) as con:
-            con.execute("BEGIN TRANSACTION")
+            if self.url:
+                con.begin(scope)
+            else:
+                con.execute("BEGIN TRANSACTION")
             try:
                 yield con
             except BaseException:
