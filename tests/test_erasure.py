@@ -322,6 +322,11 @@ def test_requests_on_the_kafka_erasure_topic_become_a_request_file_and_bad_messa
                 resources={"sentinel": res.sentinel, "kafka": res.kafka}, instance=instance))
 
     first = tick()
+    for _ in range(3):  # a broker still starting its group coordinator: the topic waits a tick
+        if not (isinstance(first, dg.SkipReason) and "topic not read" in (first.skip_message or "")):
+            break
+        first = tick()
+    assert isinstance(first, dg.RunRequest), first.skip_message
     (name,) = first.run_config["ops"]["erasures"]["config"]["files"]
     got = requests.read(requests.folder(paths.home) / name)
     assert [(r.record_id, r.reason) for r in got] == [("gone-1", "asked"), ("gone-2", "")]
