@@ -67,4 +67,13 @@ def test_compiled_shapes_match_eager_and_a_missing_compiler_keeps_eager(demo_rec
     se, sc = eager @ eager.T, compiled @ compiled.T
     overlap = np.mean([len(set(np.argsort(-se[i])[1:6]) & set(np.argsort(-sc[i])[1:6])) / 5 for i in range(len(texts))])
     assert overlap >= 0.9, overlap
-    assert enc.encode(texts[:3]).shape == (3, 384)  # a short batch is padded to the compiled shape
+    # a batch of fewer texts than warm() measured worth a padded graph runs eager, exactly as an
+    # encoder that never compiled; at or above that line it takes a compiled graph, never a new one
+    assert 1 <= enc.eager_below <= enc.batch_size
+    enc.eager_below = 4
+    for t in texts[:3]:
+        assert np.array_equal(enc.encode([t]), no_cc.encode([t]))
+    enc.eager_below = 1
+    padded = enc.encode(texts[:3])
+    assert padded.shape == (3, 384) and np.sum(padded * no_cc.encode(texts[:3]), axis=1).min() > 0.99
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -79,7 +79,12 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 class Encoder:
     """A loaded sentence-transformers model run on token-length batches: eager until
-    ``warm()`` has compiled it, then on fixed-shape compiled graphs."""
+    ``warm()`` has compiled it, then on fixed-shape compiled graphs, except a batch of fewer
+    texts than ``eager_below``. A compiled graph has one batch size, so a single text is padded
+    to a whole batch: on an AMD EPYC with bf16 units (2026-12-05) one 20-40 token text took 40 ms
+    compiled against 9 ms eager, and an API answering one text per request paid that. Where the
+    line lies depends on the CPU (an Intel Xeon with AMX gained 5.4x from compiling), so
+    ``warm()`` measures it instead of guessing."""
 
     def __init__(self, st_model, batch_size: int):
         self._st = st_model
@@ -91,6 +96,7 @@ class Encoder:
         self._fn = self._forward
         self._lock = threading.Lock()
         self.granule = GRANULE
+        self.eager_below = 0  # batches of fewer texts run eager (measured by warm())
 
     def _forward(self, input_ids, attention_mask, token_type_ids):
         out = self._st({"input_ids": input_ids, "attention_mask": attention_mask,
@@ -133,30 +139,62 @@ class Encoder:
             self.compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
             log.warning("embedding model not compiled, running eager: %s", self.compile_error)
             return False
+        eager_below = self._eager_below(fn)
         with self._lock:
             self._fn = fn
+            self.eager_below = eager_below
             self.compiled = True
         self.compile_seconds = round(time.perf_counter() - t0, 1)
-        log.info("embedding model compiled for %d shapes in %.1f s", len(self.lengths()), self.compile_seconds)
+        log.info("embedding model compiled for %d shapes in %.1f s; batches under %d texts run eager",
+                 len(self.lengths()), self.compile_seconds, eager_below)
         return True
+
+    def _eager_below(self, compiled) -> int:
+        """The fewest texts for which the compiled graph (a full batch, the shortest length) is
+        not slower than the eager model on just those texts: smaller batches run eager. Each
+        timing is the best of three, after one call to settle."""
+        import torch
+
+        length = self.lengths()[0]
+
+        def seconds(fn, rows: int) -> float:
+            with torch.inference_mode():
+                ids = torch.full((rows, length), 100, dtype=torch.long, device=self._st.device)
+                args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+                fn(*args)
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    fn(*args)
+                    best = min(best, time.perf_counter() - t)
+            return best
+
+        full = seconds(compiled, self.batch_size)
+        for rows in (1, 2, 4, 8):
+            if rows >= self.batch_size or seconds(self._forward, rows) >= full:
+                return rows
+        return self.batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 vectors, one row per text, in input order."""
         import torch
 
         with self._lock:
-            fn, fixed = self._fn, self.compiled
+            fn, fixed, eager_below = self._fn, self.compiled, self.eager_below
         dev = self._st.device
+        eager = self._forward
 
         def infer(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
             # tensors made inside inference mode, as in warm(): the compiled graphs' guards check
             # the dispatch keys, and a normal tensor would recompile every shape
+            run = fn if fixed and input_ids.shape[0] == self.batch_size else eager  # padded: a compiled shape
             with torch.inference_mode():
                 ids_t = torch.from_numpy(input_ids).to(dev)
-                return fn(ids_t, torch.from_numpy(mask).to(dev), torch.zeros_like(ids_t)).cpu().numpy()
+                return run(ids_t, torch.from_numpy(mask).to(dev), torch.zeros_like(ids_t)).cpu().numpy()
 
         return encode_in_batches(self._st.tokenizer, self._max_len, self.batch_size, texts,
-                                 self._st.get_embedding_dimension(), infer, fixed_shapes=fixed, granule=self.granule)
+                                 self._st.get_embedding_dimension(), infer, fixed_shapes=fixed, granule=self.granule,
+                                 eager_below=eager_below)
 
 
 MIN_FILL = 0.8  # a text shorter than this share of its batch's longest starts a new batch
@@ -181,10 +219,11 @@ def _batches(lengths: list[int], order: np.ndarray, batch_size: int, fixed_shape
 
 
 def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[str], dim: int, infer,
-                      fixed_shapes: bool = False, granule: int = GRANULE) -> np.ndarray:
+                      fixed_shapes: bool = False, granule: int = GRANULE, eager_below: int = 0) -> np.ndarray:
     """Texts sorted by token count, cut into batches, run through ``infer(input_ids, mask)``
-    (int64 arrays) and put back in input order, L2-normalized in fp32. ``fixed_shapes``: full
-    batches padded to whole granules (the shapes compiled graphs exist for)."""
+    (int64 arrays) and put back in input order, L2-normalized in fp32. ``fixed_shapes``: batches
+    padded to ``batch_size`` rows and whole granules (the shapes compiled graphs exist for),
+    except a batch of fewer than ``eager_below`` texts, left as it is."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     if not texts:
         return out
@@ -193,8 +232,9 @@ def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[
     pad_id = tokenizer.pad_token_id or 0
     for idx in _batches([len(x) for x in ids], order, batch_size, fixed_shapes):
         longest = len(ids[idx[0]])
-        length = min(max_len, -(-longest // granule) * granule) if fixed_shapes else longest
-        rows = batch_size if fixed_shapes else len(idx)
+        pad = fixed_shapes and len(idx) >= eager_below
+        length = min(max_len, -(-longest // granule) * granule) if pad else longest
+        rows = batch_size if pad else len(idx)
         input_ids = np.full((rows, length), pad_id, dtype=np.int64)
         mask = np.zeros((rows, length), dtype=np.int64)
         for row, i in enumerate(idx):
