@@ -426,8 +426,10 @@ class PgConnection:
         if scope is None or not SCOPED_LOCKS:
             self._cur.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK])
         else:
-            self._cur.execute("SELECT pg_advisory_xact_lock_shared(%s), pg_advisory_xact_lock(%s)",
-                              [WRITE_LOCK, scope_lock(scope)])
+            # two statements: the order is what prevents a deadlock, and a select list's order of
+            # evaluation is not promised
+            self._cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", [WRITE_LOCK])
+            self._cur.execute("SELECT pg_advisory_xact_lock(%s)", [scope_lock(scope)])
         return self
 
     def executemany(self, sql: str, rows: Iterable[Iterable]) -> "PgConnection":
