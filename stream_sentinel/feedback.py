@@ -162,14 +162,29 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
             new_events = con.execute(
                 "INSERT INTO feedback_events SELECT * FROM fb_chunk ON CONFLICT DO NOTHING").fetchall()[0][0]
             con.unregister("fb_chunk")
-        status = "pending" if dlq_topic else None
-        for r in rejects:  # few, and each one's count is needed
-            new_rejects += con.execute(
+        if rejects:  # one statement, however many (a poisoned topic can send thousands)
+            con.register("fb_rejects", pd.DataFrame({
+                "topic": [r.pos.topic for r in rejects],
+                "partition": np.array([r.pos.partition for r in rejects], dtype=np.int32),
+                "offset": np.array([r.pos.offset for r in rejects], dtype=np.int64),
+                "msg_key": [r.key for r in rejects],
+                "raw": [r.raw for r in rejects],
+                "rule": [r.rule for r in rejects],
+                "error": [r.error for r in rejects],
+                "source_kind": source_kind,
+                "dlq_topic": dlq_topic,
+                "rejected_at": now,
+                "raw_bytes": [r.raw_bytes for r in rejects],
+                "key_bytes": [r.key_bytes for r in rejects],
+                "dlq_status": "pending" if dlq_topic else None,
+            }))
+            new_rejects = con.execute(
                 """INSERT INTO feedback_rejects (topic, "partition", "offset", msg_key, raw, rule, error,
                        source_kind, dlq_topic, rejected_at, raw_bytes, key_bytes, dlq_status)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-                [r.pos.topic, r.pos.partition, r.pos.offset, r.key, r.raw, r.rule, r.error, source_kind,
-                 dlq_topic, now, r.raw_bytes, r.key_bytes, status]).fetchone()[0]
+                   SELECT topic, "partition", "offset", msg_key, raw, rule, error, source_kind, dlq_topic,
+                          rejected_at, CAST(raw_bytes AS BLOB), CAST(key_bytes AS BLOB), dlq_status
+                   FROM fb_rejects ON CONFLICT DO NOTHING""").fetchall()[0][0]
+            con.unregister("fb_rejects")
     return int(new_events), int(new_rejects)
 
 

@@ -182,7 +182,6 @@ class RemoteEmbedder:
 
     def _call(self, req: dict) -> tuple[dict, bytes | None]:
         with self._open() as sock:
-            sock.settimeout(self.timeout_s)
             _send(sock, json.dumps(req).encode())
             head = json.loads(_recv(sock))
             body = _recv(sock) if head.get("ok") and "n" in head else None
