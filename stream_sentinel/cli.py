@@ -674,8 +674,7 @@ def cmd_embed_server(args) -> int:
 
     paths = Paths.from_env().ensure()
     settings = Settings.from_env()
-    sock = args.socket if args.socket and args.socket.startswith("tcp://") else (
-        Path(args.socket) if args.socket else paths.embed_socket)
+    sock = args.socket or paths.embed_socket  # a socket path or tcp://host:port (serve() parses it)
     embedder = Embedder.load(settings.model_path, settings.device, settings.embed_batch_size, settings.embed_precision,
                              settings.embed_backend, paths.embedding_models)
     compile_ = settings.embed_compile and not args.no_compile and embedder.backend == "torch"
