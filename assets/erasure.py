@@ -52,7 +52,9 @@ def erasures(context: dg.AssetExecutionContext, config: ErasureConfig,
             context.log.error(f"erasure request {name} set aside in failed/erasures/: {exc}")
             bad.append(name)
     result = operation.erase(paths, sentinel.store(), todo, keep_backups=s.keep_backups,
-                             tainted_models=s.erasure_tainted_models)
+                             tainted_models=s.erasure_tainted_models,
+                             index_options={"rebuild_ratio": s.rebuild_ratio, "ivf_threshold": s.ivf_threshold,
+                                            "nprobe": s.nprobe})
     for path in done_files:  # the ids leave the disk with their requests
         path.unlink(missing_ok=True)
     if done_files:

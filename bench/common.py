@@ -82,7 +82,7 @@ def build_root(root: Path, recs: list[dict], vecs: np.ndarray, embedder) -> str:
     """A data root holding ``recs`` through the product's file path (raw files, scan, batches),
     their precomputed vectors and the real FAISS index; the index version."""
     from stream_sentinel import ingest, pipeline
-    from stream_sentinel.config import Paths
+    from stream_sentinel.config import Paths, Settings
     from stream_sentinel.index import IndexStore
     from stream_sentinel.store import Store
 
@@ -94,7 +94,9 @@ def build_root(root: Path, recs: list[dict], vecs: np.ndarray, embedder) -> str:
     for b in ingest.plan_batches(store, 100, 10_000_000):
         ingest.process_files(paths, store, list(b.files))
     pipeline.embed_partition(store, Precomputed(embedder, {r["text"]: v for r, v in zip(recs, vecs)}), None)
-    return pipeline.update_index(store, IndexStore(paths.index), embedder.model_id, embedder.dim).meta.version
+    s = Settings.from_env()  # the index type the product would build at this size
+    return pipeline.update_index(store, IndexStore(paths.index), embedder.model_id, embedder.dim,
+                                 ivf_threshold=s.ivf_threshold, nprobe=s.nprobe).meta.version
 
 
 @contextmanager
@@ -129,6 +131,24 @@ def api_server(root: Path, log_path: Path, env: dict | None = None, ready=lambda
     finally:
         server.terminate()
         server.wait(30)
+
+
+def wait_compiled(url: str, timeout_s: float = 600.0) -> bool:
+    """Wait until the server's embedder runs compiled (it compiles in the background after its
+    first text, when ``STREAM_SENTINEL_EMBED_COMPILE`` is on); False when it is off or did not
+    finish in time (the figures are then eager ones, and the caller says so)."""
+    import httpx
+
+    from stream_sentinel.config import Settings
+
+    if not Settings.from_env().embed_compile:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/healthz", timeout=30).json()["loaded"].get("embedder_compiled"):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def percentile_ms(seconds: list[float], q: float) -> float:

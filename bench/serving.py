@@ -13,8 +13,13 @@ In one run:
 * **predict new short texts** (20-40 tokens, one per request, each embedded by the server's
   model): p50/p99 at concurrency 1 (goal: p99 <= 30 ms), texts/s at concurrency 32 with dynamic
   batching (the default: continuous) and with it switched off (``STREAM_SENTINEL_API_BATCH_MAX=1``,
-  a second server), against the embedder's own offline batch throughput on the same texts in
-  this process (the limit). Goals: batching >= 80 % of offline and >= 4x batching off.
+  a second server: the same model thread, one request at a time), against the embedder's own
+  offline batch throughput on the same texts in this process (the limit). Goals: batching
+  >= 80 % of offline and >= 4x batching off.
+
+The server compiles its model in the background after its first text (``STREAM_SENTINEL_EMBED_COMPILE``,
+on by default); the bench waits for that, and compiles the offline embedder too, so both sides
+run the same graphs.
 
     python bench/serving.py [--quick] [--labelled 3000] [--requests 1000] [--seconds 15] [--parts id,text,off]
 
@@ -120,7 +125,12 @@ def main() -> int:
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     print(f"{len(texts)} texts of {min(tokens)}-{max(tokens)} tokens, {sum(tokens) / len(tokens):.1f} on average",
           flush=True)
-    # the limit: the embedder's own batch throughput on the same texts, in this process
+    # the limit: the embedder's own batch throughput on the same texts, in this process, compiled
+    # as the server's is
+    embedder.embed(texts[:64])
+    compiled = bool(s.embed_compile and embedder.compile())
+    print(f"offline embedder compiled: {compiled}" + (f" ({embedder.compile_error})" if embedder.compile_error
+                                                      and s.embed_compile else ""), flush=True)
     embedder.embed(texts[:64])
     t0 = time.perf_counter()
     embedder.embed(texts)
@@ -136,7 +146,8 @@ def main() -> int:
     print(f"offline embedder, 32 texts per call: {offline32:.1f} texts/s", flush=True)
     model = SimpleNamespace(model_id=embedder.model_id, dim=embedder.dim)
     del embedder  # its memory and threads are not the server's competition
-    results: dict = {"offline_texts_per_s": round(offline, 1), "offline_32_per_call_texts_per_s": round(offline32, 1),
+    results: dict = {"offline_compiled": compiled, "offline_texts_per_s": round(offline, 1),
+                     "offline_32_per_call_texts_per_s": round(offline32, 1),
                      "text_tokens_mean": round(sum(tokens) / len(tokens), 1)}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         tmp = Path(tmp)
@@ -158,6 +169,10 @@ def main() -> int:
                 continue
             with common.api_server(root, tmp / f"serve-{name}.log", env, ready) as (url, _):
                 measure(url, new[:20], 1, count=20, label="warm-up")
+                server_compiled = common.wait_compiled(url)
+                print(f"{name} server's embedder compiled: {server_compiled}", flush=True)
+                results.setdefault("compiled", {})[name] = server_compiled
+                measure(url, new[20:60], 1, count=40, label="warm-up (compiled)")
                 part = results.setdefault(name, {})
                 if name == "batching" and "id" in parts:
                     part["by_id_c1"] = measure(url, by_id, 1, count=args.requests, label="known id")

@@ -173,7 +173,7 @@ class IndexUpdate:
 
 
 def update_index(store: Store, index_store: IndexStore, model_id: str, dim: int,
-                 rebuild_ratio: float = 0.2, ivf_threshold: int = 200_000, nprobe: int = 8) -> IndexUpdate:
+                 rebuild_ratio: float = 0.2, ivf_threshold: int = 100_000, nprobe: int = 8) -> IndexUpdate:
     """Bring the index up to date with every embedding of ``model_id``. A rebuild picks the
     index type by size: exact below ``ivf_threshold`` vectors, IVF (``nprobe`` lists) above."""
     started = time.perf_counter()

@@ -65,9 +65,7 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
 
 @pytest.mark.slow
 def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embedder, demo_records, instance):
-    # two compiled shapes (128 and 256 tokens) instead of eight: compiling is what takes the
-    # time on a CPU without bf16 units (136 s for eight on a 2-core AMD EPYC), not what is tested
-    proc = start_embed_server(paths, compile_=True, env_extra={"STREAM_SENTINEL_EMBED_COMPILE_GRANULE": "128"})
+    proc = start_embed_server(paths, compile_=True)
     try:
         remote = connect(paths.embed_socket, embedder.model_id, embedder.dim)
         texts = [r["text"] for r in demo_records[200:260]]
@@ -83,6 +81,54 @@ def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embed
         assert mat.metadata["embedded_by"].value == "embed-server (compiled)"
     finally:
         stop_process(proc)
+
+
+def test_concurrent_clients_are_embedded_together_by_the_one_model_thread(tmp_path, embedder, demo_records):
+    """Connections are served by threads, the model by one (embedding/server.py, openmp.py: a
+    model called from a thread per connection keeps an OpenMP team per thread): texts that
+    queue while the model is busy go in one call, and each client gets its own vectors."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream_sentinel.embedding.server import EmbedServer
+
+    class Recording:  # the real model; its first call waits, so that the others queue behind it
+        model_id, dim, compiled, compile_error = embedder.model_id, embedder.dim, False, None
+
+        def __init__(self):
+            self.calls, self.gate = [], threading.Event()
+
+        def embed(self, texts):
+            self.calls.append((len(texts), threading.current_thread().name))
+            self.gate.wait(30)
+            return embedder.embed(texts)
+
+    model = Recording()
+    server = EmbedServer(tmp_path / "embed.sock", model)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        texts = [r["text"][:400] for r in demo_records[:9]]
+        remote = RemoteEmbedder(tmp_path / "embed.sock", model.model_id, model.dim, timeout_s=60)
+        with ThreadPoolExecutor(9) as pool:
+            first = pool.submit(remote.embed, texts[:1])
+            deadline = time.monotonic() + 120
+            while not model.calls:
+                assert time.monotonic() < deadline and not first.done(), first.exception() if first.done() else ""
+                time.sleep(0.01)
+            rest = [pool.submit(remote.embed, [t]) for t in texts[1:]]
+            deadline = time.monotonic() + 120
+            while server.model.pending < 8:  # all eight connections are waiting for the model
+                assert time.monotonic() < deadline, (server.model.pending, model.calls, [f.done() for f in rest])
+                time.sleep(0.01)
+            model.gate.set()
+            got = [first.result(60)] + [f.result(60) for f in rest]
+        assert model.calls == [(1, "embed-model"), (8, "embed-model")]
+        want = embedder.embed(texts)
+        for vec, w in zip(got, want):
+            assert vec.shape == (1, model.dim) and float(vec[0] @ w) > 0.999
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_tcp_server_serves_runs_on_other_machines(paths, embedder, demo_records, instance, monkeypatch):

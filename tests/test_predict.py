@@ -375,8 +375,14 @@ def test_texts_that_queue_while_the_embedder_is_busy_go_in_one_call_each_answere
         with pytest.raises(RuntimeError, match="embedder failed"):
             f.result(60)
     assert batcher.submit(texts[5:6], "m", demo_embedder.dim).result(60).shape == (1, demo_embedder.dim)
-    # batching off: each request on its own, in the caller's thread
+    # batching off: one request per call, queued ones too, in the same one thread (only the
+    # batching differs from the default: the model never runs in the requests' threads)
     off = _Gated(demo_embedder)
+    batcher = Batcher(off, window_s=0.0, max_batch=1)
+    first = batcher.submit(texts[:2], "m", demo_embedder.dim)
+    assert off.entered.wait(10)
+    queued = [batcher.submit([t], "m", demo_embedder.dim) for t in texts[2:5]]
+    time.sleep(0.1)
     off.release.set()
-    Batcher(off, window_s=0.0, max_batch=1).submit(texts[:2], "m", demo_embedder.dim).result(60)
-    assert off.calls == [(2, "MainThread")]
+    assert [f.result(60).shape[0] for f in (first, *queued)] == [2, 1, 1, 1]
+    assert off.calls == [(2, "embed-batcher")] + [(1, "embed-batcher")] * 3

@@ -14,6 +14,11 @@ Being long-lived, the server is also where compiling the model pays (``encoder.p
 compiles in a background thread at start and serves eager until that is done. The reply
 header says which (``compiled``), and runs record it in the embeddings metadata.
 
+Connections are served by threads, the model by one worker thread: the texts of concurrent
+clients (the API's batches, a run's micro-batch) wait in one queue and are embedded together
+(``batching.ContinuousBatcher``). One thread also keeps torch on one OpenMP team (see
+``batching.py``: a model called from a new thread per connection ran 0.6-0.7x as fast).
+
 Address: a Unix socket path (the default, ``<data root>/embedder.sock``: one machine, the
 data root's owner only), or ``tcp://host:port`` where runs and the API live on other machines
 (a Kubernetes Service; ``STREAM_SENTINEL_EMBED_SERVER`` tells clients where, ``embed-server
@@ -38,6 +43,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..batching import ContinuousBatcher
 
 MAX_FRAME = 256 * 1024 * 1024
 ADDRESS_ENV = "STREAM_SENTINEL_EMBED_SERVER"
@@ -99,8 +106,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 _send(self.request, json.dumps(head).encode())
                 return
             texts = req["texts"]
-            with server.lock:  # one batch at a time: the model uses every core already
-                vecs = server.embedder.embed(texts)
+            vecs = server.model.submit(None, texts, len(texts)).result()
             head["n"] = len(texts)
             _send(self.request, json.dumps(head).encode())
             _send(self.request, np.ascontiguousarray(vecs, dtype="<f4").tobytes())
@@ -111,22 +117,41 @@ class _Handler(socketserver.BaseRequestHandler):
                 pass
 
 
+BATCH_TEXTS = 64  # texts of concurrent requests embedded in one call (a larger request goes alone)
+
+
+def model_worker(embedder) -> ContinuousBatcher:
+    """The one thread that runs the model: every request's texts, concurrent ones together."""
+
+    def run(_key, groups: list[list[str]]) -> list[np.ndarray]:
+        vecs = embedder.embed([t for g in groups for t in g])
+        out, at = [], 0
+        for g in groups:
+            out.append(vecs[at:at + len(g)])
+            at += len(g)
+        return out
+
+    return ContinuousBatcher(run, BATCH_TEXTS, name="embed-model")
+
+
 class TcpEmbedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # clients connect per call: the API's batches and every run's
 
-    def __init__(self, addr: tuple[str, int], embedder):
+    def __init__(self, addr: tuple[str, int], embedder, model: ContinuousBatcher | None = None):
         self.embedder = embedder
-        self.lock = threading.Lock()
+        self.model = model or model_worker(embedder)
         super().__init__(addr, _Handler)
 
 
 class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128  # clients connect per call: the API's batches and every run's
 
-    def __init__(self, path: Path, embedder):
+    def __init__(self, path: Path, embedder, model: ContinuousBatcher | None = None):
         self.embedder = embedder
-        self.lock = threading.Lock()
+        self.model = model or model_worker(embedder)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             path.unlink()  # a stale socket of a server that died
@@ -134,20 +159,20 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)  # the data root's owner only
 
 
-def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None,
-          granule: int | None = None) -> None:
+def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None) -> None:
     """Serve on ``path``: a Unix socket path or ``tcp://host:port``."""
     kind, where = parse_address(path)
-    embedder.embed(["warm up"])  # import and load now, not on the first run's request
+    model = model_worker(embedder)
+    model.submit(None, ["warm up"], 1).result()  # load now (in the model's thread), not on the first request
     if compile_:
         def compile_in_background() -> None:
-            ok = embedder.compile(granule)
+            ok = embedder.compile()
             if log is not None:
                 log(f"embedding server: model compiled ({embedder.model_id})" if ok
                     else f"embedding server: not compiled, serving eager: {embedder.compile_error}")
 
         threading.Thread(target=compile_in_background, name="embed-compile", daemon=True).start()
-    with (TcpEmbedServer(where, embedder) if kind == "tcp" else EmbedServer(where, embedder)) as server:
+    with (TcpEmbedServer(where, embedder, model) if kind == "tcp" else EmbedServer(where, embedder, model)) as server:
         if ready is not None:
             ready()
         try:

@@ -95,7 +95,9 @@ def erased_hashes(con) -> set[str]:
 
 # ------------------------------------------------------------------ the operation
 def erase(paths: Paths, store: Store, requests: list[Request], *, keep_backups: int = 3,
-          tainted_models: str = "delete") -> Result:
+          tainted_models: str = "delete", index_options: dict | None = None) -> Result:
+    """``index_options``: ``pipeline.update_index``'s rebuild settings (rebuild_ratio,
+    ivf_threshold, nprobe), so that a rebuild after an erasure makes the index the settings ask for."""
     started = time.perf_counter()
     hasher = IdHasher.for_root(paths.home)
     todo: dict[str, Request] = {}
@@ -129,7 +131,7 @@ def erase(paths: Paths, store: Store, requests: list[Request], *, keep_backups: 
         _rows(store, plans, todo)
         pause_point("erasure.after_rows")
         _windows(store)
-        _index(paths, store, plans, keep_backups)
+        _index(paths, store, plans, keep_backups, index_options or {})
         pause_point("erasure.after_index")
         _files(paths, store, plans, todo)
         pause_point("erasure.after_files")
@@ -328,7 +330,7 @@ def _windows(store: Store) -> None:
 
 
 # ------------------------------------------------------------------ 5. files
-def _index(paths: Paths, store: Store, plans: dict, keep_backups: int) -> None:
+def _index(paths: Paths, store: Store, plans: dict, keep_backups: int, options: dict) -> None:
     """A new index version without the vectors, then every other version holding one deleted."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -341,7 +343,7 @@ def _index(paths: Paths, store: Store, plans: dict, keep_backups: int) -> None:
     meta = index.read_meta()
     if meta is None or not gone:
         return
-    update_index(store, index, meta.model_id, meta.dim)
+    update_index(store, index, meta.model_id, meta.dim, **options)
     removed = 0
     with index.writer_lock():
         current = index.current_version()

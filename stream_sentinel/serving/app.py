@@ -51,6 +51,7 @@ from .metrics import ApiMetrics, LoopCollector, RequestMetrics
 from ..atomic import write_bytes_atomic
 from ..config import Paths, Settings
 from ..jsonout import dumps
+from ..openmp import faiss_one_thread
 from ..records import JSONProblem, Reject, is_utf8, loads, validate
 from ..store import Store, StoreBusy
 
@@ -223,6 +224,7 @@ def healthz(request: Request) -> Response:
                    "index": served_index is not None and meta is not None
                    and served_index.meta.version == meta.version,
                    "embedder": svc.batcher.embedding.describe() is not None,
+                   "embedder_compiled": svc.batcher.embedding.compiled,
                    "labelled_reference": held["labelled_reference"], "known_records": held["known_records"],
                    "window_events": held["window_events"],
                    "model_error": held["model_error"]},
@@ -520,10 +522,10 @@ async def predict(request: Request) -> Response:
     s = svc.settings
     records = _predict_items(parse_json(await read_body(request, s.api_max_body_bytes)), s.api_max_items)
     try:
-        if svc.predictor.scorer.enabled and all(r["text"] is None for r in records):
+        if all(r["text"] is None for r in records):
             # known records: the scoring batcher's thread does the work, the loop only waits
             answer = await svc.predictor.predict_async(records)
-        else:  # new texts (measured: slower to embed when awaited on the loop), or batching off
+        else:  # new texts (measured: slower to embed when awaited on the loop)
             answer = await run_in_threadpool(svc.predictor.predict, records)
     except NoModel as exc:
         raise ApiError(503, "no_model", str(exc)) from None
@@ -621,11 +623,17 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
         except Exception as exc:  # noqa: BLE001 -- a bad version must not stop the refreshes
             log.warning("refresh failed (%s: %s); trying again", type(exc).__name__, exc)
 
+    faiss_one_thread()  # this thread lives as long as the server: no FAISS team of its own (openmp.py)
     next_snapshot = 0.0
+    settled = None
     while True:
         guarded(svc.search.refresh)
         guarded(lambda: svc.predictor.refresh(svc.search.index))
         guarded(svc.prediction_log.sync)
+        held = _held(svc)
+        if held != settled:
+            settle_heap()
+            settled = held
         if time.monotonic() >= next_snapshot:
             guarded(lambda: read_loop_state(svc))
             next_snapshot = time.monotonic() + SNAPSHOT_S
@@ -633,15 +641,25 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
             return
 
 
-def _one_openmp_thread_for_faiss() -> None:
-    """FAISS searches here are small (one search query, or the kNN columns of the records
-    waiting for one scoring pass), which gain little from OpenMP threads, while idle OpenMP
-    threads spin after each call beside the embedder's. A precaution, not a measured gain:
-    bench/serving.py showed no change in text throughput from it (the loss there was
-    padding, fixed in encoder._batches)."""
-    import faiss
+def _held(svc: Service) -> tuple:
+    """What the server holds, by version: when it changes, the heap is settled again."""
+    index, held = svc.search.index, svc.predictor.loaded()
+    return (None if index is None else index.meta.version, len(svc.search.lexical), held["champion"],
+            held["challenger"], held["known_records"], held["labelled_reference"], svc.batcher.embedding.compiled)
 
-    faiss.omp_set_num_threads(1)
+
+def settle_heap() -> None:
+    """Collect, then freeze what survives (``gc.freeze``): the model, the index, the records
+    and the compiled graphs are millions of objects that live until the next version, and a
+    full collection walks every one of them. Python runs one whenever enough objects have been
+    allocated, which a busy server does within seconds: it held a search for 600 ms on the
+    demo (bench/serving_search.py, 2026-12-05). Frozen objects are skipped by collections until
+    the next settle, which unfreezes first, so an old version in a reference cycle is still freed."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(paths: Paths | None = None, settings: Settings | None = None, token: str | None = None) -> Starlette:
@@ -655,7 +673,6 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     from .search import SearchService
 
     svc = Service(paths.ensure(), settings, token)
-    _one_openmp_thread_for_faiss()
     svc.batcher = Batcher(Embedding(svc.paths, settings), settings.api_batch_window_ms / 1000.0,
                           settings.api_batch_max)
     svc.search = SearchService(svc.paths, settings, svc.batcher)

@@ -36,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from ..openmp import faiss_one_thread, in_own_thread
+
 log = logging.getLogger(__name__)
 
 LABELS_CHECK_S = 2.0  # how often the labels' digest is compared (a cheap aggregate)
-SMALL_BATCH = 64  # rows scored on one thread
 SCORE_MAX_ROWS = 1024  # records of concurrent requests scored in one pass
 MODEL_RETRY_S = 2.0  # a champion that failed to load is tried again this often
 
@@ -100,7 +101,7 @@ class KnownRecords:
 class Predictor:
     def __init__(self, paths, settings, batcher, log_writer):
         from ..learning.registry import ModelRegistry
-        from .batching import ContinuousBatcher
+        from ..batching import ContinuousBatcher
 
         self.paths, self.settings, self.batcher, self.log = paths, settings, batcher, log_writer
         self.registry = ModelRegistry(paths.models, None)  # the pointer and folders only
@@ -119,7 +120,7 @@ class Predictor:
         self.windows = None  # windows.online.LiveWindows: the declared windows' state, None: none declared
         # the records of concurrent requests scored together (one kNN search, one tree pass)
         self.scorer = ContinuousBatcher(self._score_group, SCORE_MAX_ROWS if settings.api_batch_max > 1 else 1,
-                                        name="score-batcher")
+                                        name="score-batcher", on_start=faiss_one_thread)
 
     # ------------------------------------------------------------------ the version
     def model(self, version: str) -> ServedModel:
@@ -129,7 +130,9 @@ class Predictor:
         with self._load_lock:
             m = self._models.get(version)
             if m is None:
-                booster, spec, meta = self.registry.load_folder(version)
+                # LightGBM parses a model on an OpenMP team: in a thread of its own, so that the
+                # team ends with it instead of slowing the embedder's (openmp.py)
+                booster, spec, meta = in_own_thread(self.registry.load_folder, version)
                 labels = meta.get("labels") or self._labels_from_db(version)
                 m = ServedModel(version, booster, spec, float((meta.get("metrics") or {}).get("threshold", 0.5)),
                                 labels["positive"], labels["negative"], meta["embedding_model_id"])
@@ -336,8 +339,9 @@ class Predictor:
             ref = Reference(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, int), [])
         # a labelled record never sees its own label (as when the loop scores it)
         X = build_features(model.spec, vectors, features, ref, ids)
-        # a few rows: one thread (waking LightGBM's OpenMP pool costs more than the trees)
-        p = model.booster.predict(X, num_threads=1) if len(X) <= SMALL_BATCH else model.booster.predict(X)
+        # one thread: the rows of a few requests gain nothing from more, and a second OpenMP team
+        # in this process would slow the embedder's (openmp.py)
+        p = model.booster.predict(X, num_threads=1)
         return p, [model.positive if x >= model.threshold else model.negative for x in p]
 
     def _score_group(self, pair: tuple, requests: list[tuple]) -> list[tuple]:

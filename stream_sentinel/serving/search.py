@@ -27,6 +27,8 @@ import threading
 import time
 import numpy as np
 
+from ..openmp import faiss_one_thread
+
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 256  # per record, for BM25 and phrases: the subject and opening, where the telling words are
@@ -207,6 +209,7 @@ class SearchService:
 
     # ------------------------------------------------------------------ searching
     def search(self, query: str, k: int, mode: str = "hybrid") -> dict:
+        faiss_one_thread()  # one query: no OpenMP team of FAISS's in this request thread (openmp.py)
         index = self.index
         depth = max(k, 50)  # each ranking's depth before fusion and the phrase check
         dense: list[tuple[str, float]] = []

@@ -1,15 +1,26 @@
 """Continuous batching: work from concurrent requests, done together by one worker thread.
 
-Used twice by the API: new texts before the embedder (a transformer embeds a batch faster
+Used by the API twice: new texts before the embedder (a transformer embeds a batch faster
 per text than one at a time) and records before the models (one kNN search, one linear
 product and one tree pass for every waiting request instead of one each: the per-call costs
-are what a prediction for one record is made of).
+are what a prediction for one record is made of). And by the embedding server, whose
+clients' texts are embedded by its one worker thread.
+
+Why one worker thread matters beyond batching: torch runs on OpenMP, and GNU OpenMP keeps a
+team of threads for every thread that ever started a parallel region. Once a process holds
+more OpenMP threads than CPUs, every team's threads stop spinning between parallel regions
+and sleep instead (libgomp's throttled spin count), and waking them costs the model a large
+share of its speed: on 2 cores, one idle team held by another thread took an eager embedder
+from 255 to 195 texts/s (1.98 to 1.45 cores busy). A model called from many threads (one per
+connection, as the embedding server did until 2026-12-05) pays that all the time.
 
 The worker takes whatever queued while it was busy (up to ``max_items``), so under load
 groups grow by themselves and a lone request never waits for company. ``window_s`` > 0 adds
 a wait for more after the first item of an idle spell (it only helps traffic that arrives
-spread out, and costs a lone request that long). ``max_items`` 1 switches batching off: each
-request is done on its own, in its own thread (what a benchmark compares against).
+spread out, and costs a lone request that long). ``max_items`` 1 switches batching off: the
+worker does one request at a time (what a benchmark compares against: the same server, the
+same one thread for the work, only the batching gone; until 2026-12-05 "off" ran each request
+in its own thread, which on a CPU model mostly measured the cost of many OpenMP teams).
 """
 
 from __future__ import annotations
@@ -26,8 +37,9 @@ class ContinuousBatcher:
     that share a key, e.g. an embedding model id or a (champion, challenger) pair."""
 
     def __init__(self, run: Callable[[Hashable, list], list], max_items: int, window_s: float = 0.0,
-                 name: str = "batcher"):
+                 name: str = "batcher", on_start: Callable[[], None] | None = None):
         self.run, self.max_items, self.window_s, self.name = run, max(1, int(max_items)), float(window_s), name
+        self.on_start = on_start  # run once in the worker thread before its first item
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -36,15 +48,14 @@ class ContinuousBatcher:
     def enabled(self) -> bool:
         return self.max_items > 1
 
+    @property
+    def pending(self) -> int:
+        """Requests waiting for the worker (not counting the ones it is doing)."""
+        return self._queue.qsize()
+
     def submit(self, key: Hashable, payload: Any, n: int = 1) -> Future:
         """A future of ``payload``'s result; ``n`` is its size against ``max_items``."""
         fut: Future = Future()
-        if not self.enabled:  # each request on its own, in the caller's thread
-            try:
-                fut.set_result(self.run(key, [payload])[0])
-            except BaseException as exc:  # noqa: BLE001 -- handed to the waiting request
-                fut.set_exception(exc)
-            return fut
         self._ensure_worker()
         self._queue.put((key, payload, n, fut))
         return fut
@@ -58,6 +69,8 @@ class ContinuousBatcher:
                 self._worker.start()
 
     def _loop(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
         while True:
             first = self._queue.get()
             group = [first]
