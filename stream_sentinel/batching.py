@@ -25,11 +25,14 @@ in its own thread, which on a CPU model mostly measured the cost of many OpenMP 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Hashable
+
+log = logging.getLogger(__name__)
 
 
 class ContinuousBatcher:
@@ -70,7 +73,10 @@ class ContinuousBatcher:
 
     def _loop(self) -> None:
         if self.on_start is not None:
-            self.on_start()
+            try:
+                self.on_start()
+            except Exception:  # noqa: BLE001 -- a tuning step: the work goes on without it
+                log.warning("%s: its start step failed; working without it", self.name, exc_info=True)
         while True:
             first = self._queue.get()
             group = [first]

@@ -623,17 +623,21 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
         except Exception as exc:  # noqa: BLE001 -- a bad version must not stop the refreshes
             log.warning("refresh failed (%s: %s); trying again", type(exc).__name__, exc)
 
+    settled: list = [None]
+
+    def settle() -> None:
+        held = _held(svc)
+        if held != settled[0]:
+            settle_heap()
+            settled[0] = held
+
     faiss_one_thread()  # this thread lives as long as the server: no FAISS team of its own (openmp.py)
     next_snapshot = 0.0
-    settled = None
     while True:
         guarded(svc.search.refresh)
         guarded(lambda: svc.predictor.refresh(svc.search.index))
         guarded(svc.prediction_log.sync)
-        held = _held(svc)
-        if held != settled:
-            settle_heap()
-            settled = held
+        guarded(settle)
         if time.monotonic() >= next_snapshot:
             guarded(lambda: read_loop_state(svc))
             next_snapshot = time.monotonic() + SNAPSHOT_S
