@@ -17,11 +17,15 @@ In one run:
   offline batch throughput on the same texts in this process (the limit). Goals: batching
   >= 80 % of offline and >= 4x batching off.
 
+``--embed-server``: the API embeds through an embedding server, as `stream-sentinel up` runs
+them (its own process, compiled before timing), instead of in its own process.
+
 The server compiles its model in the background after its first text (``STREAM_SENTINEL_EMBED_COMPILE``,
 on by default); the bench waits for that, and compiles the offline embedder too, so both sides
 run the same graphs.
 
     python bench/serving.py [--quick] [--labelled 3000] [--requests 1000] [--seconds 15] [--parts id,text,off]
+                            [--embed-server]
 
 Ends with one JSON line, like every bench script.
 """
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,6 +108,25 @@ def measure(url: str, bodies: list[dict], concurrency: int, *, seconds: float | 
     return out
 
 
+def start_embed_server(root: Path, tmp: Path, model) -> "subprocess.Popen":
+    """`stream-sentinel embed-server` on ``root`` (the API finds it by the data root's socket),
+    once it answers compiled."""
+    from stream_sentinel.embedding.server import connect
+
+    log = open(tmp / "embed-server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "stream_sentinel.cli", "embed-server"], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "STREAM_SENTINEL_HOME": str(root)})
+    deadline = time.monotonic() + 600
+    while True:
+        remote = connect(Paths.at(root).embed_socket, model.model_id, model.dim)
+        if remote is not None and remote.ping().get("compiled"):
+            print("embedding server up, compiled", flush=True)
+            return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the embedding server did not get ready: {(tmp / 'embed-server.log').read_text()}")
+        time.sleep(0.5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labelled", type=int, default=3000, help="records labelled before the champion is trained")
@@ -111,6 +135,8 @@ def main() -> int:
     ap.add_argument("--texts", type=int, default=2000, help="distinct short texts")
     ap.add_argument("--parts", default="id,text,off", help="what to measure (default all): id, text, off")
     ap.add_argument("--quick", action="store_true", help="a small run: 200 requests, 5 s, 300 texts")
+    ap.add_argument("--embed-server", action="store_true",
+                    help="as `up` runs it: an embedding server (compiled before timing) embeds for the API")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.seconds, args.texts = 200, 5.0, 300
@@ -164,6 +190,7 @@ def main() -> int:
         by_id = [{"records": [{"id": rng.choice(ids)}]} for _ in range(5000)]
         new = [{"records": [{"id": f"new-{i}", "text": t}]} for i, t in enumerate(texts)]
         parts = set(args.parts.split(","))
+        embed_server = start_embed_server(root, tmp, model) if args.embed_server else None
         for env, name in (({}, "batching"), ({"STREAM_SENTINEL_API_BATCH_MAX": "1"}, "off")):
             if not parts & ({"id", "text"} if name == "batching" else {"off"}):
                 continue
@@ -182,8 +209,12 @@ def main() -> int:
                         part["text_c1"] = measure(url, new, 1, count=min(args.requests, len(new)),
                                                   label="new text, batching")
                     part["text_c32"] = measure(url, new, 32, seconds=args.seconds, label=f"new text, {name}")
+        if embed_server is not None:
+            embed_server.terminate()
+            embed_server.wait(30)
     if "text_c32" not in results.get("batching", {}) or "off" not in results:
-        common.save({"bench": "serving-partial", "cpu": common.cpu_name(), **results})
+        common.save({"bench": "serving-partial", "embed_server": args.embed_server, "cpu": common.cpu_name(),
+                     **results})
         return 0
     on, off = results["batching"]["text_c32"]["req_per_s"], results["off"]["text_c32"]["req_per_s"]
     results["batching_over_offline"] = round(on / offline, 3)
@@ -191,7 +222,8 @@ def main() -> int:
     results["batching_over_offline_32_per_call"] = round(on / offline32, 3)
     print(f"new texts at c=32: batching {on:.1f}/s = {on / offline:.2f} of offline {offline:.1f}/s "
           f"({on / offline32:.2f} of 32 per call), {on / max(off, 1e-9):.2f}x batching off ({off:.1f}/s)")
-    common.save({"bench": "serving", "cpu": common.cpu_name(), "cores": os.cpu_count(), "records": len(recs),
+    common.save({"bench": "serving", "embed_server": args.embed_server, "cpu": common.cpu_name(),
+                 "cores": os.cpu_count(), "records": len(recs),
                  "labelled": args.labelled, "champion": champion, "embed_backend": s.embed_backend,
                  "embed_precision": s.embed_precision, "batch_window_ms": s.api_batch_window_ms, **results})
     return 0
