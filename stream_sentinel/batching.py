@@ -102,3 +102,13 @@ class ContinuousBatcher:
                     continue
                 for item, result in zip(items, results):
                     item[3].set_result(result)
+
+
+def split_rows(rows, groups: list[list]) -> list:
+    """``rows`` made for the concatenation of ``groups`` (one row per item), cut back into one
+    slice per group, in order: how a batch's answer is handed back to its requests."""
+    out, at = [], 0
+    for g in groups:
+        out.append(rows[at:at + len(g)])
+        at += len(g)
+    return out

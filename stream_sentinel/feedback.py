@@ -131,6 +131,13 @@ def validate(pos: Position, value: bytes | str | None, key: bytes | str | None,
     return Event(pos, rid, label, source, conf_f, ts)
 
 
+def _position_columns(items) -> dict:
+    """The (topic, partition, offset) columns of events or rejects, typed as their tables are."""
+    return {"topic": [x.pos.topic for x in items],
+            "partition": np.array([x.pos.partition for x in items], dtype=np.int32),
+            "offset": np.array([x.pos.offset for x in items], dtype=np.int64)}
+
+
 def write(store: Store, events: list[Event], rejects: list[Rejected], source_kind: str,
           dlq_topic: str | None = None) -> tuple[int, int]:
     """Insert events and rejects in one transaction, idempotently; returns (new events, new rejects).
@@ -147,9 +154,7 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
             if erased is not None:  # a vote for an erased record: a tombstone at its offset, no payload
                 events = [Event(e.pos, "", "", "", 0.0, e.ts) if erased(e.record_id) else e for e in events]
             df = pd.DataFrame({
-                "topic": [e.pos.topic for e in events],
-                "partition": np.array([e.pos.partition for e in events], dtype=np.int32),
-                "offset": np.array([e.pos.offset for e in events], dtype=np.int64),
+                **_position_columns(events),
                 "record_id": [e.record_id for e in events],
                 "label": [e.label for e in events],
                 "source": [e.source for e in events],
@@ -164,9 +169,7 @@ def write(store: Store, events: list[Event], rejects: list[Rejected], source_kin
             con.unregister("fb_chunk")
         if rejects:  # one statement, however many (a poisoned topic can send thousands)
             con.register("fb_rejects", pd.DataFrame({
-                "topic": [r.pos.topic for r in rejects],
-                "partition": np.array([r.pos.partition for r in rejects], dtype=np.int32),
-                "offset": np.array([r.pos.offset for r in rejects], dtype=np.int64),
+                **_position_columns(rejects),
                 "msg_key": [r.key for r in rejects],
                 "raw": [r.raw for r in rejects],
                 "rule": [r.rule for r in rejects],

@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..batching import ContinuousBatcher
+from ..batching import ContinuousBatcher, split_rows
 
 MAX_FRAME = 256 * 1024 * 1024
 ADDRESS_ENV = "STREAM_SENTINEL_EMBED_SERVER"
@@ -124,12 +124,7 @@ def model_worker(embedder) -> ContinuousBatcher:
     """The one thread that runs the model: every request's texts, concurrent ones together."""
 
     def run(_key, groups: list[list[str]]) -> list[np.ndarray]:
-        vecs = embedder.embed([t for g in groups for t in g])
-        out, at = [], 0
-        for g in groups:
-            out.append(vecs[at:at + len(g)])
-            at += len(g)
-        return out
+        return split_rows(embedder.embed([t for g in groups for t in g]), groups)
 
     return ContinuousBatcher(run, BATCH_TEXTS, name="embed-model")
 

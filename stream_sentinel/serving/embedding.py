@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..batching import ContinuousBatcher, split_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -86,8 +88,6 @@ class Batcher:
     """Texts from concurrent requests, embedded in shared batches by one worker thread."""
 
     def __init__(self, embedding: Embedding, window_s: float, max_batch: int):
-        from ..batching import ContinuousBatcher
-
         self.embedding, self.window_s, self.max_batch = embedding, float(window_s), max(1, int(max_batch))
         self.batches = 0  # embedder calls made
         self.texts = 0  # texts embedded
@@ -111,8 +111,4 @@ class Batcher:
         vecs = self.embedding.embed(texts, *key)
         self.batches += 1
         self.texts += len(texts)
-        out, at = [], 0
-        for g in groups:
-            out.append(vecs[at:at + len(g)])
-            at += len(g)
-        return out
+        return split_rows(vecs, groups)
