@@ -684,7 +684,7 @@ def cmd_embed_server(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)  # `up` stops it with SIGTERM; the socket file goes with it
     try:
-        serve(sock, embedder, compile_=compile_, log=_err,
+        serve(sock, embedder, compile_=compile_, log=_err, pin=settings.embed_pin_threads,
               ready=lambda: _err(f"embedding server: {embedder.model_id} on {sock}"
                                  f"{' (compiling in the background)' if compile_ else ''}"))
     except KeyboardInterrupt:

@@ -326,6 +326,9 @@ class Settings:
         "torch", _S + "EMBED_BACKEND", "torch, or onnxruntime (the onnx extra)", "embedding")
     embed_compile: bool = setting(True, _S + "EMBED_COMPILE", "the embedding server compiles the model at "
                                   "start (embedding/encoder.py)", "embedding")
+    embed_pin_threads: bool = setting(True, _S + "EMBED_PIN_THREADS", "the embedding server and the API pin "
+                                      "the compiled model's thread and its OpenMP workers one per CPU "
+                                      "(openmp.py)", "embedding")
     # feedback and labels
     feedback_topic: str = setting("stream-sentinel.feedback", _S + "FEEDBACK_TOPIC", "Kafka topic of label "
                                   "feedback", "feedback")

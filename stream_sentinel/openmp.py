@@ -19,12 +19,19 @@ So a server runs its model in one thread (``batching.ContinuousBatcher``), and w
 may start a team runs in a thread that ends with it (:func:`in_own_thread`: a thread's team
 is released when it exits) or on one thread (:func:`faiss_one_thread`, LightGBM's
 ``num_threads=1``). Batch jobs (a Dagster run) run everything in one thread and are unaffected.
+
+And once its model is compiled, a server's model thread and its team are pinned one per CPU
+(:func:`pin_team`, :class:`TeamPinning`): left to the scheduler, the two were at times stacked
+on one CPU, taking turns, while the other CPU idled (measured below).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 def in_own_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -53,3 +60,113 @@ def faiss_one_thread() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
+
+
+# ---------------------------------------------------------------------- pinning a model's team
+#
+# Why: on 2 vCPUs (AMD EPYC VM, 2026-12-05) about 3 % of one-query embeddings in the API took
+# 11-20 ms against a p99 of 5 ms in a process of their own. `perf sched timehist` showed why:
+# after a wake-up the scheduler had put the model's thread and its OpenMP worker on the same
+# CPU, where they took turns in 4 ms slices (each spinning at a barrier for the other) while
+# the other CPU stood idle for 10-15 ms. Pinned one per CPU they cannot share one: dense search
+# p50 7.2 -> 5.9 ms and p99 21-24 -> 11-12 ms in one run (bench/serving_search.py's queries).
+# Only the long-lived servers' model threads are pinned (STREAM_SENTINEL_EMBED_PIN_THREADS);
+# a thread they start afterwards takes the process's CPUs back (:func:`spread`).
+
+_process_cpus: frozenset[int] | None = None  # the CPUs before anything was pinned
+
+
+def _torch_libgomp():
+    """The GNU OpenMP library torch runs on, or None.
+
+    By soname, already loaded (``RTLD_NOLOAD``): torch's wheel brings a ``libgomp.so.1``, but
+    when another library loaded one first (LightGBM imported before torch), the dynamic linker
+    gives torch that one; either way it is the object that answers to the soname."""
+    import ctypes
+    import os
+
+    import torch  # noqa: F401 -- loads its libgomp if nothing did
+
+    try:
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return None  # torch on another OpenMP runtime (e.g. Intel's)
+
+
+def pin_team() -> list[tuple[int, int]] | None:
+    """Pin the calling thread and each worker of its torch OpenMP team to a CPU of its own.
+
+    Runs one empty parallel region of torch's team size (GOMP_PARALLEL through ctypes) in which
+    every member pins itself; later regions reuse the same threads in the same order. Returns
+    ``[(native thread id, cpu)]`` in team order, or None where it cannot: not Linux, fewer than
+    two CPUs or threads, torch not on its own GNU OpenMP (e.g. a build on Intel's)."""
+    import ctypes
+    import os
+
+    global _process_cpus
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    import torch
+
+    cpus = sorted(os.sched_getaffinity(0))
+    n = torch.get_num_threads()
+    if len(cpus) < 2 or n < 2:
+        return None
+    gomp = _torch_libgomp()
+    if gomp is None:
+        return None
+    if _process_cpus is None:
+        _process_cpus = frozenset(cpus)
+    pinned: list = [None] * n
+    errors: list[BaseException] = []
+
+    def member(_data) -> None:
+        try:
+            i = gomp.omp_get_thread_num()
+            os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+            pinned[i] = (threading.get_native_id(), cpus[i % len(cpus)])
+        except BaseException as exc:  # noqa: BLE001 -- ctypes would only print it
+            errors.append(exc)
+
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(member)
+    gomp.GOMP_parallel(callback, None, ctypes.c_uint(n), ctypes.c_uint(0))
+    if errors or not all(pinned):
+        spread()  # the caller at least is free again
+        return None
+    return pinned
+
+
+def spread() -> None:
+    """The calling thread back on every CPU the process had before anything was pinned (a
+    thread inherits its parent's CPUs: one started by a pinned model thread would otherwise
+    share its one CPU)."""
+    import os
+
+    if _process_cpus is not None:
+        os.sched_setaffinity(0, _process_cpus)
+
+
+class TeamPinning:
+    """Pins a model thread's team once, when the model it runs is compiled (the fast path the
+    servers keep; nothing is pinned while they serve eager)."""
+
+    def __init__(self, enabled: bool, name: str, report: Callable[[str], None] | None = None):
+        self.enabled, self.name, self.done = enabled, name, False
+        self.report = report or log.info  # where the outcome is told (a server's own stderr log)
+        self.cpus: list[int] | None = None  # the team's CPUs, in team order, once pinned
+
+    def after_call(self, compiled: bool) -> None:
+        """Called by the model thread after each model call."""
+        if not self.enabled or self.done or not compiled:
+            return
+        self.done = True
+        try:
+            pinned = pin_team()
+        except Exception:  # noqa: BLE001 -- a tuning step: the model runs as it did
+            log.warning("%s: pinning the model's threads failed; they stay unpinned", self.name, exc_info=True)
+            return
+        if pinned is None:
+            self.report(f"{self.name}: model threads not pinned (one CPU, one thread, or torch not on GNU OpenMP)")
+        else:
+            self.cpus = [cpu for _, cpu in pinned]
+            self.report(f"{self.name}: model threads pinned one per CPU (CPUs {self.cpus})")

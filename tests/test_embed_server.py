@@ -79,6 +79,9 @@ def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embed
         assert np.sum(got * want, axis=1).min() > 0.99  # bf16 rounding apart, same model id
         store, mat = _ingest(paths, instance, "compiled.jsonl", demo_records[:20])
         assert mat.metadata["embedded_by"].value == "embed-server (compiled)"
+        stop_process(proc)
+        # its model thread and OpenMP worker, pinned one per CPU once compiled (openmp.py)
+        assert "model threads pinned one per CPU" in proc.stderr.read()
     finally:
         stop_process(proc)
 

@@ -34,6 +34,25 @@ def test_token_length_batches_give_the_sentence_transformers_vectors(st_model, d
     assert cos.min() > 0.999, cos.min()  # only padding differs; bf16 rounding at most
 
 
+def test_one_text_runs_the_batch_graph_when_its_own_cannot_be_built(st_model, monkeypatch):
+    import torch
+
+    enc = Encoder(st_model, batch_size=16)
+
+    def broken(*args):
+        raise RuntimeError("the C++ wrapper did not build")
+
+    monkeypatch.setattr(enc, "_forward_one", broken)
+    shapes = []
+
+    def batch_graph(input_ids, attention_mask, token_type_ids):
+        shapes.append(tuple(input_ids.shape))
+        return enc._forward(input_ids, attention_mask, token_type_ids)
+
+    assert enc._compile_one(torch, batch_graph) is batch_graph
+    assert shapes == [(1, 8)]  # run once at warm-up, as the one-text graph would have been
+
+
 def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_keeps_eager(demo_records, monkeypatch,
                                                                                           embedder):
     import torch

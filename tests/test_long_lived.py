@@ -75,3 +75,79 @@ def test_settling_the_heap_frees_old_cycles_then_freezes_what_lives():
         assert old() is None
     finally:
         gc.unfreeze()
+
+
+def _cpus_of(tid: int) -> set[int]:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+    out: set[int] = set()
+    for part in line.split(":", 1)[1].strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_a_model_thread_and_its_openmp_worker_are_pinned_one_per_cpu_and_its_children_spread_again():
+    """The scheduler may stack a model's two OpenMP threads on one CPU (openmp.py); pinned, they
+    cannot. Done in a thread of its own, as the servers' model threads do it: nothing else is pinned."""
+    import torch
+
+    from stream_sentinel.openmp import pin_team, spread
+
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.fail("this test needs at least 2 CPUs (one OpenMP worker to pin)")
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    want = (a @ b).sum().item()
+
+    def in_model_thread():
+        # a team of 2 (LightGBM's num_threads=1 in an earlier test may have set this process's default to 1)
+        torch.set_num_threads(2)
+        pinned = pin_team()
+        me = _cpus_of(threading.get_native_id())
+        workers = {tid: _cpus_of(tid) for tid, _ in pinned[1:]}
+        threads = _threads()
+        got = (a @ b).sum().item()  # the team still computes, on the threads it pinned
+        assert _threads() == threads  # no new team: torch ran on the pinned one
+        child: dict = {}
+
+        def started_by_pinned_thread():
+            child["inherited"] = os.sched_getaffinity(0)
+            spread()
+            child["spread"] = os.sched_getaffinity(0)
+
+        t = threading.Thread(target=started_by_pinned_thread)
+        t.start()
+        t.join()
+        return pinned, me, workers, got, child
+
+    pinned, me, workers, got, child = in_own_thread(in_model_thread)
+    assert pinned is not None and len(pinned) == 2
+    cpus = [cpu for _, cpu in pinned]
+    assert len(set(cpus)) == min(len(cpus), len(allowed)) and set(cpus) <= allowed  # one CPU each
+    assert me == {cpus[0]} and all(workers[tid] == {cpu} for tid, cpu in pinned[1:])
+    assert got == pytest.approx(want, rel=1e-4)
+    assert child["inherited"] == {cpus[0]} and child["spread"] == allowed
+    assert os.sched_getaffinity(0) == allowed  # the test's own thread was never pinned
+
+
+def test_a_model_thread_is_pinned_once_and_only_when_its_model_is_compiled():
+    from stream_sentinel.openmp import TeamPinning
+
+    def model_thread(pinning: TeamPinning) -> list:
+        import torch
+
+        torch.set_num_threads(2)
+        seen = []
+        for compiled in (False, False, True, True):
+            pinning.after_call(compiled)
+            seen.append((pinning.cpus, os.sched_getaffinity(0)))
+        return seen
+
+    allowed = os.sched_getaffinity(0)
+    seen = in_own_thread(model_thread, TeamPinning(True, "test"))
+    assert [cpus for cpus, _ in seen[:2]] == [None, None] and seen[0][1] == allowed  # eager: left alone
+    cpus = seen[2][0]
+    assert cpus is not None and len(set(cpus)) == 2 and seen[2][1] == {cpus[0]} and seen[3] == seen[2]
+    off = in_own_thread(model_thread, TeamPinning(False, "test"))
+    assert all(cpus is None and mask == allowed for cpus, mask in off)  # STREAM_SENTINEL_EMBED_PIN_THREADS=0

@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from ..batching import ContinuousBatcher, split_rows
+from ..openmp import TeamPinning
 
 MAX_FRAME = 256 * 1024 * 1024
 ADDRESS_ENV = "STREAM_SENTINEL_EMBED_SERVER"
@@ -120,11 +121,16 @@ class _Handler(socketserver.BaseRequestHandler):
 BATCH_TEXTS = 64  # texts of concurrent requests embedded in one call (a larger request goes alone)
 
 
-def model_worker(embedder) -> ContinuousBatcher:
-    """The one thread that runs the model: every request's texts, concurrent ones together."""
+def model_worker(embedder, pin: bool = False, log=None) -> ContinuousBatcher:
+    """The one thread that runs the model: every request's texts, concurrent ones together;
+    with ``pin``, it and its OpenMP workers are pinned one per CPU once the model is compiled
+    (``openmp.TeamPinning``)."""
+    pinning = TeamPinning(pin, "embedding server", log)
 
     def run(_key, groups: list[list[str]]) -> list[np.ndarray]:
-        return split_rows(embedder.embed([t for g in groups for t in g]), groups)
+        vecs = embedder.embed([t for g in groups for t in g])
+        pinning.after_call(bool(embedder.compiled))
+        return split_rows(vecs, groups)
 
     return ContinuousBatcher(run, BATCH_TEXTS, name="embed-model")
 
@@ -154,10 +160,10 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)  # the data root's owner only
 
 
-def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None) -> None:
+def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None, pin: bool = False) -> None:
     """Serve on ``path``: a Unix socket path or ``tcp://host:port``."""
     kind, where = parse_address(path)
-    model = model_worker(embedder)
+    model = model_worker(embedder, pin, log)
     model.submit(None, ["warm up"], 1).result()  # load now (in the model's thread), not on the first request
     if compile_:
         def compile_in_background() -> None:

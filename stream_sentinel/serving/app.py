@@ -225,6 +225,7 @@ def healthz(request: Request) -> Response:
                    and served_index.meta.version == meta.version,
                    "embedder": svc.batcher.embedding.describe() is not None,
                    "embedder_compiled": svc.batcher.embedding.compiled,
+                   "embedder_pinned_cpus": svc.batcher.pinned_cpus,
                    "labelled_reference": held["labelled_reference"], "known_records": held["known_records"],
                    "window_events": held["window_events"],
                    "model_error": held["model_error"]},
@@ -678,7 +679,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
 
     svc = Service(paths.ensure(), settings, token)
     svc.batcher = Batcher(Embedding(svc.paths, settings), settings.api_batch_window_ms / 1000.0,
-                          settings.api_batch_max)
+                          settings.api_batch_max, pin=settings.embed_pin_threads)
     svc.search = SearchService(svc.paths, settings, svc.batcher)
     svc.prediction_log = PredictionLog(svc.paths.home)
     svc.predictor = Predictor(svc.paths, settings, svc.batcher, svc.prediction_log)

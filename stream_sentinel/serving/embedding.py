@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..batching import ContinuousBatcher, split_rows
+from ..openmp import TeamPinning, spread
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class Embedding:
                     raise IndexModelMismatch(f"the data was embedded with {model_id} but this server's model is "
                                              f"{emb.model_id}; backfill embeddings and vector_index first")
                 if s.embed_compile and emb.backend == "torch":
-                    threading.Thread(target=emb.compile, name="embed-compile", daemon=True).start()
+                    # spread(): this may run in the pinned model thread, whose CPU a new thread inherits
+                    threading.Thread(target=lambda: (spread(), emb.compile()), name="embed-compile",
+                                     daemon=True).start()
             self._embedder = emb
             return emb
 
@@ -87,15 +90,21 @@ class Embedding:
 class Batcher:
     """Texts from concurrent requests, embedded in shared batches by one worker thread."""
 
-    def __init__(self, embedding: Embedding, window_s: float, max_batch: int):
+    def __init__(self, embedding: Embedding, window_s: float, max_batch: int, pin: bool = False):
         self.embedding, self.window_s, self.max_batch = embedding, float(window_s), max(1, int(max_batch))
         self.batches = 0  # embedder calls made
         self.texts = 0  # texts embedded
+        self._pinning = TeamPinning(pin, "api embedder")  # only a model in this process: openmp.py
         self._batcher = ContinuousBatcher(self._run, self.max_batch, self.window_s, name="embed-batcher")
 
     @property
     def enabled(self) -> bool:
         return self._batcher.enabled
+
+    @property
+    def pinned_cpus(self) -> list[int] | None:
+        """The CPUs the in-process model's threads are pinned to (None: not pinned)."""
+        return self._pinning.cpus
 
     def submit(self, texts: list[str], model_id: str, dim: int) -> Future:
         """A future of the texts' vectors (in order)."""
@@ -109,6 +118,7 @@ class Batcher:
         """One embedder call for every request's texts (one per embedding model)."""
         texts = [t for g in groups for t in g]
         vecs = self.embedding.embed(texts, *key)
+        self._pinning.after_call(self.embedding.describe() == "in-process" and bool(self.embedding.compiled))
         self.batches += 1
         self.texts += len(texts)
         return split_rows(vecs, groups)
