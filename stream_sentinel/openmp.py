@@ -77,20 +77,46 @@ _process_cpus: frozenset[int] | None = None  # the CPUs before anything was pinn
 
 
 def _torch_libgomp():
-    """The GNU OpenMP library torch runs on, or None.
+    """The GNU OpenMP library torch's kernels run on, or None.
 
     By soname, already loaded (``RTLD_NOLOAD``): torch's wheel brings a ``libgomp.so.1``, but
     when another library loaded one first (LightGBM imported before torch), the dynamic linker
-    gives torch that one; either way it is the object that answers to the soname."""
+    gives torch that one. Checked against what ``libtorch_cpu`` itself resolves
+    ``omp_get_thread_num`` to, so that a torch on another runtime (a renamed copy, Intel's) is
+    never pinned through a library it does not use."""
     import ctypes
     import os
+    from pathlib import Path
 
-    import torch  # noqa: F401 -- loads its libgomp if nothing did
+    import torch
 
+    mode = os.RTLD_NOLOAD | os.RTLD_LAZY
     try:
-        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except OSError:
-        return None  # torch on another OpenMP runtime (e.g. Intel's)
+        gomp = ctypes.CDLL("libgomp.so.1", mode=mode)
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"), mode=mode)
+        same = (ctypes.cast(gomp.omp_get_thread_num, ctypes.c_void_p).value
+                == ctypes.cast(torch_cpu.omp_get_thread_num, ctypes.c_void_p).value)
+    except (OSError, AttributeError):
+        return None
+    return gomp if same else None
+
+
+def _in_each_member(gomp, n: int, fn: Callable[[int], None]) -> list[BaseException]:
+    """``fn(thread number)`` in every member of the calling thread's team of ``n`` (one
+    parallel region through ctypes); the exceptions raised, which ctypes would only print."""
+    import ctypes
+
+    errors: list[BaseException] = []
+
+    def member(_data) -> None:
+        try:
+            fn(gomp.omp_get_thread_num())
+        except BaseException as exc:  # noqa: BLE001 -- handed back to the caller
+            errors.append(exc)
+
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(member)  # alive until the region ends
+    gomp.GOMP_parallel(callback, None, ctypes.c_uint(n), ctypes.c_uint(0))
+    return errors
 
 
 def pin_team() -> list[tuple[int, int]] | None:
@@ -98,9 +124,9 @@ def pin_team() -> list[tuple[int, int]] | None:
 
     Runs one empty parallel region of torch's team size (GOMP_PARALLEL through ctypes) in which
     every member pins itself; later regions reuse the same threads in the same order. Returns
-    ``[(native thread id, cpu)]`` in team order, or None where it cannot: not Linux, fewer than
-    two CPUs or threads, torch not on its own GNU OpenMP (e.g. a build on Intel's)."""
-    import ctypes
+    ``[(native thread id, cpu)]`` in team order, or None where it cannot, and then nothing is
+    left pinned: not Linux, fewer than two CPUs or threads, more threads than CPUs (two would
+    share one for good), torch not on GNU OpenMP."""
     import os
 
     global _process_cpus
@@ -110,7 +136,7 @@ def pin_team() -> list[tuple[int, int]] | None:
 
     cpus = sorted(os.sched_getaffinity(0))
     n = torch.get_num_threads()
-    if len(cpus) < 2 or n < 2:
+    if n < 2 or n > len(cpus):
         return None
     gomp = _torch_libgomp()
     if gomp is None:
@@ -118,20 +144,13 @@ def pin_team() -> list[tuple[int, int]] | None:
     if _process_cpus is None:
         _process_cpus = frozenset(cpus)
     pinned: list = [None] * n
-    errors: list[BaseException] = []
 
-    def member(_data) -> None:
-        try:
-            i = gomp.omp_get_thread_num()
-            os.sched_setaffinity(0, {cpus[i % len(cpus)]})
-            pinned[i] = (threading.get_native_id(), cpus[i % len(cpus)])
-        except BaseException as exc:  # noqa: BLE001 -- ctypes would only print it
-            errors.append(exc)
+    def pin(i: int) -> None:
+        os.sched_setaffinity(0, {cpus[i]})
+        pinned[i] = (threading.get_native_id(), cpus[i])
 
-    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(member)
-    gomp.GOMP_parallel(callback, None, ctypes.c_uint(n), ctypes.c_uint(0))
-    if errors or not all(pinned):
-        spread()  # the caller at least is free again
+    if _in_each_member(gomp, n, pin) or not all(pinned):
+        _in_each_member(gomp, n, lambda i: spread())  # every member free again, not only the caller
         return None
     return pinned
 
@@ -139,11 +158,14 @@ def pin_team() -> list[tuple[int, int]] | None:
 def spread() -> None:
     """The calling thread back on every CPU the process had before anything was pinned (a
     thread inherits its parent's CPUs: one started by a pinned model thread would otherwise
-    share its one CPU)."""
+    share its one CPU). Never raises: a tuning step."""
     import os
 
     if _process_cpus is not None:
-        os.sched_setaffinity(0, _process_cpus)
+        try:
+            os.sched_setaffinity(0, _process_cpus)
+        except OSError as exc:  # e.g. the cpuset shrank meanwhile
+            log.warning("could not spread a thread over CPUs %s: %s", sorted(_process_cpus), exc)
 
 
 class TeamPinning:
@@ -165,8 +187,11 @@ class TeamPinning:
         except Exception:  # noqa: BLE001 -- a tuning step: the model runs as it did
             log.warning("%s: pinning the model's threads failed; they stay unpinned", self.name, exc_info=True)
             return
-        if pinned is None:
-            self.report(f"{self.name}: model threads not pinned (one CPU, one thread, or torch not on GNU OpenMP)")
-        else:
+        if pinned is not None:
             self.cpus = [cpu for _, cpu in pinned]
-            self.report(f"{self.name}: model threads pinned one per CPU (CPUs {self.cpus})")
+        try:
+            self.report(f"{self.name}: model threads pinned one per CPU (CPUs {self.cpus})" if pinned is not None
+                        else f"{self.name}: model threads not pinned (one CPU, one thread, more threads than "
+                        "CPUs, or torch not on GNU OpenMP)")
+        except Exception:  # noqa: BLE001 -- telling must not fail the model call it follows
+            log.debug("could not report the pinning", exc_info=True)

@@ -102,7 +102,14 @@ def test_a_model_thread_and_its_openmp_worker_are_pinned_one_per_cpu_and_its_chi
 
     def in_model_thread():
         # a team of 2 (LightGBM's num_threads=1 in an earlier test may have set this process's default to 1)
+        before = torch.get_num_threads()
         torch.set_num_threads(2)
+        try:
+            return pinned_in_this_thread()
+        finally:
+            torch.set_num_threads(before)
+
+    def pinned_in_this_thread():
         pinned = pin_team()
         me = _cpus_of(threading.get_native_id())
         workers = {tid: _cpus_of(tid) for tid, _ in pinned[1:]}
@@ -137,11 +144,15 @@ def test_a_model_thread_is_pinned_once_and_only_when_its_model_is_compiled():
     def model_thread(pinning: TeamPinning) -> list:
         import torch
 
+        before = torch.get_num_threads()
         torch.set_num_threads(2)
         seen = []
-        for compiled in (False, False, True, True):
-            pinning.after_call(compiled)
-            seen.append((pinning.cpus, os.sched_getaffinity(0)))
+        try:
+            for compiled in (False, False, True, True):
+                pinning.after_call(compiled)
+                seen.append((pinning.cpus, os.sched_getaffinity(0)))
+        finally:
+            torch.set_num_threads(before)
         return seen
 
     allowed = os.sched_getaffinity(0)
@@ -151,3 +162,34 @@ def test_a_model_thread_is_pinned_once_and_only_when_its_model_is_compiled():
     assert cpus is not None and len(set(cpus)) == 2 and seen[2][1] == {cpus[0]} and seen[3] == seen[2]
     off = in_own_thread(model_thread, TeamPinning(False, "test"))
     assert all(cpus is None and mask == allowed for cpus, mask in off)  # STREAM_SENTINEL_EMBED_PIN_THREADS=0
+
+
+def test_a_failed_pinning_leaves_no_member_of_the_team_pinned(monkeypatch):
+    """If one member cannot pin itself, the others are freed again (not only the caller)."""
+    import torch
+
+    from stream_sentinel import openmp
+
+    allowed = os.sched_getaffinity(0)
+    real = os.sched_setaffinity
+
+    def refuse_the_first_cpu(pid, mask):  # the caller's: its worker pins itself, then must be freed
+        if mask == {sorted(allowed)[0]}:
+            raise OSError(22, "refused")
+        real(pid, mask)
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse_the_first_cpu)
+
+    def model_thread():
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            pinned = openmp.pin_team()
+            threads = {int(t) for t in os.listdir("/proc/self/task")}
+            return pinned, {tid: _cpus_of(tid) for tid in threads}
+        finally:
+            torch.set_num_threads(before)
+
+    pinned, masks = in_own_thread(model_thread)
+    assert pinned is None
+    assert all(mask == allowed for mask in masks.values()), masks  # the worker that did pin is free again
