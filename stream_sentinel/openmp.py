@@ -177,6 +177,12 @@ class TeamPinning:
         self.report = report or log.info  # where the outcome is told (a server's own stderr log)
         self.cpus: list[int] | None = None  # the team's CPUs, in team order, once pinned
 
+    @property
+    def pending(self) -> bool:
+        """Whether a call may still pin (on, and not tried yet): what to ask before working out
+        whether the model is compiled."""
+        return self.enabled and not self.done
+
     def after_call(self, compiled: bool) -> None:
         """Called by the model thread after each model call."""
         if not self.enabled or self.done or not compiled:

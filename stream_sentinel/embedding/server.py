@@ -129,7 +129,8 @@ def model_worker(embedder, pin: bool = False, log=None) -> ContinuousBatcher:
 
     def run(_key, groups: list[list[str]]) -> list[np.ndarray]:
         vecs = embedder.embed([t for g in groups for t in g])
-        pinning.after_call(bool(embedder.compiled))
+        if pinning.pending:
+            pinning.after_call(bool(embedder.compiled))
         return split_rows(vecs, groups)
 
     return ContinuousBatcher(run, BATCH_TEXTS, name="embed-model")

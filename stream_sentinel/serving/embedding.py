@@ -118,7 +118,8 @@ class Batcher:
         """One embedder call for every request's texts (one per embedding model)."""
         texts = [t for g in groups for t in g]
         vecs = self.embedding.embed(texts, *key)
-        self._pinning.after_call(self.embedding.describe() == "in-process" and bool(self.embedding.compiled))
+        if self._pinning.pending:
+            self._pinning.after_call(self.embedding.describe() == "in-process" and bool(self.embedding.compiled))
         self.batches += 1
         self.texts += len(texts)
         return split_rows(vecs, groups)
