@@ -184,6 +184,35 @@ def _another_version(registry, version: str, threshold: float) -> str:
     return v.version
 
 
+def test_the_background_refresh_reads_the_database_only_after_a_write(paths, store, demo_embedder, demo_records,
+                                                                     demo_labels, monkeypatch):
+    """Labels, windows and the challenger are polled every LABELS_CHECK_S; opening the file for
+    that took the model's CPU in 40-100 ms bursts (the search tail at 100k records), so the
+    poll opens it only when the file or its log changed since the last read."""
+    from stream_sentinel.config import Settings
+    from stream_sentinel.serving import predict
+    from stream_sentinel.store import Store
+
+    registry, champion = _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels)
+    index = IndexStore(paths.index)
+    index = index.load(index.current_version())
+    opens = []
+    real_open = Store._open
+    monkeypatch.setattr(Store, "_open", lambda self, deadline: (opens.append(1), real_open(self, deadline))[1])
+    monkeypatch.setattr(predict, "LABELS_CHECK_S", 0.0)
+    predictor = predict.Predictor(paths, Settings.from_env(), None, None)
+    predictor.refresh(index)  # the index's records, labels, windows, A/B: read
+    assert opens and predictor.challenger is None and predictor.reference is not None
+    read = len(opens)
+    for _ in range(3):
+        predictor.refresh(index)
+    assert len(opens) == read, "the database was opened with nothing written"
+    challenger = _another_version(registry, champion, threshold=0.05)
+    registry.start_challenger(challenger, "test")  # a write
+    predictor.refresh(index)
+    assert len(opens) > read and predictor.challenger == challenger
+
+
 def test_ab_split_follows_the_routing_key_and_the_other_model_scores_in_shadow(paths, store, demo_embedder,
                                                                                 demo_records, demo_labels):
     from stream_sentinel.learning import ab

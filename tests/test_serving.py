@@ -247,6 +247,12 @@ def test_metrics_count_requests_by_route_and_show_the_loop(paths, store):
         while "stream_sentinel_kafka_lag{" not in api.get("/metrics").text:
             assert time.monotonic() < deadline, "Kafka lag never reached /metrics"
             time.sleep(0.2)
+        # a later write is read (the server opens the file only after one: store.ChangeWatch)
+        fs.record_lag(store, "stream-sentinel.feedback", 2, high=40, next_offset=31)
+        while not any(x.name == "stream_sentinel_kafka_lag" and x.value == 9
+                      for fam in text_string_to_metric_families(api.get("/metrics").text) for x in fam.samples):
+            assert time.monotonic() < deadline + 30, "a new Kafka lag never reached /metrics"
+            time.sleep(0.2)
         api.get("/v1/models/m000123")
         api.get("/v1/models/m000456")
         api.get("/v1/models")
@@ -261,7 +267,7 @@ def test_metrics_count_requests_by_route_and_show_the_loop(paths, store):
     assert samples[(count, (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
     assert samples[("stream_sentinel_api_request_seconds_count",
                     (("method", "GET"), ("route", "/v1/models/{version}")))] == 2
-    assert samples[("stream_sentinel_kafka_lag", (("partition", "2"), ("topic", "stream-sentinel.feedback")))] == 15
+    assert samples[("stream_sentinel_kafka_lag", (("partition", "2"), ("topic", "stream-sentinel.feedback")))] == 9
     assert samples[("stream_sentinel_champion_info", (("version", ""),))] == 1
     assert not any(name == "stream_sentinel_drift_detected" for name, _ in samples)  # no report yet: no series
 

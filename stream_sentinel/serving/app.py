@@ -53,7 +53,7 @@ from ..config import Paths, Settings
 from ..jsonout import dumps
 from ..openmp import faiss_one_thread
 from ..records import JSONProblem, Reject, is_utf8, loads, validate
-from ..store import Store, StoreBusy
+from ..store import ChangeWatch, Store, StoreBusy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Service:
     prediction_log: Any = None  # served.PredictionLog
     metrics: Any = None  # metrics.ApiMetrics
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
+    loop_watch: ChangeWatch = dataclass_field(default_factory=ChangeWatch)  # read only after a write
 
     def store(self) -> Store:
         return Store.of(self.paths, lock_timeout_s=STORE_WAIT_S)
@@ -591,8 +592,13 @@ async def on_bug(request: Request, exc: Exception) -> Response:
 def read_loop_state(svc: Service) -> None:
     """Kafka lag and the newest drift verdict of each kind, for /metrics (a short read: when a
     run holds the database the previous snapshot stays, and its age says so)."""
+    store = Store.of(svc.paths, lock_timeout_s=0.2)
+    stamp = store.stamp()  # before the read: a write meanwhile is read next time
+    if svc.loop and not svc.loop_watch.changed(stamp):
+        svc.loop = {**svc.loop, "snapshot_at": time.time()}  # nothing written since: still what it says
+        return
     try:
-        with Store.of(svc.paths, lock_timeout_s=0.2).connect() as con:
+        with store.connect() as con:
             lag = {(t, p): n for t, p, n in con.execute('SELECT topic, "partition", lag FROM kafka_lag').fetchall()}
             drift = {kind: (window, bool(drifted)) for kind, window, drifted in con.execute(
                 """SELECT kind, window_key, drifted FROM (
@@ -602,6 +608,7 @@ def read_loop_state(svc: Service) -> None:
     except StoreBusy:
         return
     svc.loop = {"kafka_lag": lag, "drift": drift, "snapshot_at": time.time()}
+    svc.loop_watch.read(stamp)
 
 
 def loop_state(svc: Service) -> dict:

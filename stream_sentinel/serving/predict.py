@@ -115,6 +115,7 @@ class Predictor:
         self.reference = None  # learning.models.Reference over every resolved label
         self._labels_digest: str | None = None
         self._labels_checked = 0.0
+        self._store_watch = None  # store.ChangeWatch: labels, windows and A/B are read after a write only
         self._known_index: str | None = None  # the index version whose records ``known`` holds
         self.known = KnownRecords()
         self.windows = None  # windows.online.LiveWindows: the declared windows' state, None: none declared
@@ -197,18 +198,23 @@ class Predictor:
     def refresh(self, index) -> None:
         """The background thread's step: known records of the served ``index``, the labelled
         reference when the labels changed, the challenger and the arms."""
-        from ..store import Store, StoreBusy
+        from ..store import ChangeWatch, Store, StoreBusy
 
         try:
             self.champion()  # a promotion is loaded here too, not only by the next request
         except ModelUnavailable:
             pass  # said by healthz and by each request
         new_index = index is not None and index.meta.version != self._known_index
-        due = time.monotonic() - self._labels_checked >= LABELS_CHECK_S
+        store = Store.of(self.paths, lock_timeout_s=0.2)
+        stamp, due = None, time.monotonic() - self._labels_checked >= LABELS_CHECK_S
+        if due:
+            self._store_watch = self._store_watch or ChangeWatch()
+            stamp = store.stamp()  # before the read: a write meanwhile is read next time
+            due = self._store_watch.changed(stamp)
         if not (new_index or due):
             return  # the database is opened only when there is something to read
         try:
-            with Store.of(self.paths, lock_timeout_s=0.2).session():
+            with store.session():
                 if new_index:
                     self._add_known(index)
                     self._known_index = index.meta.version
@@ -217,6 +223,7 @@ class Predictor:
                     self._read_labels()
                     self._read_ab()
                     self._labels_checked = time.monotonic()
+                    self._store_watch.read(stamp)
         except StoreBusy:
             return  # a run holds the database: next time
 
