@@ -34,6 +34,17 @@ def test_top_k_at_scale_matches_a_full_sort():
         assert top_k(scores, 50).tolist() == _top_k_by_sorting(scores, 50)
 
 
+def test_top_k_when_the_sample_holds_the_best_rows():
+    """Every 16th row is the best: the sampled threshold lets too few rows through, and the
+    rest of the top comes from the tied rows below it, lower rows first."""
+    scores = np.ones(160, dtype=np.float32)
+    scores[::16] = 10.0
+    scores[5] = 0.0
+    best = top_k(scores, 50)
+    assert best.tolist() == _top_k_by_sorting(scores, 50)
+    assert best[:10].tolist() == list(range(0, 160, 16)) and 5 not in best.tolist()
+
+
 def test_a_phrase_is_found_only_on_token_boundaries():
     doc = np.array([7, 3, 9, 3, 9, 4], dtype=np.int32)
     assert phrase_in(doc, [3, 9]) == 1

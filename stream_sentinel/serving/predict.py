@@ -102,6 +102,7 @@ class Predictor:
     def __init__(self, paths, settings, batcher, log_writer):
         from ..learning.registry import ModelRegistry
         from ..batching import ContinuousBatcher
+        from ..store import ChangeWatch
 
         self.paths, self.settings, self.batcher, self.log = paths, settings, batcher, log_writer
         self.registry = ModelRegistry(paths.models, None)  # the pointer and folders only
@@ -115,7 +116,7 @@ class Predictor:
         self.reference = None  # learning.models.Reference over every resolved label
         self._labels_digest: str | None = None
         self._labels_checked = 0.0
-        self._store_watch = None  # store.ChangeWatch: labels, windows and A/B are read after a write only
+        self._store_watch = ChangeWatch()  # labels, windows and A/B are read after a write only
         self._known_index: str | None = None  # the index version whose records ``known`` holds
         self.known = KnownRecords()
         self.windows = None  # windows.online.LiveWindows: the declared windows' state, None: none declared
@@ -198,7 +199,7 @@ class Predictor:
     def refresh(self, index) -> None:
         """The background thread's step: known records of the served ``index``, the labelled
         reference when the labels changed, the challenger and the arms."""
-        from ..store import ChangeWatch, Store, StoreBusy
+        from ..store import Store, StoreBusy
 
         try:
             self.champion()  # a promotion is loaded here too, not only by the next request
@@ -208,7 +209,6 @@ class Predictor:
         store = Store.of(self.paths, lock_timeout_s=0.2)
         stamp, due = None, time.monotonic() - self._labels_checked >= LABELS_CHECK_S
         if due:
-            self._store_watch = self._store_watch or ChangeWatch()
             stamp = store.stamp()  # before the read: a write meanwhile is read next time
             due = self._store_watch.changed(stamp)
         if not (new_index or due):
