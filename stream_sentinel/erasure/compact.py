@@ -18,7 +18,6 @@ import fcntl
 import os
 import time
 import uuid
-from pathlib import Path
 
 from ..atomic import fsync_path
 from ..store import Store, _shared
@@ -26,12 +25,6 @@ from ..store import Store, _shared
 
 class CompactBusy(RuntimeError):
     pass
-
-
-def _stat(db: Path) -> tuple:
-    wal = db.with_name(db.name + ".wal")
-    st = db.stat()
-    return st.st_size, st.st_mtime_ns, wal.exists() and wal.stat().st_size
 
 
 def compact(store: Store, attempts: int = 5, lock_wait_s: float = 10.0) -> int:
@@ -60,7 +53,7 @@ def compact(store: Store, attempts: int = 5, lock_wait_s: float = 10.0) -> int:
                     con.execute(f'COPY FROM DATABASE "{name}" TO _compacted')
                 finally:
                     con.execute("DETACH _compacted")
-                copied = _stat(db)  # what was copied (closing writes nothing: checkpointed)
+                copied = store.stamp()  # what was copied (closing writes nothing: checkpointed)
             fsync_path(tmp)
             deadline = time.monotonic() + lock_wait_s
             while True:
@@ -73,7 +66,7 @@ def compact(store: Store, attempts: int = 5, lock_wait_s: float = 10.0) -> int:
                             break
                         time.sleep(0.02)
                         continue
-                    if _stat(db) != copied:
+                    if store.stamp() != copied:
                         break  # it was written meanwhile: copy again
                     os.replace(tmp, db)
                     fsync_path(db.parent)
