@@ -67,3 +67,21 @@ def test_bf16_precision_keeps_the_neighbours_and_its_own_model_id(demo_records):
     sa, sb = a @ a.T, b @ b.T
     overlap = np.mean([len(set(np.argsort(-sa[i])[1:6]) & set(np.argsort(-sb[i])[1:6])) / 5 for i in range(len(texts))])
     assert overlap >= 0.9, overlap
+
+
+def test_an_embedders_model_id_is_read_once_and_a_new_embedder_sees_new_files(tmp_path, monkeypatch):
+    """A long-lived embedder (the API's, the embedding server's) checks its id on every batch;
+    the id is the one its files had when it was first asked, not re-read from disk each time."""
+    from stream_sentinel.embedding import embedder as embedder_module
+
+    copy = tmp_path / "m"
+    shutil.copytree(default_model_path(), copy)
+    e = Embedder.load(copy)
+    first = e.model_id
+    reads = []
+    monkeypatch.setattr(embedder_module, "_files_id", lambda p: reads.append(p) or "changed")
+    assert e.model_id == first and e.dim == 384 and reads == []
+    monkeypatch.undo()
+    (copy / "config_sentence_transformers.json").write_text(
+        (copy / "config_sentence_transformers.json").read_text() + "\n")
+    assert Embedder.load(copy).model_id != first

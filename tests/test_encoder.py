@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as hyp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from stream_sentinel.embedding.encoder import Encoder, tokenize_truncated
 
@@ -73,6 +75,7 @@ def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_kee
 
     enc = Encoder(st, batch_size=16)
     assert enc.warm() is True and enc.compiled and enc.compile_error is None
+    assert enc.packed  # a BERT with mean pooling: batches run packed (packed.py)
     graphs = counters["stats"]["unique_graphs"]
     # batches of every size and length the texts make, and one text alone (the one-row graph)
     compiled = enc.encode(texts)
@@ -87,3 +90,57 @@ def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_kee
     se, sc = eager @ eager.T, compiled @ compiled.T
     overlap = np.mean([len(set(np.argsort(-se[i])[1:6]) & set(np.argsort(-sc[i])[1:6])) / 5 for i in range(len(texts))])
     assert overlap >= 0.9, overlap
+
+
+def test_packed_batches_give_the_models_own_vectors_and_only_where_it_fits(embedder, demo_records, caplog):
+    """The packed forward (real tokens only, attention per text) against the model's own padded
+    forward in fp32, on texts from 3 tokens to the 256-token cut; and a model it was not
+    written for (CLS pooling), or one whose packed vectors would differ, keeps the padded path."""
+    import logging
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from stream_sentinel.embedding import packed
+
+    st = SentenceTransformer(str(embedder.path), device="cpu", local_files_only=True)  # fp32: exact
+    texts = ["hi", "a slightly longer sentence about spam"] + [r["text"] for r in demo_records[:30]]
+    ids = tokenize_truncated(st.tokenizer, texts, 256)
+    assert min(map(len, ids)) <= 4 and max(map(len, ids)) == 256
+    model = packed.PackedBert.of(st)
+    assert model is not None
+    with torch.inference_mode():
+        got = model(*(torch.from_numpy(a) for a in packed.pack(ids))).numpy()
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    want = st.encode(texts, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
+    cos = np.sum(got * want, axis=1)
+    assert cos.min() > 0.99999, cos.min()
+
+    with caplog.at_level(logging.INFO, logger="stream_sentinel.embedding.packed"):
+        cls = SentenceTransformer(modules=[st[0], Pooling(st.get_embedding_dimension(), pooling_mode="cls")],
+                                  device="cpu")
+        assert packed.PackedBert.of(cls) is None
+        assert "mean pooling" in caplog.text
+
+        class Off(packed.PackedBert):  # a structure the probe must catch: the last layer skipped
+            def __init__(self, bert):
+                super().__init__(bert)
+                self.layers = self.layers[:-1]
+
+        assert Off.of(st) is None
+        assert "differ from the model's own" in caplog.text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st_lengths=hyp.lists(hyp.integers(2, 3000), min_size=1, max_size=80))
+def test_packed_batches_cover_every_text_once_within_the_attention_budget(st_lengths):
+    from stream_sentinel.embedding.encoder import PACKED_TOKENS, _packed_batches
+
+    order = np.argsort([-n for n in st_lengths], kind="stable")
+    batches = _packed_batches(st_lengths, order)
+    assert np.array_equal(np.concatenate(batches), order)  # in order, each text once
+    for b in batches:
+        assert len(b) == 1 or len(b) * st_lengths[b[0]] <= PACKED_TOKENS
+    for a, b in zip(batches, batches[1:]):  # cut only when the next text would not fit
+        assert (len(a) + 1) * st_lengths[a[0]] > PACKED_TOKENS

@@ -164,9 +164,12 @@ class OnnxEncoder:
         return False
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        from .encoder import encode_in_batches
+        from .encoder import encode_in_batches, padded
 
-        def infer(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        pad_id = self.tokenizer.pad_token_id or 0
+
+        def infer(ids: list[list[int]]) -> np.ndarray:
+            input_ids, mask = padded(ids, pad_id)
             feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
             return self._session.run(None, {k: v for k, v in feed.items() if k in self._inputs})[0]
 
