@@ -151,8 +151,13 @@ class Encoder:
             packed = PackedBert.of(self._st)
             if packed is not None:
                 many_packed = torch.compile(packed, dynamic=True)
-                # sizes all different, so that no two dimensions are traced as one (duck sizing)
-                self._packed_infer(many_packed)([[101] + [1000] * 3 + [102], [101] + [1000] * 7 + [102]])
+                # sizes all different (2 texts of x and x + 4 tokens, x >= 3, and their sum), so
+                # that no two dimensions are traced as one symbol (duck sizing) and every batch
+                # shape runs this graph
+                head, tail = _special_tokens(self._st.tokenizer)
+                body = self._st.tokenizer("warm up the compiled graph with a few more words",
+                                          add_special_tokens=False)["input_ids"]
+                self._packed_infer(many_packed)([head + body[:3] + tail, head + body[:7] + tail])
                 one = self._compile_one(torch, torch.compile(self._forward, dynamic=True))
                 infer = self._packed_infer(many_packed, one)
             else:
