@@ -133,14 +133,30 @@ def test_packed_batches_give_the_models_own_vectors_and_only_where_it_fits(embed
 
 
 @settings(max_examples=200, deadline=None)
-@given(st_lengths=hyp.lists(hyp.integers(2, 3000), min_size=1, max_size=80))
-def test_packed_batches_cover_every_text_once_within_the_attention_budget(st_lengths):
-    from stream_sentinel.embedding.encoder import PACKED_TOKENS, _packed_batches
+@given(st_lengths=hyp.lists(hyp.integers(2, 3000), min_size=1, max_size=80), cells=hyp.integers(1, 8192))
+def test_packed_batches_cover_every_text_once_within_the_attention_budget(st_lengths, cells):
+    from stream_sentinel.embedding.encoder import _packed_batches
 
     order = np.argsort([-n for n in st_lengths], kind="stable")
-    batches = _packed_batches(st_lengths, order)
+    batches = _packed_batches(st_lengths, order, cells)
     assert np.array_equal(np.concatenate(batches), order)  # in order, each text once
     for b in batches:
-        assert len(b) == 1 or len(b) * st_lengths[b[0]] <= PACKED_TOKENS
+        assert len(b) == 1 or len(b) * st_lengths[b[0]] <= cells
     for a, b in zip(batches, batches[1:]):  # cut only when the next text would not fit
-        assert (len(a) + 1) * st_lengths[a[0]] > PACKED_TOKENS
+        assert (len(a) + 1) * st_lengths[a[0]] > cells
+
+
+def test_the_batch_size_setting_bounds_packed_batches(st_model, monkeypatch):
+    """STREAM_SENTINEL_EMBED_BATCH_SIZE still means something when batches run packed: the
+    attention cells a packed batch may hold scale with it."""
+    from stream_sentinel.embedding import encoder
+
+    texts = [" ".join(["word"] * n) for n in range(20, 60)]
+    for batch_size in (2, 16):
+        calls = []
+        encoder.encode_in_batches(st_model.tokenizer, 256, batch_size, texts, 384,
+                                  lambda ids: calls.append(ids) or np.ones((len(ids), 384), np.float32), packed=True)
+        assert sum(map(len, calls)) == len(texts)
+        assert all(len(c) == 1 or len(c) * max(map(len, c)) <= batch_size * encoder.PACKED_CELLS_PER_TEXT
+                   for c in calls)
+        assert max(map(len, calls)) > (1 if batch_size == 2 else 16)  # packed: more texts than the batch size

@@ -13,8 +13,9 @@ from and scattered back to the packed rows. Mean pooling is a segment sum.
 Measured (AMD EPYC Zen 4, 2 vCPUs, bf16, compiled, 2026-12-06, both encoders in one process,
 taking turns): random 20-40 token texts 16 per call 268-283 -> 323-341 texts/s, 32 per call
 316-363 -> 378-391; 1,024 texts sorted first (little padding to save) 408-430 -> 420-458; demo
-e-mails of up to 256 tokens 50-51 -> 49-52 (no change). The attention budget (``encoder.
-PACKED_TOKENS``, 2,048 cells) was the best of 1,024 / 2,048 / 4,096 in the same runs.
+e-mails of up to 256 tokens 50-51 -> 49-52 (no change). The attention budget (2,048 cells
+for the default batch size 16, ``encoder.PACKED_CELLS_PER_TEXT``) was the best of 1,024 /
+2,048 / 4,096 in the same runs.
 
 Only for the architecture it was written against, checked on the loaded model: a BERT-style
 encoder (post-layer-norm layers, absolute positions, one token type) followed by mean pooling
