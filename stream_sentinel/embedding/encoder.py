@@ -278,5 +278,10 @@ def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[
            else _batches(lengths, order, batch_size))
     for idx in cut:
         out[idx] = infer([ids[i] for i in idx])
-    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # in fp32: bf16 norms are ~3 digits
-    return out
+    return unit_rows(out)  # in fp32: bf16 norms are ~3 digits
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """``a``'s rows scaled to length 1 in place (an all-zero row stays zero); ``a`` returned."""
+    a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    return a

@@ -109,7 +109,7 @@ class PackedBert(torch.nn.Module):
         model's own token states. Pooled here in fp32 as the packed forward pools: the
         sentence-transformers pooling sums in the model's dtype, which in bf16 alone moves a
         vector by a cosine of ~0.998 (the packed one is within 0.99995 of fp32)."""
-        from .encoder import padded
+        from .encoder import padded, unit_rows
 
         try:
             dev = st_model.device
@@ -122,9 +122,7 @@ class PackedBert(torch.nn.Module):
                 want = ((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy()
         except Exception as exc:  # noqa: BLE001 - any mismatch in structure keeps the padded path
             return f"the packed forward failed on a probe ({type(exc).__name__}: {str(exc)[:200]})"
-        got /= np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
-        want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
-        cos = float(np.min(np.sum(got * want, axis=1)))
+        cos = float(np.min(np.sum(unit_rows(got) * unit_rows(want), axis=1)))
         return None if cos > 0.999 else f"packed vectors differ from the model's own on a probe (cosine {cos:.4f})"
 
 
