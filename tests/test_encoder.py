@@ -36,23 +36,22 @@ def test_token_length_batches_give_the_sentence_transformers_vectors(st_model, d
     assert cos.min() > 0.999, cos.min()  # only padding differs; bf16 rounding at most
 
 
-def test_one_text_runs_the_batch_graph_when_its_own_cannot_be_built(st_model, monkeypatch):
-    import torch
+def test_one_text_runs_the_batch_graph_when_its_own_cannot_be_built(st_model):
+    from stream_sentinel.embedding.packed import one_text
 
     enc = Encoder(st_model, batch_size=16)
 
-    def broken(*args):
+    def broken(*tensors):
         raise RuntimeError("the C++ wrapper did not build")
 
-    monkeypatch.setattr(enc, "_forward_one", broken)
-    shapes = []
+    batches = []
 
-    def batch_graph(input_ids, attention_mask, token_type_ids):
-        shapes.append(tuple(input_ids.shape))
-        return enc._forward(input_ids, attention_mask, token_type_ids)
+    def batch_graph(ids):
+        batches.append([len(x) for x in ids])
+        return np.zeros((len(ids), 384), dtype=np.float32)
 
-    assert enc._compile_one(torch, batch_graph) is batch_graph
-    assert shapes == [(1, 8)]  # run once at warm-up, as the one-text graph would have been
+    assert enc._compile_one(broken, lambda ids: one_text(ids[0]), batch_graph) is batch_graph
+    assert batches == [[len(enc._warm_ids()[0])]]  # run once at warm-up, as the one-text graph would have been
 
 
 def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_keeps_eager(demo_records, monkeypatch,
@@ -116,6 +115,10 @@ def test_packed_batches_give_the_models_own_vectors_and_only_where_it_fits(embed
     want = st.encode(texts, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
     cos = np.sum(got * want, axis=1)
     assert cos.min() > 0.99999, cos.min()
+    with torch.inference_mode():  # one text alone (the query graph): no padding at all
+        alone = np.vstack([model.forward_one(*(torch.from_numpy(a) for a in packed.one_text(x))).numpy() for x in ids])
+    alone /= np.linalg.norm(alone, axis=1, keepdims=True)
+    assert np.sum(alone * want, axis=1).min() > 0.99999
 
     with caplog.at_level(logging.INFO, logger="stream_sentinel.embedding.packed"):
         cls = SentenceTransformer(modules=[st[0], Pooling(st.get_embedding_dimension(), pooling_mode="cls")],

@@ -10,9 +10,10 @@ copies, GELU, layer norm, each a separate pass over memory, each dispatched from
 fuses the rest. Two compiled graphs serve every shape (dynamic shapes), so nothing is padded
 to a compiled shape: one for a single text, whose ~50 kernels are called from a C++ wrapper
 (a query is latency), and one for batches of any size, called from Python (a C++ wrapper made
-them 10 % slower). That batch graph runs on the batch's real tokens only (packed.py: no padding
-in the matrix products) when the model is the BERT-with-mean-pooling it was written for, else
-on batches padded to their longest text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
+them 10 % slower). When the model is the BERT-with-mean-pooling packed.py was written for,
+the batch graph runs on the batch's real tokens only (no padding in the matrix products) and
+the one-text graph on the text alone (no mask, scatter or gather: 3.4 -> 2.7 ms p50); else both
+run the model's own forward, batches padded to their longest text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
 against 5.7 eager, and batches of 16 e-mails ran at 1.1x the eager texts/s.
 Compiling costs about 25 s of CPU on 2 cores, once per process, so only long-lived processes
 compile (the embedding server and the API), in the background, serving eager meanwhile.
@@ -98,7 +99,7 @@ class Encoder:
         self.compile_error: str | None = None
         self.compile_seconds: float | None = None
         self.packed = False  # batches run packed (packed.py): set when compiled with it
-        self._infer = self._padded_infer(self._forward, self._forward)
+        self._infer = self._infer_with(self._forward, self._padded_inputs)
         self._lock = threading.Lock()
 
     def _forward(self, input_ids, attention_mask, token_type_ids):
@@ -107,30 +108,34 @@ class Encoder:
         return out.float()
 
     def _forward_one(self, input_ids, attention_mask, token_type_ids):
-        return self._forward(input_ids, attention_mask, token_type_ids)
+        return self._forward(input_ids, attention_mask, token_type_ids)  # its own code: its own compiled graph
 
-    def _run_compiled(self, fn, rows: int) -> None:
-        import torch
+    def _warm_ids(self) -> tuple[list[int], list[int]]:
+        """Two texts of the model's own tokens, 3 and 7 between its special tokens: the sizes
+        a graph is first run with are all different (x and x + 4 tokens, x >= 3, and their
+        sum), so that no two dimensions are traced as one symbol (dynamo's duck sizing) and
+        every later shape runs the same graph."""
+        head, tail = _special_tokens(self._st.tokenizer)
+        body = self._st.tokenizer("warm up the compiled graph with a few more words",
+                                  add_special_tokens=False)["input_ids"]
+        return head + body[:3] + tail, head + body[:7] + tail
 
-        with torch.inference_mode():
-            ids = torch.full((rows, 8), 100, dtype=torch.long, device=self._st.device)
-            fn(ids, torch.ones_like(ids), torch.zeros_like(ids))
-
-    def _compile_one(self, torch, many):
-        """The graph for one text (dynamo gives a dimension of size 1 its own graph anyway),
-        with inductor's C++ wrapper: ~50 kernel calls from C++ instead of Python took one query
-        from 3.3 to 2.7 ms p50 and 5.2 to 4.3 ms p99, but batches from 460 to 418 short texts/s
-        (AMD EPYC, 2026-12-05), so batches keep the Python wrapper. If it fails to build, one
-        text runs the batch graph."""
+    def _compile_one(self, graph, inputs, fallback):
+        """The infer for one text: ``graph`` (compiled with inductor's C++ wrapper: ~50 kernel
+        calls from C++ instead of Python took one query from 3.3 to 2.7 ms p50 and 5.2 to 4.3 ms
+        p99, but batches from 460 to 418 short texts/s (AMD EPYC, 2026-12-05), so batches keep
+        the Python wrapper) on ``inputs(ids)``. If it fails to build, ``fallback`` (the batch
+        graph's infer), run once now so that its one-text shape is compiled at warm-up too."""
+        text = self._warm_ids()[0]
         try:
-            one = torch.compile(self._forward_one, dynamic=True, options={"cpp_wrapper": True})
-            self._run_compiled(one, rows=1)
+            one = self._infer_with(graph, inputs)
+            one([text])
             return one
         except Exception as exc:  # noqa: BLE001 - the batch graph serves one text too
             log.warning("one-text graph not built with the C++ wrapper (%s: %s); using the batch graph",
                         type(exc).__name__, str(exc)[:300])
-            self._run_compiled(many, rows=1)
-            return many
+            fallback([text])
+            return fallback
 
     def warm(self) -> bool:
         """Compile the model for any batch shape; afterwards ``encode`` uses the compiled graphs.
@@ -146,30 +151,26 @@ class Encoder:
             if self._st.device.type == "cpu" and not compiler_available():
                 raise RuntimeError("no C++ compiler on PATH (c++, g++ or clang++); torch.compile needs one on CPU")
             inductor_config.freezing = True  # weights as constants: inductor prepacks and fuses them
-            from .packed import PackedBert
+            from .packed import PackedBert, one_text, pack
 
+            one_options = {"cpp_wrapper": True}
             packed = PackedBert.of(self._st)
-            if packed is not None:
-                many_packed = torch.compile(packed, dynamic=True)
-                # sizes all different (2 texts of x and x + 4 tokens, x >= 3, and their sum), so
-                # that no two dimensions are traced as one symbol (duck sizing) and every batch
-                # shape runs this graph
-                head, tail = _special_tokens(self._st.tokenizer)
-                body = self._st.tokenizer("warm up the compiled graph with a few more words",
-                                          add_special_tokens=False)["input_ids"]
-                self._packed_infer(many_packed)([head + body[:3] + tail, head + body[:7] + tail])
-                one = self._compile_one(torch, torch.compile(self._forward, dynamic=True))
-                infer = self._packed_infer(many_packed, one)
+            if packed is not None:  # packed batches, and one text without padding (packed.py)
+                many = self._infer_with(torch.compile(packed, dynamic=True), pack)
+                many(list(self._warm_ids()))
+                one = self._compile_one(torch.compile(packed.forward_one, dynamic=True, options=one_options),
+                                        lambda ids: one_text(ids[0]), many)
             else:
-                many = torch.compile(self._forward, dynamic=True)
-                self._run_compiled(many, rows=2)
-                infer = self._padded_infer(self._compile_one(torch, many), many)
+                many = self._infer_with(torch.compile(self._forward, dynamic=True), self._padded_inputs)
+                many(list(self._warm_ids()))
+                one = self._compile_one(torch.compile(self._forward_one, dynamic=True, options=one_options),
+                                        self._padded_inputs, many)
         except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager path
             self.compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
             log.warning("embedding model not compiled, running eager: %s", self.compile_error)
             return False
         with self._lock:
-            self._infer = infer
+            self._infer = lambda ids: (one if len(ids) == 1 else many)(ids)  # a batch of one: its own graph
             self.packed = packed is not None
             self.compiled = True
         self.compile_seconds = round(time.perf_counter() - t0, 1)
@@ -183,38 +184,23 @@ class Encoder:
         return encode_in_batches(self._st.tokenizer, self._max_len, self.batch_size, texts,
                                  self._st.get_embedding_dimension(), infer, packed=packed)
 
-    # tensors are made inside inference mode, as in warm(): the compiled graphs' guards check
-    # the dispatch keys, and a normal tensor would compile again
+    def _padded_inputs(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's own inputs for a batch: ids and attention mask padded to the longest
+        text, and token types (all 0)."""
+        input_ids, mask = padded(ids, self._st.tokenizer.pad_token_id or 0)
+        return input_ids, mask, np.zeros_like(input_ids)
 
-    def _padded_infer(self, one, many):
-        """``infer(token id lists)`` padding each batch to its longest text; ``one`` for one text."""
+    def _infer_with(self, graph, inputs):
+        """``infer(token id lists) -> float32 rows``: ``graph`` run on the tensors of ``inputs(ids)``.
+        The tensors are made inside inference mode, as at warm-up: the compiled graphs' guards
+        check the dispatch keys, and a normal tensor would compile again."""
         import torch
-
-        dev, pad_id = self._st.device, self._st.tokenizer.pad_token_id or 0
-
-        def infer(ids: list[list[int]]) -> np.ndarray:
-            input_ids, mask = padded(ids, pad_id)
-            with torch.inference_mode():
-                ids_t = torch.from_numpy(input_ids).to(dev)
-                fn = one if len(ids) == 1 else many
-                return fn(ids_t, torch.from_numpy(mask).to(dev), torch.zeros_like(ids_t)).cpu().numpy()
-        return infer
-
-    def _packed_infer(self, packed, one=None):
-        """``infer(token id lists)`` on the texts' tokens only (packed.py); one text goes to
-        ``one`` (nothing to pack: and a batch of one would be a shape of its own to compile)."""
-        import torch
-
-        from .packed import pack
 
         dev = self._st.device
-        single = None if one is None else self._padded_infer(one, one)
 
         def infer(ids: list[list[int]]) -> np.ndarray:
-            if single is not None and len(ids) == 1:
-                return single(ids)
             with torch.inference_mode():
-                return packed(*(torch.from_numpy(a).to(dev) for a in pack(ids))).cpu().numpy()
+                return graph(*(torch.from_numpy(a).to(dev) for a in inputs(ids))).cpu().numpy()
         return infer
 
 

@@ -8,7 +8,8 @@ cutting them into batches of similar length (``encoder._batches``) bounds the pa
 makes small batches, which run slower per text. Here the texts' tokens are concatenated, every
 linear map, layer norm and GELU runs on those tokens alone, and only attention (the one step
 that needs each text's tokens together) is done on a padded [texts, longest] layout, gathered
-from and scattered back to the packed rows. Mean pooling is a segment sum.
+from and scattered back to the packed rows. Mean pooling is a segment sum. One text alone (a
+query) needs none of that: ``forward_one`` runs it with no mask, scatter or gather.
 
 Measured (AMD EPYC Zen 4, 2 vCPUs, bf16, compiled, 2026-12-06, both encoders in one process,
 taking turns): random 20-40 token texts 16 per call 268-283 -> 323-341 texts/s, 32 per call
@@ -51,6 +52,11 @@ def pack(ids: list[list[int]]) -> tuple[np.ndarray, ...]:
     return flat_ids, pos, rows, seg, valid, (1.0 / lengths).astype(np.float32)
 
 
+def one_text(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``PackedBert.forward_one``'s inputs for one text's token ids."""
+    return np.asarray(ids, dtype=np.int64), np.arange(len(ids), dtype=np.int64)
+
+
 class PackedBert(torch.nn.Module):
     """``forward(ids, pos, rows, seg, valid, inv_len) -> [texts, hidden]`` mean-pooled float32
     token states (not normalized), for the tensors :func:`pack` makes. The model's own modules,
@@ -84,9 +90,7 @@ class PackedBert(torch.nn.Module):
         return None
 
     def forward(self, ids, pos, rows, seg, valid, inv_len):
-        emb = self.embeddings
-        x = emb.word_embeddings(ids) + emb.position_embeddings(pos) + emb.token_type_embeddings.weight[0]
-        x = emb.LayerNorm(x)
+        x = self._embed(ids, pos)
         texts, width = valid.shape
         hidden = x.shape[1]
         mask = valid.view(texts, 1, 1, width)
@@ -96,13 +100,28 @@ class PackedBert(torch.nn.Module):
             padded[rows] = qkv
             q, k, v = padded.view(texts, width, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            a = a.transpose(1, 2).reshape(texts * width, hidden)[rows]
-            out = layer.attention.output
-            x = out.LayerNorm(out.dense(a) + x)
-            x = layer.output.LayerNorm(layer.output.dense(layer.intermediate.intermediate_act_fn(
-                layer.intermediate.dense(x))) + x)
+            x = _after_attention(layer, a.transpose(1, 2).reshape(texts * width, hidden)[rows], x)
         pooled = torch.zeros(texts, hidden, dtype=torch.float32, device=x.device).index_add_(0, seg, x.float())
         return pooled * inv_len[:, None]
+
+    def forward_one(self, ids, pos):
+        """One text's mean-pooled float32 token states, [1, hidden] (``ids``: its token ids,
+        ``pos``: 0..n-1). Nothing to pad, so no mask, scatter or gather: the graph for a query,
+        where each of those steps is a kernel call of its own. Against the model's own forward
+        compiled for one text (both with inductor's C++ wrapper), 600 short queries in one
+        process, taking turns: p50 3.40 -> 2.69 ms and 3.58 -> 3.00 ms, p99 8.7 -> 7.1 and
+        8.3 -> 7.5 ms (AMD EPYC Zen 4, 2 vCPUs, bf16, 2026-12-06); the same vector (cosine 1.0)."""
+        x = self._embed(ids, pos)
+        n, hidden = x.shape
+        for layer, w, b in zip(self.layers, self.qkv_weight, self.qkv_bias):
+            q, k, v = F.linear(x, w, b).view(1, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v)
+            x = _after_attention(layer, a.transpose(1, 2).reshape(n, hidden), x)
+        return x.float().mean(0, keepdim=True)
+
+    def _embed(self, ids, pos):
+        emb = self.embeddings
+        return emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings(pos) + emb.token_type_embeddings.weight[0])
 
     def _probe(self, st_model) -> str | None:
         """None if the packed vectors of two texts of different length match the mean of the
@@ -117,13 +136,25 @@ class PackedBert(torch.nn.Module):
             input_ids, mask = (torch.from_numpy(a).to(dev) for a in padded(ids, st_model.tokenizer.pad_token_id or 0))
             with torch.inference_mode():
                 got = self(*(torch.from_numpy(a).to(dev) for a in pack(ids))).cpu().numpy()
+                alone = torch.cat([self.forward_one(*(torch.from_numpy(a).to(dev) for a in one_text(x)))
+                                   for x in ids]).cpu().numpy()
                 tokens = st_model[0]({"input_ids": input_ids, "attention_mask": mask,
                                       "token_type_ids": torch.zeros_like(input_ids)})["token_embeddings"].float()
                 want = ((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu().numpy()
         except Exception as exc:  # noqa: BLE001 - any mismatch in structure keeps the padded path
             return f"the packed forward failed on a probe ({type(exc).__name__}: {str(exc)[:200]})"
-        cos = float(np.min(np.sum(unit_rows(got) * unit_rows(want), axis=1)))
+        want = unit_rows(want)
+        cos = min(float(np.min(np.sum(unit_rows(v) * want, axis=1))) for v in (got, alone))
         return None if cos > 0.999 else f"packed vectors differ from the model's own on a probe (cosine {cos:.4f})"
+
+
+def _after_attention(layer, a, x):
+    """A BERT layer after its attention: output projection, residual and layer norm, then the
+    feed-forward block, residual and layer norm (post-LN), on [tokens, hidden] rows."""
+    out = layer.attention.output
+    x = out.LayerNorm(out.dense(a) + x)
+    return layer.output.LayerNorm(layer.output.dense(layer.intermediate.intermediate_act_fn(
+        layer.intermediate.dense(x))) + x)
 
 
 def _unsupported(st_model) -> str | None:
