@@ -13,8 +13,9 @@ to a compiled shape: one for a single text, whose ~50 kernels are called from a 
 them 10 % slower). When the model is the BERT-with-mean-pooling packed.py was written for,
 the batch graph runs on the batch's real tokens only (no padding in the matrix products) and
 the one-text graph on the text alone (no mask, scatter or gather: 3.4 -> 2.7 ms p50); else both
-run the model's own forward, batches padded to their longest text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
-against 5.7 eager, and batches of 16 e-mails ran at 1.1x the eager texts/s.
+run the model's own forward, batches padded to their longest text. On an AMD EPYC with bf16
+units (2026-12-05) one short query took 2.7 ms p50 against 5.7 eager, and batches of 16 e-mails
+ran at 1.1x the eager texts/s.
 Compiling costs about 25 s of CPU on 2 cores, once per process, so only long-lived processes
 compile (the embedding server and the API), in the background, serving eager meanwhile.
 Compiling needs a C++ compiler for the CPU; without one, or on any compile error, the reason
@@ -153,18 +154,17 @@ class Encoder:
             inductor_config.freezing = True  # weights as constants: inductor prepacks and fuses them
             from .packed import PackedBert, one_text, pack
 
-            one_options = {"cpp_wrapper": True}
             packed = PackedBert.of(self._st)
             if packed is not None:  # packed batches, and one text without padding (packed.py)
-                many = self._infer_with(torch.compile(packed, dynamic=True), pack)
-                many(list(self._warm_ids()))
-                one = self._compile_one(torch.compile(packed.forward_one, dynamic=True, options=one_options),
-                                        lambda ids: one_text(ids[0]), many)
+                batch, batch_inputs = packed, pack
+                single, single_inputs = packed.forward_one, lambda ids: one_text(ids[0])
             else:
-                many = self._infer_with(torch.compile(self._forward, dynamic=True), self._padded_inputs)
-                many(list(self._warm_ids()))
-                one = self._compile_one(torch.compile(self._forward_one, dynamic=True, options=one_options),
-                                        self._padded_inputs, many)
+                batch, batch_inputs = self._forward, self._padded_inputs
+                single, single_inputs = self._forward_one, self._padded_inputs
+            many = self._infer_with(torch.compile(batch, dynamic=True), batch_inputs)
+            many(list(self._warm_ids()))
+            one = self._compile_one(torch.compile(single, dynamic=True, options={"cpp_wrapper": True}),
+                                    single_inputs, many)
         except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager path
             self.compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
             log.warning("embedding model not compiled, running eager: %s", self.compile_error)
