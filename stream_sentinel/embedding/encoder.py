@@ -185,10 +185,7 @@ class Encoder:
                                  self._st.get_embedding_dimension(), infer, packed=packed)
 
     def _padded_inputs(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The model's own inputs for a batch: ids and attention mask padded to the longest
-        text, and token types (all 0)."""
-        input_ids, mask = padded(ids, self._st.tokenizer.pad_token_id or 0)
-        return input_ids, mask, np.zeros_like(input_ids)
+        return model_inputs(ids, self._st.tokenizer.pad_token_id or 0)
 
     def _infer_with(self, graph, inputs):
         """``infer(token id lists) -> float32 rows``: ``graph`` run on the tensors of ``inputs(ids)``.
@@ -217,6 +214,13 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         input_ids[row, :len(x)] = x
         mask[row, :len(x)] = 1
     return input_ids, mask
+
+
+def model_inputs(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A BERT-style model's inputs for a batch (the torch model's and the ONNX graph's): ids and
+    attention mask padded to the longest text, and token types (all 0: one segment)."""
+    input_ids, mask = padded(ids, pad_id)
+    return input_ids, mask, np.zeros_like(input_ids)
 
 
 def _packed_batches(lengths: list[int], order: np.ndarray, cells: int) -> list[np.ndarray]:

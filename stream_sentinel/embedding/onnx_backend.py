@@ -164,13 +164,12 @@ class OnnxEncoder:
         return False
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        from .encoder import encode_in_batches, padded
+        from .encoder import encode_in_batches, model_inputs
 
         pad_id = self.tokenizer.pad_token_id or 0
 
         def infer(ids: list[list[int]]) -> np.ndarray:
-            input_ids, mask = padded(ids, pad_id)
-            feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+            feed = dict(zip(("input_ids", "attention_mask", "token_type_ids"), model_inputs(ids, pad_id)))
             return self._session.run(None, {k: v for k, v in feed.items() if k in self._inputs})[0]
 
         return encode_in_batches(self.tokenizer, self._max_len, self.batch_size, texts, self._dim, infer)
