@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import hypothesis.strategies as hyp
 import numpy as np
 import pytest
@@ -119,6 +121,16 @@ def test_packed_batches_give_the_models_own_vectors_and_only_where_it_fits(embed
         alone = np.vstack([model.forward_one(*(torch.from_numpy(a) for a in packed.one_text(x))).numpy() for x in ids])
     alone /= np.linalg.norm(alone, axis=1, keepdims=True)
     assert np.sum(alone * want, axis=1).min() > 0.99999
+    # token counts rounded up by filler texts (the compiled batch graph's shapes): the real rows
+    # come out as without filler, which never widens the attention layout
+    for some, multiple in ((ids[:2], 32), (ids[:7], 32), (ids[2:9], 7)):
+        rounded = packed.pack(some, multiple)
+        assert len(rounded[0]) % multiple == 0 and len(rounded[0]) > sum(map(len, some))
+        assert rounded[4].shape[1] == max(map(len, some))  # [texts + filler, longest real text]
+        with torch.inference_mode():
+            plain = model(*(torch.from_numpy(a) for a in packed.pack(some))).numpy()
+            filled = model(*(torch.from_numpy(a) for a in rounded)).numpy()
+        assert filled.shape[0] > len(some) and np.allclose(filled[:len(some)], plain, atol=1e-5)
 
     with caplog.at_level(logging.INFO, logger="stream_sentinel.embedding.packed"):
         cls = SentenceTransformer(modules=[st[0], Pooling(st.get_embedding_dimension(), pooling_mode="cls")],
@@ -163,3 +175,14 @@ def test_the_batch_size_setting_bounds_packed_batches(st_model, monkeypatch):
         assert all(len(c) == 1 or len(c) * max(map(len, c)) <= batch_size * encoder.PACKED_CELLS_PER_TEXT
                    for c in calls)
         assert max(map(len, calls)) > (1 if batch_size == 2 else 16)  # packed: more texts than the batch size
+
+
+def test_kernel_cache_is_sized_for_a_server_unless_the_user_sized_it(monkeypatch):
+    from stream_sentinel.embedding import encoder
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    encoder.keep_kernels()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(encoder.KERNEL_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    encoder.keep_kernels()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"

@@ -38,11 +38,20 @@ log = logging.getLogger(__name__)
 PROBE = ("a short probe", "a somewhat longer probe sentence, with more tokens in it than the first")
 
 
-def pack(ids: list[list[int]]) -> tuple[np.ndarray, ...]:
+def pack(ids: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, ...]:
     """The packed inputs for token-id lists: ids, positions, each token's row in the padded
-    [texts, longest] layout, each token's text, the padded layout's mask, 1/length per text."""
+    [texts, longest] layout, each token's text, the padded layout's mask, 1/length per text.
+    With ``multiple`` > 1 the token count is rounded up to a multiple of it by filler texts
+    after the real ones, none longer than the longest real text (the attention layout keeps its
+    width); each attends to itself only, so the real rows are unchanged, and the caller drops
+    the filler's rows (``encoder.PACKED_TOKEN_MULTIPLE`` says why)."""
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     width = int(lengths.max())
+    fill = -int(lengths.sum()) % multiple
+    if fill:
+        filler = [width] * (fill // width) + ([fill % width] if fill % width else [])
+        ids = list(ids) + [[0] * n for n in filler]
+        lengths = np.concatenate([lengths, np.asarray(filler, dtype=np.int64)])
     flat_ids = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
     pos = np.arange(len(flat_ids), dtype=np.int64) - starts

@@ -164,6 +164,10 @@ class EmbedServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve(path: Path | str, embedder, ready=None, compile_: bool = False, log=None, pin: bool = False) -> None:
     """Serve on ``path``: a Unix socket path or ``tcp://host:port``."""
     kind, where = parse_address(path)
+    if compile_:
+        from .encoder import keep_kernels
+
+        keep_kernels()  # before the model's first kernel
     model = model_worker(embedder, pin, log)
     model.submit(None, ["warm up"], 1).result()  # load now (in the model's thread), not on the first request
     if compile_:

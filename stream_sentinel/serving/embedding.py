@@ -53,6 +53,10 @@ class Embedding:
             emb = connect(default_address(self.paths.embed_socket), model_id, dim)
             if emb is None:
                 s = self.settings
+                if s.embed_compile:
+                    from ..embedding.encoder import keep_kernels
+
+                    keep_kernels()  # before the model's first kernel
                 emb = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
                                     self.paths.embedding_models)
                 if emb.model_id != model_id:
