@@ -10,13 +10,13 @@ copies, GELU, layer norm, each a separate pass over memory, each dispatched from
 fuses the rest. Two compiled graphs serve every shape (dynamic shapes), so nothing is padded
 to a compiled shape: one for a single text, whose ~50 kernels are called from a C++ wrapper
 (a query is latency), and one for batches of any size, called from Python (a C++ wrapper made
-them 10 % slower). A packed batch's token count is only rounded up to a multiple of 32, so
-that oneDNN builds its kernels for a few dozen counts once (``PACKED_TOKEN_MULTIPLE``). When the model is the BERT-with-mean-pooling packed.py was written for,
-the batch graph runs on the batch's real tokens only (no padding in the matrix products) and
-the one-text graph on the text alone (no mask, scatter or gather: 3.4 -> 2.7 ms p50); else both
-run the model's own forward, batches padded to their longest text. On an AMD EPYC with bf16
-units (2026-12-05) one short query took 2.7 ms p50 against 5.7 eager, and batches of 16 e-mails
-ran at 1.1x the eager texts/s.
+them 10 % slower). When the model is the BERT-with-mean-pooling packed.py was written for, the
+batch graph runs on the batch's real tokens only (no padding in the matrix products; the count
+rounded up to a multiple of 32, so that oneDNN builds kernels for a few dozen counts once:
+``PACKED_TOKEN_MULTIPLE``) and the one-text graph on the text alone (no mask, scatter or
+gather: 3.4 -> 2.7 ms p50); else both run the model's own forward, batches padded to their
+longest text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
+against 5.7 eager, and batches of 16 e-mails ran at 1.1x the eager texts/s.
 Compiling costs about 25 s of CPU on 2 cores, once per process, so only long-lived processes
 compile (the embedding server and the API), in the background, serving eager meanwhile.
 Compiling needs a C++ compiler for the CPU; without one, or on any compile error, the reason
