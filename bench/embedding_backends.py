@@ -11,7 +11,8 @@ in the same round, so a noisy neighbour hits all backends alike:
                     texts of similar token length, shortcut tokenizing (encoder.py); what a
                     run uses when it embeds in its own process
 * product compiled  the same, compiled (torch.compile, frozen weights: a graph for one text and
-                    one for batches of any shape, which is what this measures);
+                    graphs for batches of any shape, packed or padded by how full a batch
+                    is, which is what this measures);
                     what the embedding server uses once it has compiled (its compile time
                     is reported apart)
 * onnx fp32         STREAM_SENTINEL_EMBED_BACKEND=onnx: the sentence-transformers pipeline

@@ -62,6 +62,9 @@ def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_kee
     from sentence_transformers import SentenceTransformer
     from torch._dynamo.utils import counters
 
+    from stream_sentinel.embedding import encoder
+
+    real_fill = encoder.fill
     kwargs = {"dtype": torch.bfloat16} if embedder.precision == "bf16" else {}
     st = SentenceTransformer(str(embedder.path), device="cpu", local_files_only=True, model_kwargs=kwargs)
     st.max_seq_length = 64
@@ -78,8 +81,14 @@ def test_compiled_model_serves_every_shape_like_eager_and_a_missing_compiler_kee
     assert enc.warm() is True and enc.compiled and enc.compile_error is None
     assert enc.packed  # a BERT with mean pooling: batches run packed (packed.py)
     graphs = counters["stats"]["unique_graphs"]
-    # batches of every size and length the texts make, and one text alone (the one-row graph)
-    compiled = enc.encode(texts)
+    fills = []
+    with monkeypatch.context() as mp:  # which layout each batch took: both must have been used
+        mp.setattr(encoder, "fill", lambda ids: fills.append(real_fill(ids)) or fills[-1])
+        # batches of every size and length the texts make, and one text alone (the one-row graph)
+        compiled = enc.encode(texts)
+        mixed = enc.encode(texts[-2:] + texts[:1])  # 3, 4 and 64 tokens: mostly padding
+    assert min(fills) < encoder.PADDED_FILL <= max(fills)  # packed and padded batches both ran
+    assert np.sum(mixed * np.vstack([eager[-2:], eager[:1]]), axis=1).min() > 0.99
     singles = np.vstack([enc.encode([t]) for t in texts[:6] + texts[-2:]])
     enc.encode(texts[:5])
     assert counters["stats"]["unique_graphs"] == graphs  # served by the warm graphs, nothing recompiled
@@ -121,6 +130,17 @@ def test_packed_batches_give_the_models_own_vectors_and_only_where_it_fits(embed
         alone = np.vstack([model.forward_one(*(torch.from_numpy(a) for a in packed.one_text(x))).numpy() for x in ids])
     alone /= np.linalg.norm(alone, axis=1, keepdims=True)
     assert np.sum(alone * want, axis=1).min() > 0.99999
+    # the padded layout (nearly full batches): the same vectors, any width rounding, and the
+    # batch that is all at the 256-token cut
+    full = [x for x in ids if len(x) == 256]
+    assert len(full) >= 2
+    for some, multiple in ((ids, 8), (ids[:7], 1), (full, 8), (ids[2:9], 7)):
+        layout = packed.padded_layout(some, multiple)
+        assert layout[0].shape == (len(some), -(-max(map(len, some)) // multiple) * multiple)
+        with torch.inference_mode():
+            laid = model.forward_padded(*(torch.from_numpy(a) for a in layout)).numpy()
+        laid /= np.linalg.norm(laid, axis=1, keepdims=True)
+        assert np.sum(laid * want[[ids.index(x) for x in some]], axis=1).min() > 0.99999
     # token counts rounded up by filler texts (the compiled batch graph's shapes): the real rows
     # come out as without filler, which never widens the attention layout
     for some, multiple in ((ids[:2], 32), (ids[:7], 32), (ids[2:9], 7)):
@@ -175,6 +195,24 @@ def test_the_batch_size_setting_bounds_packed_batches(st_model, monkeypatch):
         assert all(len(c) == 1 or len(c) * max(map(len, c)) <= batch_size * encoder.PACKED_CELLS_PER_TEXT
                    for c in calls)
         assert max(map(len, calls)) > (1 if batch_size == 2 else 16)  # packed: more texts than the batch size
+
+
+def test_nearly_full_batches_run_padded_and_mixed_ones_packed():
+    """The compiled batch infer picks the layout by how much of the padded one real tokens fill
+    (``encoder.PADDED_FILL``): texts cut at the model's limit, or sorted bulk texts, run padded;
+    a dynamic batch of short texts of mixed length runs packed."""
+    from stream_sentinel.embedding import encoder
+
+    ran = []
+    infer = encoder._by_fill(lambda ids: ran.append("padded"), lambda ids: ran.append("packed"))
+    cases = {"padded": [[1] * 256] * 16, "packed": [[1] * n for n in (20, 40, 25, 33, 38, 21)]}
+    cases["padded "] = [[1] * n for n in (64, 63, 61, 60)]  # sorted neighbours: width 64, fill 0.97
+    cases["packed "] = [[1] * 9, [1] * 7]  # width rounded to 16: fill 0.5
+    for want, ids in cases.items():
+        ran.clear()
+        infer(ids)
+        assert ran == [want.strip()], (want, encoder.fill(ids))
+    assert encoder.fill([[1] * 256] * 3) == 1.0 and encoder.fill([[1] * 250]) == 250 / 256
 
 
 def test_kernel_cache_is_sized_for_a_server_unless_the_user_sized_it(monkeypatch):

@@ -7,17 +7,18 @@ about 1.3x its texts/s on 2 cores (bench/embedding_backends.py).
 Why compile: eager torch spends much of a bf16 forward pass outside the matrix units (bias
 copies, GELU, layer norm, each a separate pass over memory, each dispatched from Python).
 ``torch.compile`` with frozen weights prepacks the weights for the CPU's matrix kernels and
-fuses the rest. Two compiled graphs serve every shape (dynamic shapes), so nothing is padded
-to a compiled shape: one for a single text, whose ~50 kernels are called from a C++ wrapper
-(a query is latency), and one for batches of any size, called from Python (a C++ wrapper made
-them 10 % slower). When the model is the BERT-with-mean-pooling packed.py was written for, the
-batch graph runs on the batch's real tokens only (no padding in the matrix products; the count
-rounded up to a multiple of 32, so that oneDNN builds kernels for a few dozen counts once:
-``PACKED_TOKEN_MULTIPLE``) and the one-text graph on the text alone (no mask, scatter or
-gather: 3.4 -> 2.7 ms p50); else both run the model's own forward, batches padded to their
-longest text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
+fuses the rest. Compiled graphs of dynamic shape serve every shape, so nothing is padded to a
+compiled shape: one for a single text, whose ~50 kernels are called from a C++ wrapper (a query
+is latency), and batch graphs called from Python (a C++ wrapper made them 10 % slower). When the
+model is the BERT-with-mean-pooling packed.py was written for, there are two batch graphs: one
+on the batch's real tokens only (packed: no padding in the matrix products; the count rounded up
+to a multiple of 32, so that oneDNN builds kernels for a few dozen counts once:
+``PACKED_TOKEN_MULTIPLE``) for batches of mixed length, and one on the padded layout for
+batches with little padding (``PADDED_FILL``); the one-text graph runs the text alone (no mask,
+scatter or gather: 3.4 -> 2.7 ms p50). Else the model's own forward serves batches padded to
+their longest text and one text. On an AMD EPYC with bf16 units (2026-12-05) one short query took 2.7 ms p50
 against 5.7 eager, and batches of 16 e-mails ran at 1.1x the eager texts/s.
-Compiling costs about 25 s of CPU on 2 cores, once per process, so only long-lived processes
+Compiling costs about 25-35 s of CPU on 2 cores, once per process, so only long-lived processes
 compile (the embedding server and the API), in the background, serving eager meanwhile.
 Compiling needs a C++ compiler for the CPU; without one, or on any compile error, the reason
 is logged and the eager path stays. Eager and compiled vectors are within bf16 rounding of
@@ -26,7 +27,10 @@ each other and share the model id (tests/test_encoder.py measures it).
 Why not fixed shapes (what this module did until 2026-12-05): a compiled graph of fixed shape
 pads every batch to it. On the AMX Xeon that measured 5.4x over fp32 that did not matter for
 full batches of e-mails, but one 20-40 token text took 40 ms padded against 9 ms eager on the
-EPYC, and eight shapes took 73 s to compile.
+EPYC, and eight shapes took 73 s to compile. What the fixed shapes had been faster at on AMX
+(full batches of e-mails, 1.2-1.3x the packed graph) was the padded layout and 16 e-mails per
+batch, not the fixed shape: the padded graph of dynamic shape ran them at 1.04-1.07x a fixed
+[16, 256] graph of the model's own forward (model alone, 20 rounds taking turns, 2026-12-06).
 
 Tokenizing a whole e-mail only to keep its first 256 tokens is about a fifth of the
 tokenizer's time on the demo data. ``tokenize_truncated`` cuts long texts at a word
@@ -153,7 +157,7 @@ class Encoder:
             if self._st.device.type == "cpu" and not compiler_available():
                 raise RuntimeError("no C++ compiler on PATH (c++, g++ or clang++); torch.compile needs one on CPU")
             inductor_config.freezing = True  # weights as constants: inductor prepacks and fuses them
-            from .packed import PackedBert, one_text, pack
+            from .packed import PackedBert, one_text, pack, padded_layout
 
             packed = PackedBert.of(self._st)
             if packed is not None:  # packed batches, and one text without padding (packed.py)
@@ -164,6 +168,11 @@ class Encoder:
                 single, single_inputs = self._forward_one, self._padded_inputs
             many = self._infer_with(torch.compile(batch, dynamic=True), batch_inputs)
             many(list(self._warm_ids()))
+            if packed is not None:  # full batches run padded: no scatter or gather (forward_padded)
+                full = self._infer_with(torch.compile(packed.forward_padded, dynamic=True),
+                                        lambda ids: padded_layout(ids, PADDED_WIDTH_MULTIPLE))
+                full(list(self._warm_ids()))
+                many = _by_fill(full, many)
             one = self._compile_one(torch.compile(single, dynamic=True, options={"cpp_wrapper": True}),
                                     single_inputs, many)
         except Exception as exc:  # noqa: BLE001 - any compile failure leaves the eager path
@@ -203,6 +212,17 @@ class Encoder:
 
 
 MIN_FILL = 0.8  # a text shorter than this share of its batch's longest starts a new batch
+# A compiled batch whose tokens fill at least this share of its padded layout (texts x longest,
+# rounded up to PADDED_WIDTH_MULTIPLE) runs padded (packed.PackedBert.forward_padded), any
+# other packed. Why: packing saves the padding's share of every linear map but pays a scatter
+# and a gather around each attention; with little padding to save, that costs more than it
+# saves. Batches of texts sorted by length (any bulk call) and of texts cut at the model's limit
+# (documents longer than 256 tokens) are nearly full; the API's dynamic batches of short texts
+# of mixed length are not (20-40 token texts fill ~0.75), and stay packed.
+PADDED_FILL = 0.9
+# The padded layout's width is rounded up to a multiple of this many tokens, so that its batches
+# bring a bounded set of token counts to oneDNN's kernel cache (``PACKED_TOKEN_MULTIPLE``).
+PADDED_WIDTH_MULTIPLE = 8
 # A packed batch's token count is rounded up to a multiple of this (filler texts, dropped after).
 # Why: oneDNN builds a matrix kernel for every new number of rows it meets (the linear maps run
 # on [tokens, hidden]) and keeps it in its kernel cache. On an Intel Xeon with AMX (2026-12-06)
@@ -221,7 +241,7 @@ PACKED_TOKEN_MULTIPLE = 32
 # the AMX Xeon). 4,096 holds every length up to 256 beside the batches: one-text calls over all
 # 254 lengths a second time took 2.3 s against 5.7 s, for ~240 MB more memory once all are held.
 KERNEL_CACHE = 4096
-PACKED_CELLS_PER_TEXT = 128  # a packed batch: at most batch size x this many [texts x longest] cells
+PACKED_CELLS_PER_TEXT = 256  # a compiled batch: at most batch size x this many [texts x longest] cells
 
 
 def keep_kernels() -> None:
@@ -231,6 +251,18 @@ def keep_kernels() -> None:
     import os
 
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(KERNEL_CACHE))
+
+
+def fill(ids: list[list[int]]) -> float:
+    """The share of a padded layout's cells (texts x longest, rounded to
+    ``PADDED_WIDTH_MULTIPLE``) that hold real tokens."""
+    width = -(-max(len(x) for x in ids) // PADDED_WIDTH_MULTIPLE) * PADDED_WIDTH_MULTIPLE
+    return sum(len(x) for x in ids) / (len(ids) * width)
+
+
+def _by_fill(padded_infer, packed_infer):
+    """An infer running a batch padded when it fills ``PADDED_FILL`` of that layout, else packed."""
+    return lambda ids: (padded_infer if fill(ids) >= PADDED_FILL else packed_infer)(ids)
 
 
 def padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -253,10 +285,14 @@ def model_inputs(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 def _packed_batches(lengths: list[int], order: np.ndarray, cells: int) -> list[np.ndarray]:
     """Indices (longest first) cut where a batch's padded attention layout (texts x longest)
-    would pass ``cells``: packing makes padding free for everything but attention, so a packed
+    would pass ``cells``: packing makes padding free for everything but attention, so a compiled
     batch is bounded by that layout rather than by a count of texts. The bound is the batch
-    size times ``PACKED_CELLS_PER_TEXT``: 2,048 for the default 16, the best of 1,024 / 2,048 /
-    4,096 (packed.py); 48 short texts or 8 e-mails of 256 tokens."""
+    size times ``PACKED_CELLS_PER_TEXT``: 4,096 for the default 16, ~100 short texts or 16
+    e-mails of 256 tokens. 2,048 (8 such e-mails) had been the best of 1,024 / 2,048 / 4,096 for
+    packed batches on an AMD EPYC (packed.py); on the AMX Xeon 16 e-mails of 256 tokens ran at
+    1.12x the texts/s of 8 padded and 1.07-1.09x packed (model alone, 16-20 rounds taking
+    turns, 2026-12-06), and short texts were no slower (``encode``, packed layout alone, two
+    runs of 6 and 12 rounds: 500 sorted short texts 1.15x and 0.98x, e-mails 1.19x and 1.01x)."""
     out, start = [], 0
     for end in range(1, len(order) + 1):
         if end == len(order) or (end - start + 1) * lengths[order[start]] > cells:
@@ -284,7 +320,8 @@ def _batches(lengths: list[int], order: np.ndarray, batch_size: int) -> list[np.
 def encode_in_batches(tokenizer, max_len: int, batch_size: int, texts: Sequence[str], dim: int,
                       infer, packed: bool = False) -> np.ndarray:
     """Texts sorted by token count, cut into batches (of ``batch_size`` similar lengths, or for
-    a ``packed`` infer by ``batch_size`` x ``PACKED_CELLS_PER_TEXT`` attention cells), run through ``infer(token id lists)`` and put
+    a ``packed`` infer by ``batch_size`` x ``PACKED_CELLS_PER_TEXT`` attention cells, each then
+    run packed or padded by its fill), run through ``infer(token id lists)`` and put
     back in input order, L2-normalized in fp32."""
     out = np.zeros((len(texts), dim), dtype=np.float32)
     if not texts:
