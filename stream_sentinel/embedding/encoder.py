@@ -253,10 +253,14 @@ def keep_kernels() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(KERNEL_CACHE))
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def fill(ids: list[list[int]]) -> float:
     """The share of a padded layout's cells (texts x longest, rounded to
     ``PADDED_WIDTH_MULTIPLE``) that hold real tokens."""
-    width = -(-max(len(x) for x in ids) // PADDED_WIDTH_MULTIPLE) * PADDED_WIDTH_MULTIPLE
+    width = round_up(max(len(x) for x in ids), PADDED_WIDTH_MULTIPLE)
     return sum(len(x) for x in ids) / (len(ids) * width)
 
 
@@ -265,9 +269,10 @@ def _by_fill(padded_infer, packed_infer):
     return lambda ids: (padded_infer if fill(ids) >= PADDED_FILL else packed_infer)(ids)
 
 
-def padded(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """int64 ids and attention mask, each text padded to the longest."""
-    width = max(len(x) for x in ids)
+def padded(ids: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and attention mask, each text padded to the longest (rounded up to a multiple
+    of ``multiple``)."""
+    width = round_up(max(len(x) for x in ids), multiple)
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
     for row, x in enumerate(ids):

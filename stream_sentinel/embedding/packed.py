@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .encoder import PADDED_WIDTH_MULTIPLE, padded, unit_rows
+
 log = logging.getLogger(__name__)
 
 PROBE = ("a short probe", "a somewhat longer probe sentence, with more tokens in it than the first")
@@ -70,13 +72,8 @@ def padded_layout(ids: list[list[int]], multiple: int = 1) -> tuple[np.ndarray, 
     """``PackedBert.forward_padded``'s inputs: ids [texts, width] (0 past each text's end), the
     mask of real tokens, 1/length per text; the width is the longest text rounded up to a
     multiple of ``multiple`` (``encoder.PADDED_WIDTH_MULTIPLE`` says why)."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    width = -(-int(lengths.max()) // multiple) * multiple
-    flat = np.zeros((len(ids), width), dtype=np.int64)
-    for row, x in enumerate(ids):
-        flat[row, :len(x)] = x
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    return flat, valid, (1.0 / lengths).astype(np.float32)
+    flat, mask = padded(ids, 0, multiple)
+    return flat, mask.astype(bool), (1.0 / mask.sum(1)).astype(np.float32)
 
 
 def one_text(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -177,15 +174,14 @@ class PackedBert(torch.nn.Module):
         match the mean of the model's own token states. Pooled here in fp32 as the packed forward pools: the
         sentence-transformers pooling sums in the model's dtype, which in bf16 alone moves a
         vector by a cosine of ~0.998 (the packed one is within 0.99995 of fp32)."""
-        from .encoder import padded, unit_rows
-
         try:
             dev = st_model.device
             ids = [st_model.tokenizer(t)["input_ids"] for t in PROBE]
             input_ids, mask = (torch.from_numpy(a).to(dev) for a in padded(ids, st_model.tokenizer.pad_token_id or 0))
             with torch.inference_mode():
                 got = self(*(torch.from_numpy(a).to(dev) for a in pack(ids))).cpu().numpy()
-                laid = self.forward_padded(*(torch.from_numpy(a).to(dev) for a in padded_layout(ids, 8))).cpu().numpy()
+                laid = self.forward_padded(*(torch.from_numpy(a).to(dev)
+                                             for a in padded_layout(ids, PADDED_WIDTH_MULTIPLE))).cpu().numpy()
                 alone = torch.cat([self.forward_one(*(torch.from_numpy(a).to(dev) for a in one_text(x)))
                                    for x in ids]).cpu().numpy()
                 tokens = st_model[0]({"input_ids": input_ids, "attention_mask": mask,
