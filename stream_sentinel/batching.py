@@ -92,17 +92,25 @@ class ContinuousBatcher:
                 n += item[2]
             by_key: dict[Hashable, list] = {}
             for item in group:
-                by_key.setdefault(item[0], []).append(item)
+                # a waiter that gave up (its request timed out or went away) costs no work; and a
+                # future marked running can no longer be cancelled under the worker
+                if item[3].set_running_or_notify_cancel():
+                    by_key.setdefault(item[0], []).append(item)
             for key, items in by_key.items():
-                try:
-                    results = self.run(key, [item[1] for item in items])
-                except BaseException as exc:  # noqa: BLE001 -- every waiting request hears of it
-                    for item in items:
-                        item[3].set_exception(exc)
-                    continue
-                for item, result in zip(items, results):
-                    item[3].set_result(result)
+                self._run_group(key, items)
 
+    def _run_group(self, key: Hashable, items: list) -> None:
+        """Every future of ``items`` ends answered or failed, whatever ``run`` does."""
+        try:
+            results = self.run(key, [item[1] for item in items])
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} requests")
+        except BaseException as exc:  # noqa: BLE001 -- every waiting request hears of it
+            for item in items:
+                item[3].set_exception(exc)
+            return
+        for item, result in zip(items, results):
+            item[3].set_result(result)
 
 def split_rows(rows, groups: list[list]) -> list:
     """``rows`` made for the concatenation of ``groups`` (one row per item), cut back into one

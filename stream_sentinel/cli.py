@@ -652,6 +652,17 @@ def cmd_embed_export(args) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -663,8 +674,13 @@ def cmd_serve(args) -> int:
     app = create_app(Paths.from_env(), settings)
     _err(f"Stream Sentinel API on http://{'[' + host + ']' if ':' in host else host}:{port} "
          f"(OpenAPI: /openapi.json){'; bearer token required' if app.state.svc.token else ''}")
+    if not app.state.svc.token and not _loopback(host):
+        _err(f"warning: listening on {host} without STREAM_SENTINEL_API_TOKEN: anyone who reaches this address "
+             "can add records and labels and erase records")
     # no access log: a path or query string can carry a payload (a search text, a record id)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+    # a stop waits this long for requests in flight (each is bounded by api_timeout_s), not forever
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False,
+                timeout_graceful_shutdown=5)
     return 0
 
 

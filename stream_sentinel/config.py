@@ -410,6 +410,10 @@ class Settings:
         0.0, _S + "API_BATCH_WINDOW_MS", "dynamic batching: texts that queued while the embedder was busy are "
         "always embedded together; > 0 also holds the first text of an idle spell this long for others", "serving",
         low=0.0, high=1000.0)
+    api_timeout_s: float = setting(
+        30.0, _S + "API_TIMEOUT_SECONDS", "longest a request waits for the embedder, the models or Kafka; then it "
+        "is answered 503 with Retry-After (never left hanging: a stopped embedding server or broker costs each "
+        "request at most this)", "serving", low=0.1, high=3600.0)
     api_batch_max: int = setting(64, _S + "API_BATCH_MAX", "dynamic batching: most texts embedded in one call "
                                  "(1: batching off, each request embedded on its own)", "serving", low=1, high=4096)
 

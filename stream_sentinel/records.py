@@ -165,18 +165,31 @@ def safe_dump(obj: Any) -> str:
 
 def _unicode_problem(obj: Any) -> str | None:
     """Where in ``obj`` a string (or key) holds a lone surrogate, as a message; None if nowhere."""
+    found = value_problem(obj, numbers=False)
+    return None if found is None else found[1]
+
+
+def value_problem(obj: Any, numbers: bool = True) -> tuple[str, str] | None:
+    """The first value in decoded JSON that no stored copy could hold, as (rule, message) naming
+    where it is: a string or key with a lone surrogate (``invalid_unicode``: no UTF-8 form), or
+    with ``numbers`` a float no double holds (``number_out_of_range``: 1e400 reads as infinity).
+    None when there is none. Iterative: nesting is bounded by the decoder, not by this walk."""
     stack: list[tuple[Any, str]] = [(obj, "")]
     while stack:
         value, where = stack.pop()
         if isinstance(value, str):
             if not is_utf8(value):
                 bad = next(c for c in value if "\ud800" <= c <= "\udfff")
-                return f"{where or 'the value'} holds a lone surrogate U+{ord(bad):04X}, which is not valid Unicode"
+                return "invalid_unicode", (f"{where or 'the value'} holds a lone surrogate U+{ord(bad):04X}, "
+                                           "which is not valid Unicode")
+        elif isinstance(value, float):
+            if numbers and not math.isfinite(value):
+                return "number_out_of_range", f"{where or 'the value'} is a number no double can hold (e.g. 1e400)"
         elif isinstance(value, dict):
             for key, item in value.items():
                 if isinstance(key, str) and not is_utf8(key):
-                    return (f"a key of {where or 'the record'} ({show(key)}) holds a lone surrogate, "
-                            "which is not valid Unicode")
+                    return "invalid_unicode", (f"a key of {where or 'the record'} ({show(key)}) holds a lone "
+                                               "surrogate, which is not valid Unicode")
                 stack.append((item, f"{where}[{show(key)}]" if where else f"{show(key)}"))
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))

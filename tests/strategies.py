@@ -14,6 +14,9 @@ FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None
                 suppress_health_check=list(HealthCheck))
 
 
+JSON = {"Content-Type": "application/json"}  # what a POST with a raw body says it is
+
+
 def json_body(obj) -> bytes:
     """``obj`` as a request body, lone surrogates and all."""
     try:

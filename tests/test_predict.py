@@ -20,7 +20,7 @@ from stream_sentinel.learning import loop as learning
 from stream_sentinel.learning.registry import ModelRegistry
 
 from .helpers import WINDOW, candidate, ingest_records, ingest_with_labels, serve
-from .strategies import FUZZ, json_body, json_values, predict_shaped
+from .strategies import FUZZ, JSON, json_body, json_values, predict_shaped
 
 
 def _error(resp: httpx.Response, status: int) -> dict:
@@ -87,14 +87,14 @@ def test_predictions_by_id_and_by_text_are_the_loops_own_answers(paths, store, d
         assert [(e["index"], e["rule"]) for e in err["records"]] == [
             (0, "bad_id"), (1, "bad_text"), (2, "bad_feature_value"), (3, "bad_routing_key"), (4, "not_an_object")]
         assert _error(api.post("/v1/predict", json={"records": []}), 422)["code"] == "empty"
-        assert _error(api.post("/v1/predict", content=b"{"), 400)["code"] == "invalid_json"
+        assert _error(api.post("/v1/predict", content=b"{", headers=JSON), 400)["code"] == "invalid_json"
         # hostile input: never a 500, and whatever is answered names the champion
         @FUZZ
         @given(st.one_of(st.binary(max_size=100), json_values.map(json_body),
                          st.lists(st.one_of(predict_shaped(labelled), json_values), max_size=4)
                          .map(lambda rs: json_body({"records": rs}))))
         def fuzz(body):
-            resp = api.post("/v1/predict", content=body)
+            resp = api.post("/v1/predict", content=body, headers=JSON)
             assert resp.status_code in (200, 400, 404, 413, 422), (resp.status_code, resp.text[:500])
             if resp.status_code == 200:
                 assert {p["model_version"] for p in resp.json()["predictions"]} <= {champion}
@@ -415,3 +415,91 @@ def test_texts_that_queue_while_the_embedder_is_busy_go_in_one_call_each_answere
     off.release.set()
     assert [f.result(60).shape[0] for f in (first, *queued)] == [2, 1, 1, 1]
     assert off.calls == [(2, "embed-batcher")] + [(1, "embed-batcher")] * 3
+
+
+def test_a_waiter_that_gives_up_costs_no_work_and_never_stops_the_batcher():
+    """A request that times out (its future cancelled) while queued is left out of the next call;
+    the rest of its group is answered and the worker lives on. A ``run`` that answers the wrong
+    number of requests fails them all instead of leaving some waiting forever."""
+    import threading
+
+    from stream_sentinel.batching import ContinuousBatcher
+
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def run(key, payloads):
+        calls.append(list(payloads))
+        entered.set()
+        release.wait(10)
+        return [p * 10 for p in payloads] if key == "ok" else payloads[:-1]
+
+    batcher = ContinuousBatcher(run, max_items=8, name="test-batcher")
+    first = batcher.submit("ok", 1)
+    assert entered.wait(10)
+    gave_up, waiting = batcher.submit("ok", 2), batcher.submit("ok", 3)
+    assert gave_up.cancel()  # still queued: it can be cancelled
+    release.set()
+    assert first.result(10) == 10 and waiting.result(10) == 30
+    assert calls == [[1], [3]]  # the cancelled request was never run
+    assert batcher.submit("ok", 4).result(10) == 40
+    worker = batcher._worker
+    short = [batcher.submit("short", i) for i in (5, 6)]
+    for f in short:
+        with pytest.raises(RuntimeError, match=r"\d results for \d requests"):
+            f.result(10)
+    assert batcher.submit("ok", 7).result(10) == 70 and batcher._worker is worker and worker.is_alive()
+
+
+def test_a_stopped_embedding_server_costs_each_text_request_its_deadline_and_nothing_else(
+        paths, store, demo_embedder, demo_records, demo_labels):
+    """The embedding server stopped (SIGSTOP: alive, silent): requests that need a text embedded
+    are answered 503 ``timed_out`` after STREAM_SENTINEL_API_TIMEOUT_SECONDS, never left hanging;
+    known ids, lexical search and /healthz answer meanwhile; once it runs again texts are
+    answered by it again (no second model loaded in the API, no restart)."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .helpers import start_embed_server, stop_process
+
+    _loop_with_champion(paths, store, demo_embedder, demo_records, demo_labels)
+    known = [r["id"] for r in demo_records[WINDOW][:3]]
+    embed_server = start_embed_server(paths)
+    try:
+        with serve(paths, env={"STREAM_SENTINEL_API_TIMEOUT_SECONDS": "2"}) as api:
+            _wait_loaded(api)
+            first = api.post("/v1/predict", json={"records": [{"id": "t0", "text": "win a free prize now"}]})
+            assert first.status_code == 200, first.text
+            assert api.get("/healthz").json()["search"]["query_embedder"] == "server"
+            embed_server.send_signal(signal.SIGSTOP)
+            try:
+                with ThreadPoolExecutor(6) as pool:
+                    started = time.monotonic()
+                    texts = list(pool.map(lambda i: api.post("/v1/predict", json={
+                        "records": [{"id": f"s{i}", "text": f"a text to embed, number {i}"}]}), range(4)))
+                    searches = list(pool.map(lambda i: api.get("/v1/search", params={"q": f"prize {i}",
+                                                                                     "mode": "hybrid"}), range(3)))
+                    took = time.monotonic() - started
+                for resp in texts + searches:
+                    assert resp.status_code == 503, resp.text
+                    assert resp.json()["error"]["code"] == "timed_out" and resp.headers["Retry-After"]
+                assert took < 60  # each within its deadline plus the ones queued before it
+                # what needs no embedding is answered at once meanwhile
+                by_id = api.post("/v1/predict", json={"records": [{"id": i} for i in known]})
+                assert by_id.status_code == 200, by_id.text
+                assert api.get("/v1/search", params={"q": "prize", "mode": "lexical"}).status_code == 200
+                assert api.get("/healthz").status_code == 200
+            finally:
+                embed_server.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 60
+            while True:  # the server answers what queued while it was stopped, then the new texts
+                again = api.post("/v1/predict", json={"records": [{"id": "t1", "text": "win a free prize now"}]})
+                if again.status_code == 200:
+                    break
+                assert again.status_code == 503 and time.monotonic() < deadline, again.text
+                time.sleep(0.5)
+            assert again.json()["predictions"][0]["score"] == pytest.approx(
+                first.json()["predictions"][0]["score"], abs=1e-6)
+            assert api.get("/healthz").json()["search"]["query_embedder"] == "server"
+            assert "Traceback" not in api.server_log()
+    finally:
+        stop_process(embed_server)

@@ -19,7 +19,7 @@ from stream_sentinel.learning.registry import ModelRegistry
 
 from .conftest import record
 from .helpers import WINDOW, candidate, ingest_with_labels, serve
-from .strategies import FUZZ, clean_chars, json_body, json_values, record_shaped, texts, vote_shaped
+from .strategies import FUZZ, JSON, clean_chars, json_body, json_values, record_shaped, texts, vote_shaped
 
 
 def _error(resp: httpx.Response, status: int) -> dict:
@@ -109,17 +109,17 @@ def test_invalid_records_are_refused_whole_naming_record_and_rule(paths):
         assert err["code"] == "invalid_records" and "3 of 4" in err["message"]
         assert [(r["index"], r["id"], r["rule"]) for r in err["records"]] == [
             (1, "r2", "missing_event_time"), (2, None, "missing_id"), (3, "r4", "bad_feature_value")]
-        assert _error(api.post("/v1/records", content=b'{"records": [\xff]}'), 400)["code"] == "invalid_utf8"
-        assert _error(api.post("/v1/records", content=b'{"records": [1,'), 400)["code"] == "invalid_json"
-        assert _error(api.post("/v1/records", content=b'{"records": [NaN]}'), 400)["code"] == "invalid_json"
-        assert _error(api.post("/v1/records", content=b""), 400)["code"] == "invalid_json"
+        assert _error(api.post("/v1/records", content=b'{"records": [\xff]}', headers=JSON), 400)["code"] == "invalid_utf8"
+        assert _error(api.post("/v1/records", content=b'{"records": [1,', headers=JSON), 400)["code"] == "invalid_json"
+        assert _error(api.post("/v1/records", content=b'{"records": [NaN]}', headers=JSON), 400)["code"] == "invalid_json"
+        assert _error(api.post("/v1/records", content=b"", headers=JSON), 400)["code"] == "invalid_json"
         assert _error(api.post("/v1/records", json=[record(1)]), 422)["code"] == "bad_body"
         assert _error(api.post("/v1/records", json={"records": "r1"}), 422)["field"] == "records"
         assert _error(api.post("/v1/records", json={"records": []}), 422)["code"] == "empty"
         # limits: the body (streamed, without Content-Length too) and the number of items
         big = b'{"records": [' + b'"' + b"x" * 11_000_000 + b'"]}'
-        assert _error(api.post("/v1/records", content=big), 413)["code"] == "body_too_large"
-        assert _error(api.post("/v1/records", content=iter([big[:6_000_000], big[6_000_000:]])),
+        assert _error(api.post("/v1/records", content=big, headers=JSON), 413)["code"] == "body_too_large"
+        assert _error(api.post("/v1/records", content=iter([big[:6_000_000], big[6_000_000:]]), headers=JSON),
                       413)["code"] == "body_too_large"
         many = {"records": [record(i) for i in range(1001)]}
         assert _error(api.post("/v1/records", json=many), 413)["code"] == "too_many_items"
@@ -293,12 +293,12 @@ def test_no_request_gets_a_500_fuzz(paths):
         @FUZZ
         @given(st.one_of(bodies, record_bodies))
         def records(body):
-            _sane(api.post("/v1/records", content=body))
+            _sane(api.post("/v1/records", content=body, headers=JSON))
 
         @FUZZ
         @given(st.one_of(bodies, vote_bodies))
         def feedback(body):
-            _sane(api.post("/v1/feedback", content=body))
+            _sane(api.post("/v1/feedback", content=body, headers=JSON))
 
         @FUZZ
         @given(st.dictionaries(st.sampled_from(["q", "k", "mode", "other"]), words, max_size=4))
@@ -353,3 +353,57 @@ def test_a_run_holding_the_database_gets_503s_for_reads_only(paths, store):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_what_a_hostile_client_found_is_refused_by_name_and_the_connection_stays_usable(paths):
+    """Inputs a probe of a running server turned into 500s (each closing the connection, so
+    the client's next good request failed too): a lone surrogate anywhere in a body, a number
+    no double holds, a report name longer than the file system takes, a client gone mid-body.
+    And a cross-site form cannot post: a POST body must say it is JSON."""
+    import socket
+
+    from stream_sentinel.erasure import requests as erasure_requests
+
+    surrogate = b'"\\ud800"'
+    with serve(paths) as api:
+        bad = [
+            ("/v1/predict", b'{"records": [{"id": ' + surrogate + b', "routing_key": 5}]}', "invalid_unicode"),
+            ("/v1/predict", b'{"records": [{"id": "r1", "routing_key": ' + surrogate + b'}]}', "invalid_unicode"),
+            ("/v1/feedback", b'{"record_id": ' + surrogate + b', "label": "spam"}', "invalid_unicode"),
+            ("/v1/feedback", b'{"record_id": "r1", "label": "spam", "note": ' + surrogate + b'}', "invalid_unicode"),
+            ("/v1/feedback", b'{"record_id": "r1", "label": "spam", "note": 1e400}', "number_out_of_range"),
+            ("/v1/records", b'{"records": [{"id": "r1", "text": "t", "x": {' + surrogate + b': 1}}]}',
+             "invalid_unicode"),
+        ]
+        for _ in range(2):  # one keep-alive connection: every good request after a refusal is answered
+            for path, body, code in bad:
+                err = _error(api.post(path, content=body, headers=JSON), 422)
+                assert err["code"] == code and err["field"] == "body", err
+                assert api.get("/healthz").status_code == 200
+            err = _error(api.request("DELETE", "/v1/records/abc", content=b'{"reason": ' + surrogate + b'}'), 422)
+            assert err["code"] == "invalid_unicode"
+            assert _error(api.get("/reports/" + "a" * 300 + ".html"), 404)["code"] == "unknown_report"
+            assert _error(api.get("/reports/" + "a/" * 3000 + "b.html"), 404)["code"] == "unknown_report"
+            assert api.get("/healthz").status_code == 200
+        # a form (or text/plain, or no type) cannot post, so a web page cannot either
+        for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+            err = _error(api.post("/v1/records", content=json.dumps({"records": [record(1)]}), headers=headers), 415)
+            assert err["code"] == "unsupported_media_type" and err["field"] == "Content-Type"
+        assert api.post("/v1/records", json={"records": [record(1)]},
+                        headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 202
+        # a client that leaves half-way through its body is nobody's error
+        host, port = api.base_url.host, api.base_url.port
+        for _ in range(3):
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(b"POST /v1/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n" + b'{"records": [')
+        time.sleep(0.5)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        statuses = {s.labels["status"]: s.value for fam in text_string_to_metric_families(api.get("/metrics").text)
+                    for s in fam.samples if s.name == "stream_sentinel_api_requests_total"}
+        assert "500" not in statuses and statuses["499"] == 3, statuses
+        assert not erasure_requests.folder(paths.home).exists() or not list(erasure_requests.folder(paths.home).iterdir())
+        log = api.server_log()
+        assert "Traceback" not in log and "failed" not in log, log[-2000:]
+    assert len(list(paths.raw.rglob("*.jsonl"))) == 1  # only the request that said it was JSON

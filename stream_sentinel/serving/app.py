@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,18 +42,19 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from .. import feedback as fb
 from .metrics import ApiMetrics, LoopCollector, RequestMetrics
+from .predict import TimedOut
 from ..atomic import write_bytes_atomic
 from ..config import Paths, Settings
 from ..jsonout import dumps
 from ..openmp import faiss_one_thread
-from ..records import JSONProblem, Reject, is_utf8, loads, validate
+from ..records import JSONProblem, Reject, is_utf8, loads, validate, value_problem
 from ..store import ChangeWatch, Store, StoreBusy
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,10 @@ class StrictJSONResponse(JSONResponse):
     """JSON that strict parsers accept (NaN and infinities become null, see ``jsonout``)."""
 
     def render(self, content: Any) -> bytes:
-        return dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            return dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate quoted back in a message: escaped, still valid JSON
+            return dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -120,6 +125,7 @@ class BearerToken:
 
     def __init__(self, app, token: str | None):
         self.app = app
+        token = (token or "").strip()  # as the presented one is: a secret file's newline is not the token
         self.token = token.encode() if token else None
 
     async def __call__(self, scope, receive, send):
@@ -141,7 +147,17 @@ class BearerToken:
 
 # ------------------------------------------------------------------ request bodies
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (never read whole first).
+
+    A POST must say its body is JSON: a web page can send a cross-site POST without asking
+    first only as a form or as ``text/plain``, so with no token set (the default, on this
+    machine only) this is what keeps a page in the user's browser from adding records or labels."""
+    if request.method == "POST":
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+            raise ApiError(415, "unsupported_media_type", f"the body must be sent as Content-Type: application/json, "
+                           f"got {media[:60]!r}" if media else "the body must be sent as Content-Type: "
+                           "application/json (no Content-Type was given)", field="Content-Type")
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -171,9 +187,14 @@ def parse_json(body: bytes) -> Any:
     if not text.strip():
         raise ApiError(400, "invalid_json", "the body is empty; it must be a JSON object", field="body")
     try:
-        return loads(text)
+        obj = loads(text)
     except JSONProblem as exc:
         raise ApiError(400, exc.rule, f"the body is not valid JSON: {exc.message}", field="body") from None
+    # nothing that a file, a log line or a Kafka message could not hold goes further
+    problem = value_problem(obj)
+    if problem is not None:
+        raise ApiError(422, problem[0], f"the body: {problem[1]}", field="body")
+    return obj
 
 
 def items_of(obj: Any, key: str, limit: int) -> list[Any]:
@@ -298,7 +319,11 @@ def get_report(request: Request) -> Response:
         path = (root / name).resolve()
     except (OSError, ValueError):  # a NUL byte, a path too long
         path = None
-    if path is None or not name.endswith(".html") or not path.is_relative_to(root) or not path.is_file():
+    try:
+        found = path is not None and name.endswith(".html") and path.is_relative_to(root) and path.is_file()
+    except OSError:  # a name longer than the file system takes
+        found = False
+    if not found:
         raise ApiError(404, "unknown_report", f"no drift report {name[:120]!r}", field="name")
     return FileResponse(path, media_type="text/html; charset=utf-8")
 
@@ -584,9 +609,46 @@ async def on_http_error(request: Request, exc: HTTPException) -> Response:
                           headers=exc.headers)
 
 
-async def on_bug(request: Request, exc: Exception) -> Response:
-    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-    return error_response(500, "internal_error", f"the server failed ({type(exc).__name__}); see its log")
+async def on_timed_out(request: Request, exc: Exception) -> Response:
+    return error_response(503, "timed_out", str(exc), headers={"Retry-After": "2"})
+
+
+class Contained:
+    """ASGI middleware (inside the others): whatever escapes an endpoint ends here.
+
+    A bug is a JSON 500, logged by its type, route template and stack frames only: never the
+    exception's message or the request path, either of which can hold a payload (a record id,
+    a text). Starlette's own 500 handler re-raises, after which uvicorn logs the message and
+    closes the connection, so a client's next request on it failed too. A client that went
+    away mid-body is 499 (nobody hears it), not a 500 with a traceback."""
+
+    def __init__(self, app, templates: dict[Any, str]):
+        self.app, self.templates = app, templates
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        except ClientDisconnect:
+            if not started:
+                await error_response(499, "client_disconnected", "the request ended before its body")(
+                    scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 -- a bug: answered, logged without payloads
+            route = self.templates.get(scope.get("endpoint"), "unmatched")
+            log.error("%s %s failed: %s\n%s", scope.get("method"), route, type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            if not started:
+                await error_response(500, "internal_error", f"the server failed ({type(exc).__name__}); "
+                                     "see its log")(scope, receive, send)
 
 
 def read_loop_state(svc: Service) -> None:
@@ -678,7 +740,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     """The application for a data root (default: the environment's), its settings and token."""
     paths = paths or Paths.from_env()
     settings = settings or Settings.from_env()
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+    token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip() or None
     from ..served import PredictionLog
     from .embedding import Batcher, Embedding
     from .predict import Predictor
@@ -718,11 +780,13 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
         Route("/reports/{name:path}", get_report, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        ApiError: on_api_error, StoreBusy: on_store_busy, HTTPException: on_http_error, Exception: on_bug})
+        ApiError: on_api_error, StoreBusy: on_store_busy, HTTPException: on_http_error, TimedOut: on_timed_out})
     app.state.svc = svc
     svc.metrics = ApiMetrics()
     svc.metrics.registry.register(LoopCollector(lambda: loop_state(svc)))
+    templates = {r.endpoint: r.path for r in routes}
+    app.add_middleware(Contained, templates=templates)
     app.add_middleware(BearerToken, token=token)
     # outermost: every request is counted, refused ones too
-    app.add_middleware(RequestMetrics, metrics=svc.metrics, templates={r.endpoint: r.path for r in routes})
+    app.add_middleware(RequestMetrics, metrics=svc.metrics, templates=templates)
     return app

@@ -51,7 +51,10 @@ class Embedding:
             if emb is not None and emb.model_id == model_id:
                 return emb
             emb = connect(default_address(self.paths.embed_socket), model_id, dim)
-            if emb is None:
+            if emb is not None:
+                # a request waits at most this long (then 503), so the model thread does too
+                emb.timeout_s = self.settings.api_timeout_s
+            else:
                 s = self.settings
                 if s.embed_compile:
                     from ..embedding.encoder import keep_kernels
@@ -73,6 +76,13 @@ class Embedding:
         emb = self.embedder(model_id, dim)
         try:
             return emb.embed(list(texts))
+        except TimeoutError:
+            # the server is there but does not answer (stopped, or busy for longer than a request
+            # may wait): not a reason to load a second copy of the model here
+            from .predict import TimedOut
+
+            raise TimedOut(f"the embedding server did not answer within {self.settings.api_timeout_s:g} s "
+                           "(STREAM_SENTINEL_API_TIMEOUT_SECONDS)") from None
         except (OSError, RuntimeError):
             if emb is self._embedder and type(emb).__name__ == "RemoteEmbedder":
                 self._embedder = None  # the server went away: look again (or load locally) once

@@ -375,6 +375,8 @@ class Predictor:
         import asyncio
 
         started = time.time()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.api_timeout_s
         champion = self._champion_if_current()
         if champion is None:
             champion = await asyncio.to_thread(self.champion)
@@ -382,7 +384,15 @@ class Predictor:
         try:
             fut = next(steps)
             while True:
-                fut = steps.send(await asyncio.wrap_future(fut))
+                try:
+                    # a waiter that gives up cancels its future: a queued one is never worked on
+                    got = await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    steps.close()
+                    raise TimedOut(f"no answer within {self.settings.api_timeout_s:g} s "
+                                   f"(STREAM_SENTINEL_API_TIMEOUT_SECONDS): the embedder or the models are "
+                                   "busy or not answering") from None
+                fut = steps.send(got)
         except StopIteration as done:
             return done.value
 
@@ -442,6 +452,10 @@ class UnknownRecords(Exception):
 
 class NoModel(Exception):
     pass
+
+
+class TimedOut(Exception):
+    """A request's embedding or scoring did not finish within ``api_timeout_s``."""
 
 
 class ModelUnavailable(Exception):

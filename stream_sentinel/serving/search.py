@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
 import numpy as np
 
 from ..openmp import faiss_one_thread
@@ -250,7 +252,16 @@ class SearchService:
         if mode in ("hybrid", "lexical"):
             lexical = self.lexical.search(qids, depth)
         if pending is not None:
-            dense = index.search(pending.result(), depth if mode == "hybrid" else k)[0]
+            timeout = self.settings.api_timeout_s
+            try:
+                vector = pending.result(timeout)
+            except FutureTimeout:
+                pending.cancel()  # still queued: never embedded
+                from .predict import TimedOut
+
+                raise TimedOut(f"the query was not embedded within {timeout:g} s "
+                               "(STREAM_SENTINEL_API_TIMEOUT_SECONDS): the embedder is busy or not answering") from None
+            dense = index.search(vector, depth if mode == "hybrid" else k)[0]
         if mode == "dense":
             ranked = dense[:k]
         else:
