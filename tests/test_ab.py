@@ -72,6 +72,10 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, demo_embed
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
     challenger = candidate(registry, store, embedder).version.version
     registry.start_challenger(challenger, "test")
+    assert registry.challenger_pointer() == challenger  # what a server reads per request
+    # a crash between the status and the pointer: it does not serve until reconcile writes it back
+    registry.point_challenger(None)
+    assert registry.reconcile() == champion and registry.challenger_pointer() == challenger
     scored = learning.score_new_records(registry, store, embedder.model_id, ab_share=0.5)
     assert scored == 2 * 700
     with store.connect() as con:
@@ -91,6 +95,15 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, demo_embed
     decision = learning.ab_step(registry, store, alpha=0.05, min_samples=100)
     assert decision.winner == "challenger"
     assert registry.champion_version() == challenger and registry.challenger_version() is None
+    assert registry.challenger_pointer() is None
     with store.connect() as con:
         assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'ab_decision'"
                            ).fetchall()[0][0] == 1
+    # a challenger trained on an erased record: its status may still say challenger (an erasure
+    # interrupted before retiring it), and still it is never pointed to again
+    registry.start_challenger(champion, "test: the old champion as challenger")
+    with store.transaction() as con:
+        con.execute("UPDATE model_versions SET tainted_by = 'e1' WHERE version = ?", [champion])
+    registry.point_challenger(None)  # where the erasure starts
+    registry.reconcile()
+    assert registry.challenger_version() == champion and registry.challenger_pointer() is None

@@ -240,6 +240,29 @@ def test_ab_split_follows_the_routing_key_and_the_other_model_scores_in_shadow(p
         roles = {p["served_by"] for p in keyed.json()["predictions"]}
         assert roles == {ab.route_hash("user-7", 0.3)}
         request_id = got.json()["request_id"]
+
+        def answers() -> set:
+            resp = api.post("/v1/predict", json={"records": [{"id": i} for i in ids[:100]]})
+            assert resp.status_code == 200, resp.text
+            return {(p["model_version"], p["served_by"]) for p in resp.json()["predictions"]}
+
+        def within(seconds: float, want: set) -> None:
+            deadline = time.monotonic() + seconds
+            while (got_now := answers()) != want:
+                assert time.monotonic() < deadline, got_now
+                time.sleep(0.05)
+
+        # while a run holds the database (the API cannot read it), the pointers still say at once
+        # who may answer: a retired challenger stops, a new one starts, a promoted one is champion
+        with store.session():
+            registry.retire_challenger(challenger, "test: rejected")
+            within(2.0, {(champion, "champion")})
+            newer = _another_version(registry, champion, threshold=0.9)
+            registry.start_challenger(newer, "test")
+            within(2.0, {(champion, "champion"), (newer, "challenger")})
+            registry.promote(newer, None, "test: won")
+            within(2.0, {(newer, "champion")})
+            assert registry.challenger_pointer() is None
     lines = [json.loads(x) for p in served.files(paths.home) for x in p.read_text().splitlines()]
     first = [x for x in lines if x["request_id"] == request_id]
     # both models answered every record; exactly the routed one was served, the other in shadow

@@ -221,12 +221,14 @@ def _models(paths: Paths, store: Store, plans: dict, outcomes: dict) -> None:
     from ..learning.registry import ModelRegistry
 
     registry = ModelRegistry(paths.models, store)
+    tainted = {v for p in plans.values() for v in p["versions"]}
+    if registry.challenger_pointer() in tainted:
+        registry.point_challenger(None)  # it stops answering before anything else changes
     for h, plan in plans.items():
         if plan["versions"]:
             with store.transaction() as con:
                 con.execute("""UPDATE model_versions SET tainted_by = coalesce(tainted_by, ?)
                                WHERE version IN (SELECT unnest(?))""", [h[:16], plan["versions"]])
-    tainted = {v for p in plans.values() for v in p["versions"]}
     challenger = registry.challenger_version()
     if challenger in tainted:
         registry.retire_challenger(challenger, "trained on an erased record")

@@ -395,11 +395,21 @@ def ab_arms(registry: ModelRegistry, store: Store):
     from .ab import Arm
 
     champion, challenger = registry.reconcile(), registry.challenger_version()
-    arms = {"champion": Arm(), "challenger": Arm()}
     if champion is None or challenger is None:
+        return {"champion": Arm(), "challenger": Arm()}
+    return read_arms(registry, champion, challenger)
+
+
+def read_arms(registry: ModelRegistry, champion: str, challenger: str) -> dict:
+    """:func:`ab_arms` of a given pair, reading only (the API's background thread: no writes)."""
+    from .ab import Arm
+
+    arms = {"champion": Arm(), "challenger": Arm()}
+    version = registry.get(challenger)
+    if version is None or version.promoted_at is None:
         return arms
-    start = registry.get(challenger).promoted_at
-    with store.connect() as con:
+    start = version.promoted_at
+    with registry.store.connect() as con:
         for role, ok, n in con.execute(
                 f"""SELECT p.role, sum(CASE WHEN p.label = l.label THEN 1 ELSE 0 END), count(*)
                    FROM {ANSWERS} p JOIN labels l ON l.record_id = p.record_id

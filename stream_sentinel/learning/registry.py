@@ -4,10 +4,19 @@
     models/m000003/features.*      the feature pipeline the trees were trained on
     models/m000003/meta.json       parent, training-set data version, params, metrics, sha256
     models/CHAMPION                -> "m000003", switched with os.replace
+    models/CHALLENGER              -> "m000004" while an A/B test runs (absent otherwise)
 
 The pointer is the source of truth for which version serves. ``model_versions`` in
 DuckDB mirrors it; :meth:`ModelRegistry.reconcile` repairs the mirror after a crash
 between the two writes, so there is always exactly one consistent champion.
+
+The challenger's status lives in the database (the A/B test is decided there), and
+``CHALLENGER`` follows it so that a server can tell by a ``stat`` per request which version
+may answer the challenger's share, without the database, which a run may hold for minutes:
+a retired, promoted or tainted (erased-data) challenger must stop answering at once. So the
+pointer is removed *before* the status changes and written *after* a new challenger's
+status is committed: a crash between the two leaves it not serving, never serving when it
+should not; :meth:`reconcile` writes it back.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from .models import FeatureSpec, file_sha256
 from ..store import Store
 
 POINTER = "CHAMPION"
+CHALLENGER_POINTER = "CHALLENGER"
 
 
 def _now() -> datetime:
@@ -75,6 +85,25 @@ class ModelRegistry:
             return (self.root / POINTER).read_text().strip() or None
         except FileNotFoundError:
             return None
+
+    def challenger_pointer(self) -> str | None:
+        """The version ``CHALLENGER`` names: the one that may serve the challenger's share now."""
+        try:
+            return (self.root / CHALLENGER_POINTER).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def point_challenger(self, version: str | None) -> None:
+        """``CHALLENGER`` names ``version`` (None: removed); the status is the caller's to change."""
+        path = self.root / CHALLENGER_POINTER
+        if version is not None:
+            write_bytes_atomic(path, (version + "\n").encode())
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        fsync_path(self.root)
 
     def get(self, version: str) -> Version | None:
         with self.store.connect() as con:
@@ -191,6 +220,8 @@ class ModelRegistry:
                                      "it is never served again")
         previous = self.champion_version()
         write_bytes_atomic(self.root / POINTER, (version + "\n").encode())
+        if self.challenger_pointer() == version:  # the challenger won: it is no longer one
+            self.point_challenger(None)
         pause_point("promotion_after_pointer")
         self._mirror(version, score, reason)
         self.event(event_type, version, previous_champion=previous, reason=reason)
@@ -212,14 +243,19 @@ class ModelRegistry:
 
     def start_challenger(self, version: str, reason: str) -> None:
         """Serve ``version`` to the challenger share; any earlier challenger is retired."""
+        self.point_challenger(None)  # the earlier one stops serving first
         with self.store.transaction() as con:
             con.execute("UPDATE model_versions SET status = 'archived', reason = 'replaced by a newer challenger' "
                         "WHERE status = 'challenger'")
             con.execute("UPDATE model_versions SET status = 'challenger', promoted_at = ?, reason = ? "
                         "WHERE version = ?", [_now(), reason, version])
+        pause_point("challenger_before_pointer")
+        self.point_challenger(version)
         self.event("challenger", version, champion=self.champion_version(), reason=reason)
 
     def retire_challenger(self, version: str, reason: str) -> None:
+        if self.challenger_pointer() == version:
+            self.point_challenger(None)  # stops serving before the status says so
         with self.store.transaction() as con:
             con.execute("UPDATE model_versions SET status = 'rejected', reason = ? WHERE version = ? "
                         "AND status = 'challenger'", [reason, version])
@@ -234,6 +270,11 @@ class ModelRegistry:
         elif champion is None and rows:
             with self.store.transaction() as con:
                 con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion'")
+        challenger = self.challenger_version()
+        if challenger == champion or (challenger is not None and (self.get(challenger).tainted_by is not None)):
+            challenger = None  # a tainted one is retired by the erasure's rerun; it never serves meanwhile
+        if self.challenger_pointer() != challenger:  # a crash between a status and its pointer
+            self.point_challenger(challenger)
         return champion
 
     def previous_champion(self, current: str) -> str | None:

@@ -7,7 +7,9 @@ What a prediction needs, and where it comes from without the database on the req
   trees, feature spec, threshold and label names from ``meta.json``) before the request is
   answered. So an answer always names the version the pointer named while the request was
   being served, whatever a promotion or rollback did a millisecond before. The challenger
-  (a database status) and the arms of Thompson routing are read by the background thread.
+  the same way, by its ``CHALLENGER`` pointer (which the registry removes before a retired,
+  promoted or tainted challenger's status changes); the arms of Thompson routing are read
+  by the background thread.
 * the **labelled neighbours** (kNN and linear columns): every resolved label's vector, read
   again by the background thread when the labels changed, with the kNN index and the linear
   state built once per read (``Reference`` memoizes them), not once per request.
@@ -111,7 +113,9 @@ class Predictor:
         self._champion: str | None = None
         self._broken: tuple | None = None  # (pointer key, why, retry after): a champion that failed to load
         self._load_lock = threading.Lock()
-        self.challenger: str | None = None
+        self.challenger: str | None = None  # the version CHALLENGER named when last read
+        self._challenger_key: tuple | None = None  # (inode, mtime_ns, size) of CHALLENGER, or () when absent
+        self._challenger_retry = 0.0  # a challenger that failed to load is tried again after this
         self.arms: dict = {}
         self.reference = None  # learning.models.Reference over every resolved label
         self._labels_digest: str | None = None
@@ -140,7 +144,7 @@ class Predictor:
                                 labels["positive"], labels["negative"], meta["embedding_model_id"])
                 # versions are immutable: keep a few (a rollback goes back to a recent one)
                 for old in list(self._models)[:-3]:
-                    if old not in (self._champion, self.challenger):
+                    if old not in (self._champion, self.challenger, version):
                         del self._models[old]
                 self._models[version] = m
                 log.info("predict: loaded model %s", version)
@@ -188,6 +192,42 @@ class Predictor:
             return model
         return self.model(self._champion) if self._champion else None
 
+    def _challenger_stat(self) -> tuple:
+        from ..learning.registry import CHALLENGER_POINTER
+
+        try:
+            st = os.stat(self.paths.models / CHALLENGER_POINTER)
+        except FileNotFoundError:
+            return ()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _challenger_if_current(self) -> tuple[bool, ServedModel | None]:
+        """(True, the loaded challenger or None) when ``CHALLENGER`` has not moved since it was
+        read (a stat), else (False, None): read it with :meth:`current_challenger`."""
+        if self._challenger_stat() != self._challenger_key or \
+                (self.challenger is not None and self.challenger not in self._models):
+            return False, None
+        return True, None if self.challenger is None else self._models[self.challenger]
+
+    def current_challenger(self) -> ServedModel | None:
+        """The version ``CHALLENGER`` names now, loaded; None when there is none, or when its files
+        cannot be loaded (the champion answers alone meanwhile: never the previous challenger,
+        which is no longer one; tried again every ``MODEL_RETRY_S``)."""
+        key = self._challenger_stat()
+        version = self.registry.challenger_pointer() if key else None
+        model = None
+        if version is not None and (key != self._challenger_key or time.monotonic() >= self._challenger_retry):
+            try:
+                model = self.model(version)
+            except Exception as exc:  # noqa: BLE001 -- a sha mismatch, missing or unreadable files
+                log.warning("predict: the challenger %s cannot be loaded (%s: %s); the champion answers alone",
+                            version, type(exc).__name__, exc)
+                self._challenger_retry = time.monotonic() + MODEL_RETRY_S
+        elif version is not None:
+            model = self._models.get(version)
+        self.challenger, self._challenger_key = (None if model is None else version), key
+        return model
+
     def loaded(self) -> dict:
         ref = self.reference
         return {"champion": self._champion, "challenger": self.challenger,
@@ -205,6 +245,7 @@ class Predictor:
             self.champion()  # a promotion is loaded here too, not only by the next request
         except ModelUnavailable:
             pass  # said by healthz and by each request
+        self.current_challenger()
         new_index = index is not None and index.meta.version != self._known_index
         store = Store.of(self.paths, lock_timeout_s=0.2)
         stamp, due = None, time.monotonic() - self._labels_checked >= LABELS_CHECK_S
@@ -277,26 +318,25 @@ class Predictor:
         self.reference, self._labels_digest = ref, digest
 
     def _read_ab(self) -> None:
-        from ..learning.loop import ab_arms
+        """The arms of Thompson routing (the challenger itself is read from its pointer)."""
+        from ..learning.loop import read_arms
         from ..learning.registry import ModelRegistry
         from ..store import Store
 
+        if self.settings.ab_routing != "thompson":
+            return
         registry = ModelRegistry(self.paths.models, Store.of(self.paths, lock_timeout_s=0.2))
-        challenger = registry.challenger_version()
-        if challenger is not None:
-            self.model(challenger)
-            if self.settings.ab_routing == "thompson":
-                self.arms = ab_arms(registry, registry.store)
-        self.challenger = challenger
+        champion, challenger = registry.champion_version(), registry.challenger_pointer()
+        self.arms = {} if champion is None or challenger is None else \
+            {"versions": (champion, challenger), **read_arms(registry, champion, challenger)}
 
     # ------------------------------------------------------------------ answering
-    def route(self, key: str) -> str:
+    def route(self, key: str, pair: tuple[str, str], arms: dict) -> str:
+        """Which of the pair (champion, challenger versions) answers ``key``."""
         from ..learning import ab
 
-        if self.challenger is None:
-            return "champion"
-        if self.settings.ab_routing == "thompson" and self.arms:
-            return ab.route_thompson(key, self.arms["champion"], self.arms["challenger"])
+        if self.settings.ab_routing == "thompson" and arms.get("versions") == pair:
+            return ab.route_thompson(key, arms["champion"], arms["challenger"])
         return ab.route_hash(key, self.settings.ab_share)
 
     def vectors_for(self, records: list[dict], model: ServedModel):
@@ -380,7 +420,10 @@ class Predictor:
         champion = self._champion_if_current()
         if champion is None:
             champion = await asyncio.to_thread(self.champion)
-        steps = self._answer(records, champion, started)
+        current, challenger = self._challenger_if_current()
+        if not current:
+            challenger = await asyncio.to_thread(self.current_challenger)
+        steps = self._answer(records, champion, challenger, started)
         try:
             fut = next(steps)
             while True:
@@ -408,19 +451,22 @@ class Predictor:
             return None
         return self._models.get(self._champion)
 
-    def _answer(self, records: list[dict], champion: ServedModel | None, started: float):
+    def _answer(self, records: list[dict], champion: ServedModel | None, challenger: ServedModel | None,
+                started: float):
         """The steps of an answer, as a generator that yields the futures it waits for (an
-        embedding, a scoring pass) and is sent their results, so that the event loop awaits them."""
+        embedding, a scoring pass) and is sent their results, so that the event loop awaits them.
+        ``champion`` and ``challenger`` are what the pointers named when the request came."""
         if champion is None:
             raise NoModel("no champion yet: the loop has not promoted a first model")
-        challenger_v = self.challenger
-        challenger = self._models.get(challenger_v) if challenger_v else None
-        if challenger is not None and challenger.embedding_model_id != champion.embedding_model_id:
-            challenger = None  # cannot share the vectors: the champion answers alone
+        if challenger is not None and (challenger.version == champion.version
+                                       or challenger.embedding_model_id != champion.embedding_model_id):
+            challenger = None  # just promoted, or cannot share the vectors: the champion answers alone
+        arms = self.arms
         vectors, features, source = yield from self.vectors_for(records, champion)
         ids = [r["id"] for r in records]
         keys = [str(r.get("routing_key") or r["id"]) for r in records]
-        roles = [self.route(k) if challenger is not None else "champion" for k in keys]
+        roles = [self.route(k, (champion.version, challenger.version), arms) if challenger is not None
+                 else "champion" for k in keys]
         pair = (champion.version, None if challenger is None else challenger.version)
         (p_champ, l_champ), (p_chal, l_chal) = yield self.scorer.submit(
             pair, (champion, challenger, vectors, features, ids), len(ids))
