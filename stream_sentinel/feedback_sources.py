@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -373,21 +374,84 @@ def file_batches(store: Store, after_seq: int = 0) -> list[FileBatch]:
     return [FileBatch(seq, key, tuple(files)) for seq, key, files in rows]
 
 
+MAX_MESSAGE_BYTES = 900_000  # a feedback message's JSON, under the producer's message.max.bytes (1 MB)
+
+
+class NotDelivered(RuntimeError):
+    """Kafka refused or did not confirm some messages (``failed``: their indexes) in time."""
+
+    def __init__(self, message: str, delivered: int, failed: list[int]):
+        super().__init__(message)
+        self.delivered, self.failed = delivered, failed
+
+
+class FeedbackSender:
+    """Feedback messages to Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else one file per call in
+    the feedback/ drop folder (the CLI's `feedback send`, the API's POST /v1/feedback).
+
+    One idempotent producer for the sender's life (the API keeps one: a producer per request
+    took a new broker connection each, and a 60 s flush that held a server thread while the
+    broker was away). Each message's delivery is confirmed on its own within ``timeout_s``,
+    which is also librdkafka's ``message.timeout.ms``, so a message reported as not delivered
+    is never delivered later (a client that sends it again makes no duplicate of it); and the
+    client library's errors (a full local queue, a refused message) end as :class:`NotDelivered`
+    naming which messages went and which did not, never as another exception."""
+
+    def __init__(self, settings: Settings, paths: Paths, timeout_s: float = 60.0):
+        self.settings, self.paths, self.timeout_s = settings, paths, float(timeout_s)
+        self.kafka = kf.KafkaSettings.from_env()
+        self._producer = None
+        self._lock = threading.Lock()
+
+    def _get_producer(self):
+        with self._lock:
+            if self._producer is None:
+                self._producer = kf.producer(self.kafka, **{"message.timeout.ms": max(1, int(self.timeout_s * 1000))})
+            return self._producer
+
+    def send(self, messages: list[dict]) -> str:
+        """Where the messages went; raises NotDelivered when Kafka does not confirm each of them."""
+        if self.kafka is None:
+            name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
+            # a hidden temp name, fsync, rename: the drop-folder sensor never sees half a file
+            write_bytes_atomic(self.paths.feedback / name, "".join(json.dumps(m) + "\n" for m in messages).encode())
+            return str(self.paths.feedback / name)
+        from confluent_kafka import KafkaException
+
+        prod, topic = self._get_producer(), self.settings.feedback_topic
+        reports: dict[int, object] = {}
+        for i, m in enumerate(messages):
+            try:
+                prod.produce(topic, key=m["record_id"].encode(), value=json.dumps(m).encode(),
+                             on_delivery=lambda err, msg, i=i: reports.__setitem__(i, err))
+            except BufferError:
+                reports[i] = "the producer's local queue is full"
+            except KafkaException as exc:
+                reports[i] = exc.args[0] if exc.args else exc
+            prod.poll(0)
+        deadline = time.monotonic() + self.timeout_s + 5  # message.timeout.ms reports each before this
+        while len(reports) < len(messages) and time.monotonic() < deadline:
+            prod.poll(0.05)  # delivery reports run in whichever thread polls: ours are in ``reports``
+        failed = [i for i in range(len(messages)) if reports.get(i, "no delivery report") is not None]
+        if failed:
+            first = reports.get(failed[0], "no delivery report")
+            why = f"{first.name()}: {first.str()}" if hasattr(first, "name") else str(first)
+            raise NotDelivered(f"{len(failed)} of {len(messages)} feedback message(s) not acknowledged by "
+                               f"{self.kafka.bootstrap_servers} within {self.timeout_s:g} s ({why[:200]})",
+                               len(messages) - len(failed), failed)
+        return f"kafka topic {topic}"
+
+    def close(self) -> None:
+        with self._lock:
+            prod, self._producer = self._producer, None
+        if prod is not None:
+            prod.flush(5)
+
+
 def send_feedback(messages: list[dict], settings: Settings, paths: Paths) -> str:
-    """To Kafka when KAFKA_BOOTSTRAP_SERVERS is set, else one file in the feedback/ drop folder
-    (the CLI's `feedback send` and the API's POST /v1/feedback); returns where they went.
-    Raises RuntimeError when Kafka does not acknowledge every message within 60 s."""
-    kafka = kf.KafkaSettings.from_env()
-    if kafka is not None:
-        prod = kf.producer(kafka)
-        for m in messages:
-            kf.produce_json(prod, settings.feedback_topic, m["record_id"], m)
-        left = prod.flush(60)
-        if left:
-            raise RuntimeError(f"{left} feedback message(s) not acknowledged by {kafka.bootstrap_servers}")
-        return f"kafka topic {settings.feedback_topic}"
-    name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}.jsonl"
-    # a hidden temp name, fsync, rename: the drop-folder sensor never sees half a file
-    write_bytes_atomic(paths.feedback / name, "".join(json.dumps(m, ensure_ascii=False) + "\n"
-                                                      for m in messages).encode())
-    return str(paths.feedback / name)
+    """:meth:`FeedbackSender.send` once (the CLI): waits up to 60 s for Kafka to confirm them."""
+    sender = FeedbackSender(settings, paths, 60.0)
+    try:
+        return sender.send(messages)
+    finally:
+        sender.close()

@@ -293,3 +293,56 @@ def test_concurrent_runs_on_postgresql_land_each_offset_once(paths, topic, kafka
     got = fb.resolve_labels(store, fb.ConsensusConfig())
     assert got["labels"] == 3000 and got["reviewers"] == 5
     assert flush_tick(paths).run_requests == []  # nothing left to read
+
+
+def test_the_api_sends_feedback_to_kafka_and_a_broker_away_costs_each_request_its_deadline_only(
+        paths, topic, kafka_broker, monkeypatch):
+    """POST /v1/feedback with Kafka configured: each message confirmed on its own (key = record
+    id) by the process's one producer; too large a message is refused before anything is sent;
+    with the broker unreachable every request is answered 503 within STREAM_SENTINEL_API_TIMEOUT_SECONDS
+    naming what was not delivered, and the other endpoints keep answering meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .helpers import serve
+
+    bootstrap = kafka_broker.state().bootstrap
+    with serve(paths, env={"STREAM_SENTINEL_API_TIMEOUT_SECONDS": "3"}) as api:
+        for n in range(2):  # the second request reuses the producer
+            sent = api.post("/v1/feedback", json={"feedback": [vote(f"k{n}-{i}", source=f"s{i}") for i in range(3)]})
+            assert sent.status_code == 202, sent.text
+            assert sent.json() == {"accepted": 3, "to": f"kafka topic {topic}"}
+        big = api.post("/v1/feedback", json={"feedback": [vote("ok"), {**vote("huge"), "note": "x" * 1_000_000}]})
+        assert big.status_code == 422 and [(e["index"], e["rule"]) for e in big.json()["error"]["feedback"]] == \
+            [(1, "too_large")]
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:6]}",
+                     "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    cons.subscribe([topic])
+    got, deadline = [], time.monotonic() + 60
+    while len(got) < 6 and time.monotonic() < deadline:
+        msg = cons.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got.append((msg.key().decode(), json.loads(msg.value())))
+    extra = cons.poll(2.0)
+    cons.close()
+    assert sorted(k for k, _ in got) == sorted(f"k{n}-{i}" for n in range(2) for i in range(3))
+    assert all(v["record_id"] == k and v["label"] == "spam" for k, v in got) and extra is None  # "ok" not sent
+    # the broker away (nothing listens there): an answer within the deadline, the rest of the API unaffected
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    with serve(paths, env={"STREAM_SENTINEL_API_TIMEOUT_SECONDS": "2"}) as api:
+        with ThreadPoolExecutor(8) as pool:
+            started = time.monotonic()
+            posts = [pool.submit(api.post, "/v1/feedback", json={"feedback": [vote(f"x{i}"), vote(f"y{i}")]})
+                     for i in range(6)]
+            time.sleep(0.3)
+            for _ in range(5):
+                assert api.get("/healthz").status_code == 200
+                assert api.get("/v1/models").status_code == 200
+            assert time.monotonic() - started < 2.0  # not behind the waiting feedback
+            answers = [f.result() for f in posts]
+            took = time.monotonic() - started
+        for resp in answers:
+            assert resp.status_code == 503, resp.text
+            err = resp.json()["error"]
+            assert err["code"] == "feedback_not_delivered" and err["delivered"] == 0 and err["failed"] == [0, 1]
+            assert resp.headers["Retry-After"]
+        assert took < 15, took

@@ -108,6 +108,9 @@ class Service:
     batcher: Any = None  # embedding.Batcher
     prediction_log: Any = None  # served.PredictionLog
     metrics: Any = None  # metrics.ApiMetrics
+    feedback: Any = None  # feedback_sources.FeedbackSender: one Kafka producer for the process
+    # feedback waits for Kafka in threads of its own, never in the pool the other endpoints share
+    feedback_pool: Any = None  # concurrent.futures.ThreadPoolExecutor
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
     loop_watch: ChangeWatch = dataclass_field(default_factory=ChangeWatch)  # read only after a write
 
@@ -413,7 +416,9 @@ async def post_feedback(request: Request) -> Response:
       422: {description: "messages break the contract (error.feedback: [{index, record_id, rule, error}])"}
       503: {description: Kafka did not acknowledge the messages}
     """
-    from ..feedback_sources import send_feedback
+    import asyncio
+
+    from ..feedback_sources import MAX_MESSAGE_BYTES, NotDelivered
 
     svc: Service = request.app.state.svc
     s = svc.settings
@@ -426,19 +431,27 @@ async def post_feedback(request: Request) -> Response:
         msg = {"source": "api", "ts": now, **obj} if isinstance(obj, dict) else obj
         checked = fb.validate(fb.Position("api", 0, i), json.dumps(msg, ensure_ascii=False), None,
                               s.allowed_labels)
-        if isinstance(checked, fb.Rejected):
+        size = len(json.dumps(msg)) if not isinstance(checked, fb.Rejected) else 0
+        if isinstance(checked, fb.Rejected) or size > MAX_MESSAGE_BYTES:
             rid = msg.get("record_id") if isinstance(msg, dict) else None
+            rule, error = (checked.rule, checked.error) if isinstance(checked, fb.Rejected) else \
+                ("too_large", f"the message is {size} bytes as JSON; at most {MAX_MESSAGE_BYTES}")
             broken.append({"index": i, "record_id": rid if isinstance(rid, str) else None,
-                           "rule": checked.rule, "error": checked.error})
+                           "rule": rule, "error": error})
         else:
             messages.append(msg)
     if broken:
         raise ApiError(422, "invalid_feedback", f"{len(broken)} of {len(items)} feedback messages break the "
                        "contract; none was sent", field="feedback", feedback=broken[:100])
+    sending = svc.feedback_pool.submit(svc.feedback.send, messages)
     try:
-        to = await run_in_threadpool(send_feedback, messages, s, svc.paths)
-    except RuntimeError as exc:  # Kafka did not acknowledge in time
-        raise ApiError(503, "feedback_not_delivered", str(exc)) from None
+        # the sender confirms or fails each message within api_timeout_s (message.timeout.ms)
+        to = await asyncio.wait_for(asyncio.wrap_future(sending), s.api_timeout_s + 10)
+    except NotDelivered as exc:  # a client may send exactly the failed ones again: no duplicates
+        raise ApiError(503, "feedback_not_delivered", str(exc), delivered=exc.delivered, failed=exc.failed,
+                       headers={"Retry-After": "5"}) from None
+    except asyncio.TimeoutError:
+        raise TimedOut(f"Kafka did not answer within {s.api_timeout_s:g} s") from None
     log.info("feedback: %d message(s) sent to %s", len(messages), to)
     return StrictJSONResponse({"accepted": len(messages), "to": to}, status_code=202)
 
@@ -741,6 +754,9 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     paths = paths or Paths.from_env()
     settings = settings or Settings.from_env()
     token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip() or None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..feedback_sources import FeedbackSender
     from ..served import PredictionLog
     from .embedding import Batcher, Embedding
     from .predict import Predictor
@@ -752,6 +768,8 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     svc.search = SearchService(svc.paths, settings, svc.batcher)
     svc.prediction_log = PredictionLog(svc.paths.home)
     svc.predictor = Predictor(svc.paths, settings, svc.batcher, svc.prediction_log)
+    svc.feedback = FeedbackSender(settings, svc.paths, settings.api_timeout_s)
+    svc.feedback_pool = ThreadPoolExecutor(4, thread_name_prefix="feedback")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -764,6 +782,8 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
             stop.set()
             keeper.join(timeout=5)
             svc.prediction_log.close()
+            svc.feedback_pool.shutdown(wait=False, cancel_futures=True)
+            svc.feedback.close()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
