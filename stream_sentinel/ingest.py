@@ -517,7 +517,7 @@ def _erased(con):
         root = Path(con.home)
     else:
         root = Path(con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-                                ).fetchone()[0]).parent
+                                ).fetchall()[0][0]).parent  # fetchall: no result left open on the connection
     hasher = IdHasher.for_root(root, create=False)
     if hasher is None:
         return None

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .records import is_utf8
 from .store import Store
 
 SERVED_DIR = "served"
@@ -162,6 +163,8 @@ def check(obj) -> str | None:
                 return f"bad_{name}"
         elif not isinstance(value, kind):
             return f"bad_{name}"
+        elif kind is str and not is_utf8(value):  # a lone surrogate: DuckDB would refuse the whole chunk
+            return "invalid_unicode"
     if obj["role"] not in ROLES:
         return "bad_role"
     try:
@@ -173,6 +176,7 @@ def check(obj) -> str | None:
 
 def ingest(root: Path, store: Store) -> dict:
     """Load every whole line not loaded yet; returns counts."""
+    from .ingest import _erased
     loaded = rejected = 0
     todo = _cursors(root, store)
     for rel, (start, _) in sorted(todo.items()):
@@ -204,6 +208,12 @@ def ingest(root: Path, store: Store) -> dict:
             now = con.execute("SELECT bytes_done FROM served_files WHERE path = ?", [rel]).fetchall()
             if (now[0][0] if now else 0) != start:
                 continue  # another run loaded this part meanwhile
+            erased = _erased(con)  # read in this transaction: an erasure since the read above counts
+            if erased is not None:  # answers about an erased record: a blank reject at their offset
+                gone = [r for r in rows if erased(r["record_id"])]
+                rows = [r for r in rows if not erased(r["record_id"])]
+                rejects += [{"file": rel, "file_offset": r["file_offset"], "rule": "erased", "raw": b""}
+                            for r in gone]
             if rows:
                 frame = pd.DataFrame(rows)
                 frame["served_at"] = pd.to_datetime(frame["served_at"], utc=True, format="ISO8601")

@@ -230,6 +230,21 @@ def test_an_erased_record_is_nowhere_and_the_champion_never_saw_it(backend, path
         (rule, rid, raw, msg), = con.execute("SELECT rule, record_id, raw, message FROM rejects "
                                               "WHERE rule = 'erased'").fetchall()
     assert rid is None and not raw and h[:16] in msg and TARGET not in msg
+    # an answer about it that an API logged after the erasure (a client still sends its id) is
+    # not loaded back: a blank reject at its offset, the other answers of the file load
+    day = datetime.now(timezone.utc).date().isoformat()
+    answer = {"request_id": "q2", "i": 0, "record_id": TARGET, "routing_key": TARGET, "model_version": "m000001",
+              "role": "champion", "served": True, "probability": 0.9, "label": "spam", "input": "stored",
+              "served_at": datetime.now(timezone.utc).isoformat()}
+    late = served.folder(paths.home) / day / "2-test.jsonl"
+    late.parent.mkdir(parents=True, exist_ok=True)
+    late.write_text(json.dumps(answer) + "\n" + json.dumps({**answer, "i": 1, "record_id": "keep-1",
+                                                             "routing_key": "keep-1"}) + "\n")
+    assert served.ingest(paths.home, Store.of(paths)) == {"files": 1, "loaded": 1, "rejected": 1}
+    with Store.of(paths).connect() as con:
+        assert con.execute("SELECT count(*) FROM served_predictions WHERE record_id = ?", [TARGET]).fetchone()[0] == 0
+        assert con.execute("SELECT rule, raw FROM served_rejects WHERE file LIKE '%2-test.jsonl'").fetchall() == \
+            [("erased", b"")]
     # erasing it again does nothing twice
     again = _erase_cli("--record-id", TARGET)
     assert again["completed"] == 0 and again["already_erased"] == 1

@@ -526,3 +526,49 @@ def test_a_stopped_embedding_server_costs_each_text_request_its_deadline_and_not
             assert "Traceback" not in api.server_log()
     finally:
         stop_process(embed_server)
+
+
+def test_known_records_are_read_without_a_lock_while_they_grow_and_an_erasure_forgets_at_once():
+    """A request reads the known records while the background thread appends: a row it can see
+    always has its vector and features (it raised IndexError once a row was published first).
+    An erasure's copy forgets the erased ids at once, leaving the others readable."""
+    import threading
+
+    from stream_sentinel.serving.predict import KnownRecords
+
+    known, dim, stop, errors = KnownRecords(), 8, threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            n = len(known)
+            try:
+                for i in range(n, n + 3_000, 7):  # rows about to be published
+                    got = known.get([f"r{i}"])
+                    if got is not None:
+                        assert got[0].shape == (1, dim) and got[1][0] == {"n": i}
+            except Exception as exc:  # noqa: BLE001 -- what the test looks for
+                errors.append(repr(exc))
+                return
+
+    import sys
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: a reader lands inside an append
+    for t in threads:
+        t.start()
+    for start in range(0, 60_000, 3_000):
+        ids = [f"r{i}" for i in range(start, start + 3_000)]
+        known.add("m", list(range(start, start + 3_000)), ids, [{"n": i} for i in range(start, start + 3_000)],
+                  np.full((3_000, dim), 1.0, np.float32))
+    stop.set()
+    for t in threads:
+        t.join()
+    sys.setswitchinterval(switch)
+    assert not errors and len(known) == 60_000
+    with pytest.raises(ValueError, match="a new KnownRecords"):
+        known.add("another-model", [1], ["x"], [{}], np.zeros((1, dim), np.float32))
+    left = known.without({5, 6})
+    assert left.get(["r5"]) is None and left.get(["r6"]) is None
+    assert left.get(["r4", "r7"])[1] == [{"n": 4}, {"n": 7}] and known.get(["r5"]) is not None
+    assert 5 not in left.vec_ids and len(left.row) == 59_998

@@ -59,10 +59,15 @@ class ServedModel:
 
 
 class KnownRecords:
-    """Vector and numeric features of every record in the served index, by record id."""
+    """Vector and numeric features of every record in the served index, by record id.
+
+    Read without a lock by requests: a row is published only after its vector and features
+    are in place, and what would change rows under a reader (another embedding model, records
+    erased) makes a new object that replaces this one whole (:meth:`without`, a new one)."""
 
     def __init__(self) -> None:
         self.row: dict[str, int] = {}
+        self.vec_of: dict[str, int] = {}  # record id -> vec_id
         self.vectors = np.zeros((0, 0), dtype=np.float32)
         self.features: list[dict] = []
         self.model_id: str | None = None
@@ -76,21 +81,35 @@ class KnownRecords:
     def add(self, model_id: str, vec_ids: list[int], ids: list[str], features: list[dict],
             vectors: np.ndarray) -> None:
         with self._lock:
-            if model_id != self.model_id:  # another embedding model: start over
-                self.row, self.features, self.vec_ids, self._n = {}, [], set(), 0
-                self.vectors = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+            if self.model_id is None:
                 self.model_id = model_id
+                self.vectors = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+            elif model_id != self.model_id:
+                raise ValueError(f"these records were embedded with {model_id}, not {self.model_id}: a new "
+                                 "KnownRecords holds them")
             need = self._n + len(ids)
             if need > len(self.vectors):  # grow by doubling: appends cost O(1) amortized
                 grown = np.zeros((max(need, 2 * len(self.vectors), 1024), vectors.shape[1]), dtype=np.float32)
                 grown[:self._n] = self.vectors[:self._n]
                 self.vectors = grown
             self.vectors[self._n:need] = vectors
+            self.features.extend(features)  # before the rows that point at them are published
+            self.vec_ids.update(vec_ids)
+            self.vec_of.update(zip(ids, vec_ids))
             for j, rid in enumerate(ids, self._n):
                 self.row[rid] = j
-            self.features.extend(features)
-            self.vec_ids.update(vec_ids)
             self._n = need
+
+    def without(self, gone: set[int]) -> "KnownRecords":
+        """A copy that no longer knows the records of the vec ids ``gone`` (an erasure), sharing
+        the arrays (rows are only ever appended past ``_n``): what the index left, at once."""
+        with self._lock:
+            new = KnownRecords()
+            new.model_id, new.vectors, new.features, new._n = self.model_id, self.vectors, self.features, self._n
+            new.vec_of = {r: v for r, v in self.vec_of.items() if v not in gone}
+            new.row = {r: self.row[r] for r in new.vec_of}
+            new.vec_ids = self.vec_ids - gone
+        return new
 
     def get(self, ids: list[str]) -> tuple[np.ndarray, list[dict]] | None:
         rows = [self.row.get(r) for r in ids]
@@ -274,11 +293,15 @@ class Predictor:
         from ..store import Store, vectors_from_arrow
 
         served = set(index.vec_ids.tolist())
-        if self.known.vec_ids - served:  # records left the index (an erasure): forget them all, reload
-            self.known = KnownRecords()
-        new = [v for v in served if v not in self.known.vec_ids] \
-            if index.meta.model_id == self.known.model_id else index.vec_ids.tolist()
+        known = self.known
+        if known.model_id not in (None, index.meta.model_id):
+            known = KnownRecords()  # another embedding model: built aside, in place once loaded
+        elif known.vec_ids - served:  # records left the index (an erasure): forgotten at once
+            known = known.without(known.vec_ids - served)
+            self.known = known
+        new = [v for v in served if v not in known.vec_ids]
         if not new:
+            self.known = known
             return
         with Store.of(self.paths, lock_timeout_s=0.2).connect() as con:
             table = con.sql(
@@ -287,11 +310,11 @@ class Predictor:
                    WHERE r.vec_id IN (SELECT unnest(?::BIGINT[])) ORDER BY r.vec_id""",
                 params=[index.meta.model_id, new]).to_arrow_table()
         n = table.num_rows
-        if not n:
-            return
-        self.known.add(index.meta.model_id, table.column("vec_id").to_pylist(), table.column("id").to_pylist(),
-                       [json.loads(x) if x else {} for x in table.column("features").to_pylist()],
-                       vectors_from_arrow(table.column("vector"), n))
+        if n:
+            known.add(index.meta.model_id, table.column("vec_id").to_pylist(), table.column("id").to_pylist(),
+                      [json.loads(x) if x else {} for x in table.column("features").to_pylist()],
+                      vectors_from_arrow(table.column("vector"), n))
+        self.known = known
 
     def _read_windows(self) -> None:
         from ..store import Store
@@ -349,12 +372,13 @@ class Predictor:
         source = ["text" if r.get("text") is not None else "stored" for r in records]
         stored = [i for i, s in enumerate(source) if s == "stored"]
         if stored:
-            if self.known.model_id not in (None, model.embedding_model_id):
+            known = self.known  # one snapshot per request: a swap never mixes two
+            if known.model_id not in (None, model.embedding_model_id):
                 raise UnknownRecords([records[i]["id"] for i in stored], "the served index was embedded with "
-                                     f"{self.known.model_id}, the model with {model.embedding_model_id}")
-            got = self.known.get([records[i]["id"] for i in stored])
+                                     f"{known.model_id}, the model with {model.embedding_model_id}")
+            got = known.get([records[i]["id"] for i in stored])
             if got is None:
-                missing = [records[i]["id"] for i in stored if records[i]["id"] not in self.known.row]
+                missing = [records[i]["id"] for i in stored if records[i]["id"] not in known.row]
                 raise UnknownRecords(missing, "not in the served vector index (yet)")
             for j, i in enumerate(stored):
                 vectors[i] = got[0][j]

@@ -248,9 +248,10 @@ class SearchService:
             # the embedder works in the batcher's thread while BM25 scores here: on two
             # cores the lexical side then costs no wall time
             pending = self.batcher.submit([query], index.meta.model_id, index.meta.dim)
-        qids, whole = self.lexical.query_ids(query)
+        lex = self.lexical  # one snapshot per request: an erasure swaps in a new one (its own vocabulary)
+        qids, whole = lex.query_ids(query)
         if mode in ("hybrid", "lexical"):
-            lexical = self.lexical.search(qids, depth)
+            lexical = lex.search(qids, depth)
         if pending is not None:
             timeout = self.settings.api_timeout_s
             try:
@@ -267,10 +268,10 @@ class SearchService:
         else:
             ranked = fuse([[r for r, _ in dense], [r for r, _ in lexical]], depth) if mode == "hybrid" else lexical
             if whole and len(qids) > 1:  # a phrase of known words: records holding it first
-                at = {rid: self.lexical.phrase_at(rid, qids) for rid, _ in ranked}
+                at = {rid: lex.phrase_at(rid, qids) for rid, _ in ranked}
                 ranked = sorted(ranked, key=lambda rs: (at[rs[0]] is None, at[rs[0]] or 0))  # stable: then by rank
             ranked = ranked[:k]
-        snippets = {rid: self.lexical.snippet(rid) for rid, _ in ranked}
+        snippets = {rid: lex.snippet(rid) for rid, _ in ranked}
         missing = [rid for rid, text in snippets.items() if text is None]
         if missing:  # newer than the lexical side (a run held the database at the last refresh)
             snippets.update(self._read_snippets(missing))
