@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .atomic import fsync_path
 from .records import is_utf8
 from .store import Store
 
@@ -69,8 +70,11 @@ class PredictionLog:
             os.fsync(self._fd)
             os.close(self._fd)
         path = self.folder / day / f"{self._tag}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_path(path.parent.parent)  # the day's folder survives a power cut ...
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fsync_path(path.parent)  # ... and the file's name in it, not only its bytes
         self._day = day
         return self._fd
 
@@ -82,8 +86,13 @@ class PredictionLog:
         with self._lock:
             fd = self._fd if day == self._day and self._fd is not None else self._open(day)
             view = memoryview(data)
-            while view:  # a regular file takes it in one write; loop for the rare short write
-                view = view[os.write(fd, view):]
+            try:
+                while view:  # a regular file takes it in one write; loop for the rare short write
+                    view = view[os.write(fd, view):]
+            except OSError:  # a full disk: no fragment left to merge with the next request's line
+                if len(view) < len(data):
+                    os.ftruncate(fd, os.fstat(fd).st_size - (len(data) - len(view)))
+                raise
             self._dirty = True
             self.lines += len(rows)
 

@@ -440,6 +440,33 @@ def test_texts_that_queue_while_the_embedder_is_busy_go_in_one_call_each_answere
     assert off.calls == [(2, "embed-batcher")] + [(1, "embed-batcher")] * 3
 
 
+def test_a_request_larger_than_a_batch_lets_later_requests_into_its_next_batch(demo_embedder, demo_records):
+    """Ten texts with batches of four: embedded four at a time, each batch queued when the one
+    before is done, so a text that came meanwhile goes in the second call instead of waiting
+    behind all ten; every request gets its own vectors, in its own order."""
+    from stream_sentinel.serving.embedding import Batcher
+
+    texts = [r["text"] for r in demo_records[WINDOW][:11]]
+    gated = _Gated(demo_embedder)
+    batcher = Batcher(gated, window_s=0.0, max_batch=4)
+    big = batcher.submit(texts[:10], "m", demo_embedder.dim)
+    assert gated.entered.wait(10)
+    small = batcher.submit(texts[10:], "m", demo_embedder.dim)
+    gated.release.set()
+    got_small, got_big = small.result(60), big.result(60)
+    assert [n for n, _ in gated.calls] == [4, 5, 2]  # the small request rode in the second call
+    np.testing.assert_allclose(got_big, demo_embedder.embed(texts[:10]), atol=1e-6)
+    np.testing.assert_allclose(got_small, demo_embedder.embed(texts[10:]), atol=1e-6)
+    # a request that gives up stops its remaining batches
+    gated = _Gated(demo_embedder)
+    batcher = Batcher(gated, window_s=0.0, max_batch=4)
+    big = batcher.submit(texts[:10], "m", demo_embedder.dim)
+    assert gated.entered.wait(10) and big.cancel()
+    gated.release.set()
+    assert batcher.submit(texts[10:], "m", demo_embedder.dim).result(60).shape == (1, demo_embedder.dim)
+    assert [n for n, _ in gated.calls] == [4, 1]
+
+
 def test_a_waiter_that_gives_up_costs_no_work_and_never_stops_the_batcher():
     """A request that times out (its future cancelled) while queued is left out of the next call;
     the rest of its group is answered and the worker lives on. A ``run`` that answers the wrong

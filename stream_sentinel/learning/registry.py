@@ -106,20 +106,24 @@ class ModelRegistry:
         fsync_path(self.root)
 
     def get(self, version: str) -> Version | None:
-        with self.store.connect() as con:
-            row = con.execute("SELECT * FROM model_versions WHERE version = ?", [version]).fetchall()
-            cols = [d[0] for d in con.description]
-        if not row:
-            return None
-        d = dict(zip(cols, row[0]))
-        d["params"] = json.loads(d["params"] or "{}")
-        d["metrics"] = json.loads(d["metrics"] or "{}")
-        return Version(**d)
+        found = self._select("WHERE version = ?", [version])
+        return found[0] if found else None
 
     def list(self) -> list[Version]:
+        """Every version, in one read (the API's /v1/models: one connection, however many versions)."""
+        return self._select("ORDER BY version", [])
+
+    def _select(self, where: str, params: list) -> list[Version]:
         with self.store.connect() as con:
-            names = [r[0] for r in con.execute("SELECT version FROM model_versions ORDER BY version").fetchall()]
-        return [self.get(v) for v in names]  # type: ignore[misc]
+            rows = con.execute(f"SELECT * FROM model_versions {where}", params).fetchall()
+            cols = [d[0] for d in con.description]
+        out = []
+        for row in rows:
+            d = dict(zip(cols, row))
+            d["params"] = json.loads(d["params"] or "{}")
+            d["metrics"] = json.loads(d["metrics"] or "{}")
+            out.append(Version(**d))
+        return out
 
     def load(self, version: str):
         """(booster, feature spec) of a version, checked against its recorded sha256."""

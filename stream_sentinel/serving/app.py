@@ -517,7 +517,8 @@ def _predict_items(body: Any, limit: int) -> list[dict]:
         # the record contract's own rules (id, text, event_time, features, other keys); a known
         # id may come without text, and a record without event_time is valued as of now
         probe = {k: v for k, v in obj.items() if k != "routing_key"}
-        probe.setdefault("text", "x")
+        if probe.get("text") is None:  # no text, or null: a known id, scored from what is stored
+            probe["text"] = "x"
         probe.setdefault("event_time", "2000-01-01T00:00:00Z")
         checked = validate(probe, f"records[{i}]")
         if isinstance(checked, Reject):
@@ -556,7 +557,7 @@ async def predict(request: Request) -> Response:
       503: {description: "no champion yet (no_model), or its files cannot be loaded (model_unavailable)"}
     """
     from .embedding import IndexModelMismatch
-    from .predict import ModelUnavailable, NoModel, UnknownRecords
+    from .predict import LogUnavailable, ModelUnavailable, NoModel, UnknownRecords
 
     svc: Service = request.app.state.svc
     s = svc.settings
@@ -576,6 +577,8 @@ async def predict(request: Request) -> Response:
                        ids=exc.ids[:100]) from None
     except IndexModelMismatch as exc:
         raise ApiError(409, "index_model_mismatch", str(exc)) from None
+    except LogUnavailable as exc:
+        raise ApiError(503, "prediction_log_unavailable", str(exc), headers={"Retry-After": "5"}) from None
     for p in answer["predictions"]:
         svc.metrics.predictions.labels(p["model_version"], p["served_by"]).inc()
     return StrictJSONResponse(answer)

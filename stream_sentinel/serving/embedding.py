@@ -121,12 +121,44 @@ class Batcher:
         return self._pinning.cpus
 
     def submit(self, texts: list[str], model_id: str, dim: int) -> Future:
-        """A future of the texts' vectors (in order)."""
+        """A future of the texts' vectors (in order).
+
+        A request with more texts than one batch holds is embedded one batch at a time (its
+        texts sorted by length, so each batch is of like lengths), each queued only when the
+        one before is done: requests that came meanwhile share the next batch instead of
+        waiting behind all of it (a 1,000-text predict held a search for 10 s when it went
+        to the model as one call)."""
         if not texts:
             fut: Future = Future()
             fut.set_result(np.zeros((0, dim), dtype=np.float32))
             return fut
-        return self._batcher.submit((model_id, dim), list(texts), len(texts))
+        key = (model_id, dim)
+        if len(texts) <= self.max_batch or not self.enabled:  # batching off: each request alone, whole
+            return self._batcher.submit(key, list(texts), len(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = [order[i:i + self.max_batch] for i in range(0, len(order), self.max_batch)]
+        out: Future = Future()
+        vectors = np.zeros((len(texts), dim), dtype=np.float32)
+
+        def send(k: int) -> None:
+            if out.cancelled():  # the request gave up: the rest is never embedded
+                return
+            part = self._batcher.submit(key, [texts[i] for i in chunks[k]], len(chunks[k]))
+            part.add_done_callback(lambda f: landed(k, f))
+
+        def landed(k: int, part: Future) -> None:
+            try:
+                vectors[chunks[k]] = part.result()
+            except BaseException as exc:  # noqa: BLE001 -- the request hears of it
+                _settle(out, exc=exc)
+                return
+            if k + 1 < len(chunks):
+                send(k + 1)
+            else:
+                _settle(out, value=vectors)
+
+        send(0)
+        return out
 
     def _run(self, key: tuple[str, int], groups: list[list[str]]) -> list[np.ndarray]:
         """One embedder call for every request's texts (one per embedding model)."""
@@ -137,3 +169,16 @@ class Batcher:
         self.batches += 1
         self.texts += len(texts)
         return split_rows(vecs, groups)
+
+
+def _settle(fut: Future, value=None, exc: BaseException | None = None) -> None:
+    """Answer ``fut`` unless its waiter gave up meanwhile (then nobody is listening)."""
+    from concurrent.futures import InvalidStateError
+
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    except InvalidStateError:
+        pass

@@ -136,7 +136,9 @@ class Predictor:
         self._challenger_key: tuple | None = None  # (inode, mtime_ns, size) of CHALLENGER, or () when absent
         self._challenger_retry = 0.0  # a challenger that failed to load is tried again after this
         self.arms: dict = {}
-        self.reference = None  # learning.models.Reference over every resolved label
+        # (embedding model id, positive label, learning.models.Reference over every resolved label):
+        # one reference, swapped whole, so a request never pairs a reference with another's key
+        self._reference: tuple | None = None
         self._labels_digest: str | None = None
         self._labels_checked = 0.0
         self._store_watch = ChangeWatch()  # labels, windows and A/B are read after a write only
@@ -247,6 +249,12 @@ class Predictor:
         self.challenger, self._challenger_key = (None if model is None else version), key
         return model
 
+    @property
+    def reference(self):
+        """The labelled reference held now (None before the first read)."""
+        held = self._reference
+        return None if held is None else held[2]
+
     def loaded(self) -> dict:
         ref = self.reference
         return {"champion": self._champion, "challenger": self.challenger,
@@ -338,7 +346,9 @@ class Predictor:
         ref = current_reference(store, model.embedding_model_id, model.positive)
         ref.knn_index()  # built here, once, not by a request
         ref.row_of()
-        self.reference, self._labels_digest = ref, digest
+        # for the (embedding model, positive label) it was built with: a request whose model
+        # differs scores without neighbours rather than against another space's or label's
+        self._reference, self._labels_digest = (model.embedding_model_id, model.positive, ref), digest
 
     def _read_ab(self) -> None:
         """The arms of Thompson routing (the challenger itself is read from its pointer)."""
@@ -405,7 +415,8 @@ class Predictor:
               ids: list[str]) -> tuple[np.ndarray, list[str]]:
         from ..learning.models import Reference, build_features
 
-        ref = self.reference
+        held = self._reference
+        ref = held[2] if held is not None and held[:2] == (model.embedding_model_id, model.positive) else None
         if ref is None or ref.vectors.shape[1] != vectors.shape[1]:
             ref = Reference(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, int), [])
         # a labelled record never sees its own label (as when the loop scores it)
@@ -509,7 +520,11 @@ class Predictor:
                 lines.append({"request_id": request_id, "i": i, "record_id": rid, "routing_key": keys[i],
                               "model_version": v, "role": r, "served": r == role, "probability": pr,
                               "label": lab, "input": source[i], "served_at": served_at})
-        self.log.append(lines)
+        try:
+            self.log.append(lines)
+        except OSError as exc:  # an answer that cannot be logged is not given (the loop must see it)
+            raise LogUnavailable(f"the prediction log cannot be written ({type(exc).__name__}: "
+                                 f"{exc.strerror or exc}); nothing was answered") from None
         return {"predictions": out, "request_id": request_id,
                 "took_ms": round((time.time() - started) * 1000, 2)}
 
@@ -522,6 +537,10 @@ class UnknownRecords(Exception):
 
 class NoModel(Exception):
     pass
+
+
+class LogUnavailable(Exception):
+    """The prediction log refused an append (a full disk): the request is answered 503."""
 
 
 class TimedOut(Exception):
