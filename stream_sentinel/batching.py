@@ -35,14 +35,25 @@ from typing import Any, Callable, Hashable
 log = logging.getLogger(__name__)
 
 
+class Overloaded(RuntimeError):
+    """More work is queued than the batcher takes (``max_queued``): refused at once, not queued."""
+
+
 class ContinuousBatcher:
     """``run(key, payloads) -> results`` (one result per payload, in order) for the payloads
-    that share a key, e.g. an embedding model id or a (champion, challenger) pair."""
+    that share a key, e.g. an embedding model id or a (champion, challenger) pair.
+
+    ``max_queued`` (sizes, as ``n`` counts them) bounds what may wait: past it :meth:`submit`
+    raises :class:`Overloaded`, so that a burst costs its excess a quick refusal instead of
+    memory and a wait that would time out anyway (work is always taken when nothing waits)."""
 
     def __init__(self, run: Callable[[Hashable, list], list], max_items: int, window_s: float = 0.0,
-                 name: str = "batcher", on_start: Callable[[], None] | None = None):
+                 name: str = "batcher", on_start: Callable[[], None] | None = None, max_queued: int | None = None):
         self.run, self.max_items, self.window_s, self.name = run, max(1, int(max_items)), float(window_s), name
         self.on_start = on_start  # run once in the worker thread before its first item
+        self.max_queued = max_queued
+        self._queued = 0  # sizes waiting in the queue
+        self._queued_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -56,12 +67,21 @@ class ContinuousBatcher:
         """Requests waiting for the worker (not counting the ones it is doing)."""
         return self._queue.qsize()
 
-    def submit(self, key: Hashable, payload: Any, n: int = 1) -> Future:
-        """A future of ``payload``'s result; ``n`` is its size against ``max_items``."""
+    def submit(self, key: Hashable, payload: Any, n: int = 1, admitted: bool = False) -> Future:
+        """A future of ``payload``'s result; ``n`` is its size against ``max_items``;
+        ``admitted``: the rest of work already taken in (never refused as overload)."""
         fut: Future = Future()
+        with self._queued_lock:
+            if not admitted and self.max_queued is not None and self._queued and self._queued + n > self.max_queued:
+                raise Overloaded(f"{self.name}: {self._queued} queued, at most {self.max_queued}")
+            self._queued += n
         self._ensure_worker()
         self._queue.put((key, payload, n, fut))
         return fut
+
+    def _took(self, item) -> None:
+        with self._queued_lock:
+            self._queued -= item[2]
 
     def _ensure_worker(self) -> None:
         if self._worker is not None and self._worker.is_alive():
@@ -79,6 +99,7 @@ class ContinuousBatcher:
                 log.warning("%s: its start step failed; working without it", self.name, exc_info=True)
         while True:
             first = self._queue.get()
+            self._took(first)
             group = [first]
             n = first[2]
             deadline = time.monotonic() + self.window_s
@@ -88,6 +109,7 @@ class ContinuousBatcher:
                     item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                self._took(item)
                 group.append(item)
                 n += item[2]
             by_key: dict[Hashable, list] = {}

@@ -414,6 +414,9 @@ class Settings:
         30.0, _S + "API_TIMEOUT_SECONDS", "longest a request waits for the embedder, the models or Kafka; then it "
         "is answered 503 with Retry-After (never left hanging: a stopped embedding server or broker costs each "
         "request at most this)", "serving", low=0.1, high=3600.0)
+    api_max_queued_texts: int = setting(
+        10_000, _S + "API_MAX_QUEUED_TEXTS", "texts that may wait for the embedder; a request past it is refused "
+        "at once (503 overloaded, Retry-After) instead of queueing into a timeout", "serving", low=1)
     api_batch_max: int = setting(64, _S + "API_BATCH_MAX", "dynamic batching: most texts embedded in one call "
                                  "(1: batching off, each request embedded on its own)", "serving", low=1, high=4096)
 

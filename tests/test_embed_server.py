@@ -63,6 +63,42 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
     assert connect(paths.embed_socket, embedder.model_id, embedder.dim) is None
 
 
+def test_the_api_falls_back_to_its_own_model_and_back_to_the_server_when_it_returns(paths, embedder, demo_records,
+                                                                                  monkeypatch):
+    """The API's embedding: the server while it runs; its own model (loaded once) while the
+    server is away; the server again once `up` has restarted it (the own copy let go). A
+    model id that is not the local model's is refused without loading the model again."""
+    from stream_sentinel.config import Settings
+    from stream_sentinel.embedding import embedder as embedder_mod
+    from stream_sentinel.serving import embedding as api_embedding
+
+    monkeypatch.setattr(api_embedding, "REPROBE_S", 0.5)
+    loads = []
+    real_load = embedder_mod.Embedder.load
+    monkeypatch.setattr(embedder_mod.Embedder, "load", staticmethod(lambda *a, **k: loads.append(1) or real_load(*a, **k)))
+    texts = [r["text"] for r in demo_records[:5]]
+    want = embedder.embed(texts)
+    emb = api_embedding.Embedding(paths, Settings(embed_compile=False))
+    proc = start_embed_server(paths)
+    try:
+        assert np.allclose(emb.embed(texts, embedder.model_id, embedder.dim), want, atol=1e-6)
+        assert emb.describe() == "server" and not loads
+        stop_process(proc)  # gone: the next batch is embedded here
+        assert np.allclose(emb.embed(texts, embedder.model_id, embedder.dim), want, atol=1e-5)
+        assert emb.describe() == "in-process" and len(loads) == 1
+        with pytest.raises(api_embedding.IndexModelMismatch):
+            emb.embed(texts, "other-model@sha256:0", embedder.dim)
+        with pytest.raises(api_embedding.IndexModelMismatch):
+            emb.embed(texts, "other-model@sha256:0", embedder.dim)
+        assert len(loads) == 1  # refused by the model already loaded, not by loading it again
+        proc = start_embed_server(paths)  # restarted
+        time.sleep(0.6)
+        assert np.allclose(emb.embed(texts, embedder.model_id, embedder.dim), want, atol=1e-6)
+        assert emb.describe() == "server" and emb._local is None and len(loads) == 1
+    finally:
+        stop_process(proc)
+
+
 @pytest.mark.slow
 def test_server_compiles_in_the_background_and_serves_close_vectors(paths, embedder, demo_records, instance):
     proc = start_embed_server(paths, compile_=True)

@@ -599,3 +599,25 @@ def test_known_records_are_read_without_a_lock_while_they_grow_and_an_erasure_fo
     assert left.get(["r5"]) is None and left.get(["r6"]) is None
     assert left.get(["r4", "r7"])[1] == [{"n": 4}, {"n": 7}] and known.get(["r5"]) is not None
     assert 5 not in left.vec_ids and len(left.row) == 59_998
+
+
+def test_past_its_queue_bound_the_batcher_refuses_at_once_and_takes_work_again_once_it_drains():
+    import threading
+
+    from stream_sentinel.batching import ContinuousBatcher, Overloaded
+
+    release = threading.Event()
+    batcher = ContinuousBatcher(lambda key, ps: (release.wait(10), ps)[1], max_items=8, name="test", max_queued=3)
+    busy = batcher.submit("k", "busy")  # taken by the worker at once: waits on nothing
+    deadline = time.monotonic() + 5
+    while batcher.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = [batcher.submit("k", "a", 2), batcher.submit("k", "b", 1)]
+    with pytest.raises(Overloaded, match="3 queued, at most 3"):
+        batcher.submit("k", "c", 1)
+    more = batcher.submit("k", "d", 1, admitted=True)  # the rest of a request already taken in
+    release.set()
+    assert [f.result(10) for f in (busy, *queued, more)] == ["busy", "a", "b", "d"]
+    assert batcher.submit("k", "e", 3).result(10) == "e"  # drained: taken again
+    big = ContinuousBatcher(lambda key, ps: ps, max_items=8, name="test", max_queued=3)
+    assert big.submit("k", "huge", 50).result(10) == "huge"  # nothing waits: always taken

@@ -40,6 +40,11 @@ def test_an_empty_root_answers_in_json_and_describes_itself(paths):
         assert _error(api.delete("/v1/models"), 405)["code"] == "method_not_allowed"
         metrics = api.get("/v1/learning/metrics").json()
         assert metrics["total_updates"] == 0 and metrics["current_model"] is None
+        deadline = time.monotonic() + 10
+        while (age := api.get("/healthz").json()["refreshed_s_ago"]) is None:  # the first pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert 0 <= age < 5
         spec = api.get("/openapi.json").json()
         assert {"/healthz", "/v1/records", "/v1/feedback", "/v1/models/{version}"} <= set(spec["paths"])
         assert "422" in spec["paths"]["/v1/records"]["post"]["responses"]

@@ -51,6 +51,7 @@ from .. import feedback as fb
 from .metrics import ApiMetrics, LoopCollector, RequestMetrics
 from .predict import TimedOut
 from ..atomic import write_bytes_atomic
+from ..batching import Overloaded
 from ..config import Paths, Settings
 from ..jsonout import dumps
 from ..openmp import faiss_one_thread
@@ -113,6 +114,7 @@ class Service:
     feedback_pool: Any = None  # concurrent.futures.ThreadPoolExecutor
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
     loop_watch: ChangeWatch = dataclass_field(default_factory=ChangeWatch)  # read only after a write
+    refreshed_at: float | None = None  # time.monotonic() of the background thread's last full pass
 
     def store(self) -> Store:
         return Store.of(self.paths, lock_timeout_s=STORE_WAIT_S)
@@ -256,6 +258,9 @@ def healthz(request: Request) -> Response:
                    "model_error": held["model_error"]},
         "challenger": held["challenger"],
         "search": svc.search.describe(),
+        # the background thread that picks up new versions: seconds since its last pass (every
+        # 0.5 s normally; a load of a large index or model takes longer; growing without end: stuck)
+        "refreshed_s_ago": None if svc.refreshed_at is None else round(time.monotonic() - svc.refreshed_at, 1),
     })
 
 
@@ -629,6 +634,11 @@ async def on_timed_out(request: Request, exc: Exception) -> Response:
     return error_response(503, "timed_out", str(exc), headers={"Retry-After": "2"})
 
 
+async def on_overloaded(request: Request, exc: Exception) -> Response:
+    return error_response(503, "overloaded", f"too much work waits for the embedder ({exc}; "
+                          "STREAM_SENTINEL_API_MAX_QUEUED_TEXTS); try again shortly", headers={"Retry-After": "1"})
+
+
 class Contained:
     """ASGI middleware (inside the others): whatever escapes an endpoint ends here.
 
@@ -727,6 +737,7 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
         if time.monotonic() >= next_snapshot:
             guarded(lambda: read_loop_state(svc))
             next_snapshot = time.monotonic() + SNAPSHOT_S
+        svc.refreshed_at = time.monotonic()
         if stop.wait(REFRESH_S):
             return
 
@@ -767,7 +778,8 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
 
     svc = Service(paths.ensure(), settings, token)
     svc.batcher = Batcher(Embedding(svc.paths, settings), settings.api_batch_window_ms / 1000.0,
-                          settings.api_batch_max, pin=settings.embed_pin_threads)
+                          settings.api_batch_max, pin=settings.embed_pin_threads,
+                          max_queued=settings.api_max_queued_texts)
     svc.search = SearchService(svc.paths, settings, svc.batcher)
     svc.prediction_log = PredictionLog(svc.paths.home)
     svc.predictor = Predictor(svc.paths, settings, svc.batcher, svc.prediction_log)
@@ -803,7 +815,8 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
         Route("/reports/{name:path}", get_report, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        ApiError: on_api_error, StoreBusy: on_store_busy, HTTPException: on_http_error, TimedOut: on_timed_out})
+        ApiError: on_api_error, StoreBusy: on_store_busy, HTTPException: on_http_error, TimedOut: on_timed_out,
+        Overloaded: on_overloaded})
     app.state.svc = svc
     svc.metrics = ApiMetrics()
     svc.metrics.registry.register(LoopCollector(lambda: loop_state(svc)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Sequence
 
@@ -26,51 +27,74 @@ from ..openmp import TeamPinning, spread
 
 log = logging.getLogger(__name__)
 
+REPROBE_S = 30.0  # while the in-process model serves, the embedding server is looked for this often
+
 
 class IndexModelMismatch(RuntimeError):
     """The embedding model asked for is not the one this server has."""
 
 
 class Embedding:
-    """The embedder of one model id, chosen on first use and again after the server goes away."""
+    """The embedder of one model id: the embedding server while it runs with that model, else a
+    model loaded in this process (once: a model whose id is not the one asked for is kept and
+    refused, never loaded again per batch). While the in-process model serves, the server is
+    looked for again every ``REPROBE_S``: an embedding server that `up` restarted takes over
+    again, and the process's own copy of the weights is let go."""
 
     def __init__(self, paths, settings):
         self.paths, self.settings = paths, settings
         self._embedder = None
+        self._local = None  # the in-process model, once loaded
+        self._probed = 0.0  # when the server was last looked for
         self._lock = threading.Lock()
+
+    def _current(self, model_id: str):
+        emb = self._embedder
+        if emb is None or emb.model_id != model_id:
+            return None
+        if type(emb).__name__ != "RemoteEmbedder" and time.monotonic() - self._probed >= REPROBE_S:
+            return None  # in-process: time to look for the server again
+        return emb
 
     def embedder(self, model_id: str, dim: int):
         from ..embedding.embedder import Embedder
         from ..embedding.server import connect, default_address
 
-        emb = self._embedder
-        if emb is not None and emb.model_id == model_id:
+        emb = self._current(model_id)
+        if emb is not None:
             return emb
         with self._lock:
-            emb = self._embedder
-            if emb is not None and emb.model_id == model_id:
-                return emb
-            emb = connect(default_address(self.paths.embed_socket), model_id, dim)
+            emb = self._current(model_id)
             if emb is not None:
+                return emb
+            self._probed = time.monotonic()
+            remote = connect(default_address(self.paths.embed_socket), model_id, dim)
+            if remote is not None:
                 # a request waits at most this long (then 503), so the model thread does too
-                emb.timeout_s = self.settings.api_timeout_s
-            else:
+                remote.timeout_s = self.settings.api_timeout_s
+                if self._local is not None:
+                    log.info("embedding: the embedding server is back; this process's model is let go")
+                self._embedder, self._local = remote, None
+                return remote
+            local = self._local
+            if local is None:
                 s = self.settings
                 if s.embed_compile:
                     from ..embedding.encoder import keep_kernels
 
                     keep_kernels()  # before the model's first kernel
-                emb = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
-                                    self.paths.embedding_models)
-                if emb.model_id != model_id:
-                    raise IndexModelMismatch(f"the data was embedded with {model_id} but this server's model is "
-                                             f"{emb.model_id}; backfill embeddings and vector_index first")
-                if s.embed_compile and emb.backend == "torch":
+                local = Embedder.load(s.model_path, s.device, s.embed_batch_size, s.embed_precision, s.embed_backend,
+                                      self.paths.embedding_models)
+                if s.embed_compile and local.backend == "torch":
                     # spread(): this may run in the pinned model thread, whose CPU a new thread inherits
-                    threading.Thread(target=lambda: (spread(), emb.compile()), name="embed-compile",
+                    threading.Thread(target=lambda: (spread(), local.compile()), name="embed-compile",
                                      daemon=True).start()
-            self._embedder = emb
-            return emb
+                self._local = local
+            if local.model_id != model_id:
+                raise IndexModelMismatch(f"the data was embedded with {model_id} but this server's model is "
+                                         f"{local.model_id}; backfill embeddings and vector_index first")
+            self._embedder = local
+            return local
 
     def embed(self, texts: Sequence[str], model_id: str, dim: int) -> np.ndarray:
         emb = self.embedder(model_id, dim)
@@ -104,12 +128,14 @@ class Embedding:
 class Batcher:
     """Texts from concurrent requests, embedded in shared batches by one worker thread."""
 
-    def __init__(self, embedding: Embedding, window_s: float, max_batch: int, pin: bool = False):
+    def __init__(self, embedding: Embedding, window_s: float, max_batch: int, pin: bool = False,
+                 max_queued: int | None = None):
         self.embedding, self.window_s, self.max_batch = embedding, float(window_s), max(1, int(max_batch))
         self.batches = 0  # embedder calls made
         self.texts = 0  # texts embedded
         self._pinning = TeamPinning(pin, "api embedder")  # only a model in this process: openmp.py
-        self._batcher = ContinuousBatcher(self._run, self.max_batch, self.window_s, name="embed-batcher")
+        self._batcher = ContinuousBatcher(self._run, self.max_batch, self.window_s, name="embed-batcher",
+                                          max_queued=max_queued)
 
     @property
     def enabled(self) -> bool:
@@ -143,7 +169,7 @@ class Batcher:
         def send(k: int) -> None:
             if out.cancelled():  # the request gave up: the rest is never embedded
                 return
-            part = self._batcher.submit(key, [texts[i] for i in chunks[k]], len(chunks[k]))
+            part = self._batcher.submit(key, [texts[i] for i in chunks[k]], len(chunks[k]), admitted=k > 0)
             part.add_done_callback(lambda f: landed(k, f))
 
         def landed(k: int, part: Future) -> None:
