@@ -412,3 +412,21 @@ def test_what_a_hostile_client_found_is_refused_by_name_and_the_connection_stays
         log = api.server_log()
         assert "Traceback" not in log and "failed" not in log, log[-2000:]
     assert len(list(paths.raw.rglob("*.jsonl"))) == 1  # only the request that said it was JSON
+
+
+def test_metric_series_stay_bounded_however_many_versions_and_methods_come():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from stream_sentinel.serving.metrics import VERSIONS_KEPT, ApiMetrics
+
+    m = ApiMetrics()
+    for i in range(VERSIONS_KEPT + 5):  # a loop that promotes all day
+        m.predicted(f"m{i:06d}", "champion", 2)
+        m.predicted(f"m{i:06d}", "challenger")
+    m.predicted("m000005", "champion")  # served again: kept
+    samples = {(s.labels["model_version"], s.labels["served_by"]): s.value
+               for fam in text_string_to_metric_families(m.exposition()[0].decode())
+               for s in fam.samples if s.name == "stream_sentinel_api_predictions_total"}
+    versions = {v for v, _ in samples}
+    assert len(versions) == VERSIONS_KEPT and "m000000" not in versions and "m000005" in versions
+    assert samples[("m000005", "champion")] == 3 and samples[(f"m{VERSIONS_KEPT + 4:06d}", "challenger")] == 1

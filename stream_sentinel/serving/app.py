@@ -67,6 +67,7 @@ MAX_QUERY_CHARS = 2000
 MAX_K = 100
 REFRESH_S = 0.5  # how often the served index and model are checked for a new version
 SNAPSHOT_S = 5.0  # how often Kafka lag and drift flags are read for /metrics
+SETTLE_EVERY_S = 60.0  # the heap is collected and frozen at most this often as what is held grows
 API_RECORDS_DIR = "api"  # raw/api/<day>/...: records posted to the API
 
 
@@ -584,8 +585,12 @@ async def predict(request: Request) -> Response:
         raise ApiError(409, "index_model_mismatch", str(exc)) from None
     except LogUnavailable as exc:
         raise ApiError(503, "prediction_log_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+    counts: dict[tuple[str, str], int] = {}
     for p in answer["predictions"]:
-        svc.metrics.predictions.labels(p["model_version"], p["served_by"]).inc()
+        key = (p["model_version"], p["served_by"])
+        counts[key] = counts.get(key, 0) + 1
+    for (version, served_by), n in counts.items():
+        svc.metrics.predicted(version, served_by, n)
     return StrictJSONResponse(answer)
 
 
@@ -719,13 +724,17 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
         except Exception as exc:  # noqa: BLE001 -- a bad version must not stop the refreshes
             log.warning("refresh failed (%s: %s); trying again", type(exc).__name__, exc)
 
-    settled: list = [None]
+    settled: list = [None, 0.0]  # what was held at the last settle, and when
 
     def settle() -> None:
-        held = _held(svc)
-        if held != settled[0]:
+        # a full collection walks the whole heap (hundreds of ms at 100k records): at most every
+        # SETTLE_EVERY_S under continuous ingest, where versions change every micro-batch; at
+        # once for the first model, index and compiled graphs
+        held, now, last = _held(svc), time.monotonic(), settled[0]
+        first = last is None or (last[0] is None and held[0] is not None) or (last[2] is None and held[2] is not None)
+        if held != last and (first or held[-1] != last[-1] or now >= settled[1] + SETTLE_EVERY_S):
             settle_heap()
-            settled[0] = held
+            settled[:] = [held, now]
 
     faiss_one_thread()  # this thread lives as long as the server: no FAISS team of its own (openmp.py)
     next_snapshot = 0.0

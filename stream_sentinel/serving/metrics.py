@@ -19,6 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # request latency buckets: from a cached read (sub-ms) to a first search that loads the model
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as OTHER
+VERSIONS_KEPT = 20  # model versions with a predictions series: a loop that learns all day makes many
 
 
 class ApiMetrics:
@@ -34,6 +36,23 @@ class ApiMetrics:
         self.predictions = Counter("stream_sentinel_api_predictions", "Predictions served, by model version "
                                    "and route (champion | challenger)", ["model_version", "served_by"],
                                    registry=self.registry)
+        self._versions: dict[str, None] = {}  # versions with a predictions series, least recent first
+
+    def predicted(self, version: str, served_by: str, n: int = 1) -> None:
+        """Count ``n`` predictions; only the ``VERSIONS_KEPT`` versions that served last keep a
+        series (one series per version for the life of the process grew without end)."""
+        seen = self._versions
+        seen.pop(version, None)
+        seen[version] = None
+        while len(seen) > VERSIONS_KEPT:
+            old = next(iter(seen))
+            del seen[old]
+            for role in ("champion", "challenger"):
+                try:
+                    self.predictions.remove(old, role)
+                except KeyError:
+                    pass
+        self.predictions.labels(version, served_by).inc(n)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -101,5 +120,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note)
         finally:
             route = self.templates.get(scope.get("endpoint"), "unmatched")
-            self.metrics.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(route, scope["method"], str(status["code"])).inc()
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(route, method, str(status["code"])).inc()

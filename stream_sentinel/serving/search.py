@@ -52,11 +52,12 @@ class Lexical:
     a quarter of the time (at 100k records one rebuild takes seconds); the previous matrix
     serves meanwhile, and new records are found by the dense side until they are in."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer=None) -> None:
         from bm25s.tokenization import Tokenizer
 
         self.high_water = 0  # the largest vec_id taken
-        self._tokenizer = Tokenizer(stopwords="en")
+        self.hidden: frozenset[str] = frozenset()  # erased records: never answered while a new side is built
+        self._tokenizer = tokenizer or Tokenizer(stopwords="en")
         self._stop = frozenset(self._tokenizer.stopwords or ())
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
@@ -104,7 +105,24 @@ class Lexical:
         log.info("search: BM25 over %d records in %.2f s", n, took)
         return True
 
+    def without(self, gone: set[str]) -> "Lexical":
+        """A new lexical side without the records ``gone`` (an erasure), its matrix built from the
+        tokens already held (the vocabulary is shared: nothing is tokenized again), so the
+        other records stay findable throughout; this one hides ``gone`` until it is replaced."""
+        self.hidden = frozenset(gone)
+        new = Lexical(self._tokenizer)
+        keep = [i for i, rid in enumerate(self._ids) if rid not in gone]
+        new._ids = [self._ids[i] for i in keep]
+        new._row = {rid: j for j, rid in enumerate(new._ids)}
+        new._snippets = [self._snippets[i] for i in keep]
+        new._docs = [self._docs[i] for i in keep]
+        new.high_water = self.high_water
+        new.rebuild(force=True)
+        return new
+
     def snippet(self, record_id: str) -> str | None:
+        if record_id in self.hidden:
+            return None
         row = self._row.get(record_id)
         return None if row is None else self._snippets[row]
 
@@ -134,8 +152,9 @@ class Lexical:
         if not qids:
             return []
         scores = retriever.get_scores_from_ids(qids)[:n]
-        top = top_k(scores, k)
-        return [(self._ids[i], float(scores[i])) for i in top]
+        hidden = self.hidden
+        top = top_k(scores, k + len(hidden))
+        return [(self._ids[i], float(scores[i])) for i in top if self._ids[i] not in hidden][:k]
 
 
 def phrase_in(doc: np.ndarray, qids: list[int]) -> int | None:
@@ -212,10 +231,13 @@ class SearchService:
             loaded = store.load(version)
             loaded.lookup()  # built once here, not by the first query
             old = self.index
-            if old is not None and len(np.setdiff1d(old.vec_ids, loaded.vec_ids, assume_unique=True)):
-                # records left the index (an erasure): their texts leave the lexical side too
-                self.lexical = Lexical()
+            removed = np.setdiff1d(old.vec_ids, loaded.vec_ids, assume_unique=True) if old is not None else ()
             self.index = loaded
+            if len(removed):
+                # records left the index (an erasure): their texts leave the lexical side too,
+                # hidden at once and gone from the new side built from the tokens held
+                lookup = old.lookup()
+                self.lexical = self.lexical.without({lookup[int(v)] for v in removed})
             log.info("search: index %s (%d vectors)", version, loaded.meta.ntotal)
         index = self.index
         if index is None or not len(index.vec_ids):
