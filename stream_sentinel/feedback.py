@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConsensusConfig
-from .records import JSONProblem, TimeOutOfRange, is_utf8, loads, parse_event_time, safe_text, show
+from .records import MAX_ID_CHARS, JSONProblem, TimeOutOfRange, is_utf8, loads, parse_event_time, safe_text, show
 from .store import Store
 
 
@@ -93,6 +93,8 @@ def validate(pos: Position, value: bytes | str | None, key: bytes | str | None,
     rid = obj.get("record_id")
     if not isinstance(rid, str) or not rid.strip():
         return bad("bad_record_id", "record_id must be a non-empty string")
+    if len(rid) > MAX_ID_CHARS:
+        return bad("id_too_long", f"record_id is {len(rid)} characters; at most {MAX_ID_CHARS}")
     if not is_utf8(rid):
         return bad("invalid_unicode", f"record_id {show(rid)} holds a lone surrogate, which is not valid Unicode")
     if key_s is not None and key_s != "" and key_s != rid:

@@ -56,6 +56,7 @@ EVENT_TIME_MAX = datetime(2262, 1, 1, tzinfo=timezone.utc)
 # Deepest nesting a record (or feedback message) may have; deeper input is rejected as
 # too_deeply_nested instead of exhausting Python's recursion limit in json.
 MAX_DEPTH = 100
+MAX_ID_CHARS = 1024  # an id is a key everywhere (tables, Kafka, the prediction log, URLs): bounded
 # A label that is an integer must fit a signed 64-bit integer (it is a class name, not a number).
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 BOM = "\ufeff"
@@ -280,6 +281,8 @@ def validate(obj: Any, position: str) -> Record | Reject:
         return reject("bad_id", f"'id' must be a string, got {type(rid).__name__}")
     if not rid.strip():
         return reject("bad_id", "'id' must not be empty")
+    if len(rid) > MAX_ID_CHARS:
+        return reject("id_too_long", f"'id' is {len(rid)} characters; at most {MAX_ID_CHARS}", rid[:MAX_ID_CHARS])
     if not is_utf8(rid):
         return reject("invalid_unicode", f"'id' {show(rid)} holds a lone surrogate, which is not valid Unicode", rid)
     text = obj.get("text")

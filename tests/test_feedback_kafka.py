@@ -57,6 +57,7 @@ def count(paths, table="feedback_events"):
     (b"\xff\xfe", None, "not_utf8"),
     (json.dumps([1]), None, "not_an_object"),
     (json.dumps(vote("")), None, "bad_record_id"),
+    (json.dumps(vote("r" * 1025)), None, "id_too_long"),
     (json.dumps(vote("r1")), "r2", "key_mismatch"),
     (json.dumps(vote("r1", label="maybe")), None, "unknown_label"),
     (json.dumps(vote("r1", label=True)), None, "bad_label"),

@@ -50,6 +50,7 @@ def test_unknown_keys_are_kept_in_extra_and_values_normalised(tmp_path):
     ({"text": "x", "event_time": "2024-01-01"}, "missing_id"),
     ({"id": 7, "text": "x", "event_time": "2024-01-01"}, "bad_id"),
     ({"id": "", "text": "x", "event_time": "2024-01-01"}, "bad_id"),
+    ({"id": "a" * 1025, "text": "x", "event_time": "2024-01-01"}, "id_too_long"),
     ({"id": "a", "event_time": "2024-01-01"}, "missing_text"),
     ({"id": "a", "text": 5, "event_time": "2024-01-01"}, "bad_text"),
     ({"id": "a", "text": "   ", "event_time": "2024-01-01"}, "empty_text"),
