@@ -540,7 +540,8 @@ def cmd_up(args) -> int:
         # installed package, whatever folder `up` was started in
         "dagster dev": Supervised(dagster_cmd, {**env, "PYTHONUNBUFFERED": "1"}, cwd=dagster_home, drop=is_noise),
         "embedding server": Supervised(embed_cmd, env),
-        "API": Supervised(api_cmd, env),
+        # alive is not enough for the API: one that stops answering /healthz is started again
+        "API": Supervised(api_cmd, env, probe=_answers(Settings.from_env().api_base_url + "/healthz")),
     }
 
     def forward(signum, frame):
@@ -589,14 +590,33 @@ def relay(stream, out, drop) -> None:
     stream.close()
 
 
+def _answers(url: str, timeout_s: float = 3.0):
+    """A liveness probe: whether ``url`` answers 200 within ``timeout_s``."""
+    import urllib.request
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                return resp.status == 200
+        except (OSError, ValueError):
+            return False
+
+    return probe
+
+
 class Supervised:
     """A child process of `up` that is started again when it exits, with backoff (1 s,
     doubling to 30 s; back to 1 s after a minute of health). With ``drop``, its output
     (stdout and stderr, its own children's included) passes through ``relay`` to ``out``
-    (default: this process's stderr)."""
+    (default: this process's stderr). With ``probe``, a child that is alive but fails it
+    ``PROBE_FAILURES`` times in a row (every ``PROBE_EVERY_S``, after ``PROBE_GRACE_S`` from its
+    start) is stopped and started again: a wedged server heals like a dead one."""
 
-    def __init__(self, cmd: list[str], env: dict, cwd: Path | None = None, drop=None, out=None):
-        self.cmd, self.env, self.cwd, self.drop, self.out = cmd, env, cwd, drop, out
+    PROBE_GRACE_S, PROBE_EVERY_S, PROBE_FAILURES = 60.0, 10.0, 3
+
+    def __init__(self, cmd: list[str], env: dict, cwd: Path | None = None, drop=None, out=None, probe=None):
+        self.cmd, self.env, self.cwd, self.drop, self.out, self.probe = cmd, env, cwd, drop, out, probe
+        self.failures, self.next_probe = 0, 0.0
         self.relay: threading.Thread | None = None
         self.proc: subprocess.Popen | None = None
         self.delay = 1.0
@@ -618,11 +638,21 @@ class Supervised:
                 self.relay = threading.Thread(target=relay, args=(self.proc.stdout, self.out or sys.stderr, self.drop),
                                               name="relay", daemon=True)
                 self.relay.start()
-            self.started = now
+            self.started, self.failures, self.next_probe = now, 0, now + self.PROBE_GRACE_S
             return "started" if self.due == 0.0 else "started again"
         code = self.proc.poll()
         if code is None:
-            if now - self.started > 60:
+            if self.probe is not None and now >= self.next_probe:
+                self.next_probe = now + self.PROBE_EVERY_S
+                self.failures = 0 if self.probe() else self.failures + 1
+                if self.failures >= self.PROBE_FAILURES:
+                    _stop_group(self.proc, grace_s=10)
+                    self.proc = None
+                    self.due = now + self.delay
+                    self.delay = min(30.0, self.delay * 2)
+                    return (f"alive but not answering ({self.failures} probes in a row); stopped, starting it "
+                            f"again in {self.due - now:.0f} s")
+            if now - self.started > 60 and not self.failures:
                 self.delay = 1.0
             return ""
         _stop_group(self.proc, grace_s=10)  # what it left running in its process group
@@ -742,6 +772,7 @@ def _stop_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped member (SIGSTOP) takes its SIGINT now, not never
         except (ProcessLookupError, PermissionError):
             pass
     for proc in procs:

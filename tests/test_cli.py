@@ -159,6 +159,47 @@ def test_up_relays_dagster_output_without_the_run_queue_line(tmp_path):
     assert cli.is_noise(queue) and not any(cli.is_noise(line) for line in keep)
 
 
+def test_a_server_that_is_alive_but_silent_is_started_again(tmp_path, monkeypatch):
+    """`up` probes the API: stopped with SIGSTOP (alive, not answering), it fails the probe three
+    times in a row, is stopped and started again, and answers again."""
+    import signal
+
+    from stream_sentinel import cli
+    from stream_sentinel.devtools.kafka_broker import free_port
+
+    monkeypatch.setattr(cli.Supervised, "PROBE_GRACE_S", 0.0)
+    monkeypatch.setattr(cli.Supervised, "PROBE_EVERY_S", 0.2)
+    (tmp_path / "healthz").write_text("ok")
+    port = free_port()
+    probe = cli._answers(f"http://127.0.0.1:{port}/healthz", timeout_s=0.5)
+    child = cli.Supervised([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                           dict(os.environ), cwd=tmp_path, probe=probe)
+    try:
+        assert child.tend() == "started"
+        deadline = time.monotonic() + 30
+        while not probe():
+            assert time.monotonic() < deadline and child.proc.poll() is None
+            time.sleep(0.1)
+        first = child.proc
+        first.send_signal(signal.SIGSTOP)
+        notes = []
+        while child.proc is first:
+            assert time.monotonic() < deadline + 30, notes
+            notes.append(child.tend())
+            time.sleep(0.1)
+        assert any(n.startswith("alive but not answering (3 probes in a row)") for n in notes), notes
+        assert first.poll() is not None  # stopped for good
+        while child.tend() != "started again":
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.2)
+        while not probe():
+            assert time.monotonic() < deadline + 90
+            time.sleep(0.1)
+    finally:
+        if child.proc is not None:
+            cli._stop_group(child.proc, grace_s=5)
+
+
 def test_a_killed_up_takes_its_children_with_it(tmp_path):
     """`up` SIGKILLed: the children it supervises (each in its own session) get SIGTERM and
     exit, so the next `up` finds their ports free."""

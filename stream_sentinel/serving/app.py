@@ -225,7 +225,7 @@ def _utcnow() -> datetime:
 
 
 # ------------------------------------------------------------------ endpoints
-def healthz(request: Request) -> Response:
+async def healthz(request: Request) -> Response:  # on the event loop: answers even when the thread pool is busy
     """
     summary: Liveness, and what is being served
     description: Open even when a token is set. The champion version (the registry's pointer),
