@@ -535,13 +535,15 @@ def cmd_up(args) -> int:
     # and the embedding server can be killed on its own; each is started again (with
     # backoff), so a killed process heals without a human. Runs killed with them are failed
     # by run_liveness_sensor and retried.
+    api_settings = Settings.from_env()
     children = {
         # started in DAGSTER_HOME: the code location is imported by module name from the
         # installed package, whatever folder `up` was started in
         "dagster dev": Supervised(dagster_cmd, {**env, "PYTHONUNBUFFERED": "1"}, cwd=dagster_home, drop=is_noise),
         "embedding server": Supervised(embed_cmd, env),
         # alive is not enough for the API: one that stops answering /healthz is started again
-        "API": Supervised(api_cmd, env, probe=_answers(Settings.from_env().api_base_url + "/healthz")),
+        "API": Supervised(api_cmd, env, probe=_answers(_local_url(api_settings.api_host, api_settings.api_port)
+                                                         + "/healthz")),
     }
 
     def forward(signum, frame):
@@ -591,17 +593,27 @@ def relay(stream, out, drop) -> None:
 
 
 def _answers(url: str, timeout_s: float = 3.0):
-    """A liveness probe: whether ``url`` answers 200 within ``timeout_s``."""
+    """A liveness probe: whether ``url`` answers 200 within ``timeout_s`` (directly: never
+    through an ``http_proxy`` of the environment)."""
     import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def probe() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            with opener.open(url, timeout=timeout_s) as resp:
                 return resp.status == 200
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 -- refused, timed out, not HTTP at all: not answering
             return False
 
     return probe
+
+
+def _local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server that listens on ``host:port`` (the API's own
+    address, not the one users reach it at through a proxy: STREAM_SENTINEL_API_URL)."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 class Supervised:

@@ -392,10 +392,12 @@ class FeedbackSender:
     One idempotent producer for the sender's life (the API keeps one: a producer per request
     took a new broker connection each, and a 60 s flush that held a server thread while the
     broker was away). Each message's delivery is confirmed on its own within ``timeout_s``,
-    which is also librdkafka's ``message.timeout.ms``, so a message reported as not delivered
-    is never delivered later (a client that sends it again makes no duplicate of it); and the
-    client library's errors (a full local queue, a refused message) end as :class:`NotDelivered`
-    naming which messages went and which did not, never as another exception."""
+    which is also librdkafka's ``message.timeout.ms``: a message is reported delivered or failed
+    within it (one that timed out in flight may still have reached the broker: sending it again
+    can duplicate it, which label consensus counts once per record and source); the client
+    library's errors (a full local queue, a refused message, a fatal error, after which the
+    next send makes a new producer) end as :class:`NotDelivered` naming which messages went
+    and which did not, never as another exception."""
 
     def __init__(self, settings: Settings, paths: Paths, timeout_s: float = 60.0):
         self.settings, self.paths, self.timeout_s = settings, paths, float(timeout_s)
@@ -426,13 +428,17 @@ class FeedbackSender:
                              on_delivery=lambda err, msg, i=i: reports.__setitem__(i, err))
             except BufferError:
                 reports[i] = "the producer's local queue is full"
-            except KafkaException as exc:
+            except KafkaException as exc:  # refused before sending (too large, or the producer is dead)
                 reports[i] = exc.args[0] if exc.args else exc
             prod.poll(0)
         deadline = time.monotonic() + self.timeout_s + 5  # message.timeout.ms reports each before this
         while len(reports) < len(messages) and time.monotonic() < deadline:
             prod.poll(0.05)  # delivery reports run in whichever thread polls: ours are in ``reports``
         failed = [i for i in range(len(messages)) if reports.get(i, "no delivery report") is not None]
+        if any(getattr(err, "fatal", lambda: False)() for err in reports.values() if err is not None):
+            with self._lock:  # a fatal error ends a producer (idempotence broken): the next send makes a new one
+                if self._producer is prod:
+                    self._producer = None
         if failed:
             first = reports.get(failed[0], "no delivery report")
             why = f"{first.name()}: {first.str()}" if hasattr(first, "name") else str(first)

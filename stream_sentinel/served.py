@@ -66,9 +66,14 @@ class PredictionLog:
         self.lines = 0
 
     def _open(self, day: str) -> int:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
+        # detached first: whatever fails below, no stale descriptor number is kept (the next
+        # append would fsync and close, or write into, whatever file got that number since)
+        old, self._fd, self._day = self._fd, None, None
+        if old is not None:
+            try:
+                os.fsync(old)
+            finally:
+                os.close(old)
         path = self.folder / day / f"{self._tag}.jsonl"
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from stream_sentinel.learning import ab
@@ -71,11 +72,12 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, demo_embed
     registry.promote(champion, None, "test")
     ingest_with_labels(paths, store, embedder, demo_records, demo_labels, slice(1500, 1700), "b")
     challenger = candidate(registry, store, embedder).version.version
-    registry.start_challenger(challenger, "test")
-    assert registry.challenger_pointer() == challenger  # what a server reads per request
-    # a crash between the status and the pointer: it does not serve until reconcile writes it back
-    registry.point_challenger(None)
-    assert registry.reconcile() == champion and registry.challenger_pointer() == challenger
+    # a start that died between the pointer (it serves) and the status: reconcile mirrors the pointer
+    registry.point_challenger(challenger)
+    assert registry.get(challenger).status == "candidate"
+    assert registry.reconcile() == champion and registry.get(challenger).status == "challenger"
+    registry.start_challenger(challenger, "test")  # the rerun changes nothing
+    assert registry.challenger_pointer() == challenger and registry.get(challenger).status == "challenger"
     scored = learning.score_new_records(registry, store, embedder.model_id, ab_share=0.5)
     assert scored == 2 * 700
     with store.connect() as con:
@@ -99,11 +101,19 @@ def test_challenger_on_real_models_wins_and_is_promoted(paths, store, demo_embed
     with store.connect() as con:
         assert con.execute("SELECT count(*) FROM learning_events WHERE event_type = 'ab_decision'"
                            ).fetchall()[0][0] == 1
-    # a challenger trained on an erased record: its status may still say challenger (an erasure
-    # interrupted before retiring it), and still it is never pointed to again
-    registry.start_challenger(champion, "test: the old champion as challenger")
+    # a challenger trained on an erased record is never served: refused as a new challenger, and a
+    # pointer left naming one (an erasure that died before its pointer went) is removed
     with store.transaction() as con:
         con.execute("UPDATE model_versions SET tainted_by = 'e1' WHERE version = ?", [champion])
-    registry.point_challenger(None)  # where the erasure starts
+    from stream_sentinel.learning.registry import TaintedVersion
+
+    with pytest.raises(TaintedVersion):
+        registry.start_challenger(champion, "test: the old champion, tainted")
+    registry.point_challenger(champion)
     registry.reconcile()
-    assert registry.challenger_version() == champion and registry.challenger_pointer() is None
+    assert registry.challenger_version() is None and registry.get(champion).status != "challenger"
+    # a retired one stops first: its pointer goes, then its status
+    newer = candidate(registry, store, embedder).version.version
+    registry.start_challenger(newer, "test")
+    registry.retire_challenger(newer, "test: rejected")
+    assert registry.challenger_version() is None and registry.get(newer).status == "rejected"

@@ -65,9 +65,9 @@ def test_server_gives_the_in_process_vectors_and_runs_use_it(paths, server, embe
 
 def test_the_api_falls_back_to_its_own_model_and_back_to_the_server_when_it_returns(paths, embedder, demo_records,
                                                                                   monkeypatch):
-    """The API's embedding: the server while it runs; its own model (loaded once) while the
-    server is away; the server again once `up` has restarted it (the own copy let go). A
-    model id that is not the local model's is refused without loading the model again."""
+    """The API's embedding: the server while it runs; its own model (loaded once, kept) while
+    the server is away; the server again once `up` has restarted it. A model id that is not
+    the local model's is refused without loading the model again."""
     from stream_sentinel.config import Settings
     from stream_sentinel.embedding import embedder as embedder_mod
     from stream_sentinel.serving import embedding as api_embedding
@@ -94,7 +94,10 @@ def test_the_api_falls_back_to_its_own_model_and_back_to_the_server_when_it_retu
         proc = start_embed_server(paths)  # restarted
         time.sleep(0.6)
         assert np.allclose(emb.embed(texts, embedder.model_id, embedder.dim), want, atol=1e-6)
-        assert emb.describe() == "server" and emb._local is None and len(loads) == 1
+        assert emb.describe() == "server" and len(loads) == 1
+        stop_process(proc)  # away again: the model loaded before embeds, not a second load
+        assert np.allclose(emb.embed(texts, embedder.model_id, embedder.dim), want, atol=1e-5)
+        assert emb.describe() == "in-process" and len(loads) == 1
     finally:
         stop_process(proc)
 

@@ -335,15 +335,21 @@ def test_the_api_sends_feedback_to_kafka_and_a_broker_away_costs_each_request_it
             posts = [pool.submit(api.post, "/v1/feedback", json={"feedback": [vote(f"x{i}"), vote(f"y{i}")]})
                      for i in range(6)]
             time.sleep(0.3)
-            for _ in range(5):
-                assert api.get("/healthz").status_code == 200
-                assert api.get("/v1/models").status_code == 200
-            assert time.monotonic() - started < 2.0  # not behind the waiting feedback
+            for _ in range(5):  # each well within the 2 s a request behind the waiting feedback would take
+                for path in ("/healthz", "/v1/models"):
+                    t0 = time.monotonic()
+                    assert api.get(path).status_code == 200
+                    assert time.monotonic() - t0 < 1.5, path
             answers = [f.result() for f in posts]
             took = time.monotonic() - started
+        codes = []
         for resp in answers:
             assert resp.status_code == 503, resp.text
             err = resp.json()["error"]
-            assert err["code"] == "feedback_not_delivered" and err["delivered"] == 0 and err["failed"] == [0, 1]
+            codes.append(err["code"])
+            if err["code"] == "feedback_not_delivered":
+                assert err["delivered"] == 0 and err["failed"] == [0, 1]
             assert resp.headers["Retry-After"]
+        # four wait for Kafka at once; more are refused at once rather than queued
+        assert codes.count("feedback_not_delivered") >= 4 and set(codes) <= {"feedback_not_delivered", "overloaded"}
         assert took < 15, took

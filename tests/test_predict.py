@@ -610,7 +610,7 @@ def test_past_its_queue_bound_the_batcher_refuses_at_once_and_takes_work_again_o
     batcher = ContinuousBatcher(lambda key, ps: (release.wait(10), ps)[1], max_items=8, name="test", max_queued=3)
     busy = batcher.submit("k", "busy")  # taken by the worker at once: waits on nothing
     deadline = time.monotonic() + 5
-    while batcher.pending and time.monotonic() < deadline:
+    while batcher._queued and time.monotonic() < deadline:  # taken by the worker (and counted out)
         time.sleep(0.01)
     queued = [batcher.submit("k", "a", 2), batcher.submit("k", "b", 1)]
     with pytest.raises(Overloaded, match="3 queued, at most 3"):

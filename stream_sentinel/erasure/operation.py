@@ -229,9 +229,8 @@ def _models(paths: Paths, store: Store, plans: dict, outcomes: dict) -> None:
             with store.transaction() as con:
                 con.execute("""UPDATE model_versions SET tainted_by = coalesce(tainted_by, ?)
                                WHERE version IN (SELECT unnest(?))""", [h[:16], plan["versions"]])
-    challenger = registry.challenger_version()
-    if challenger in tainted:
-        registry.retire_challenger(challenger, "trained on an erased record")
+    for version in tainted:  # its pointer went first (above); the status follows
+        registry.retire_challenger(version, "trained on an erased record")
     champion = registry.champion_version()
     with store.connect() as con:
         # a rerun after the withdrawal: the champion it left is not tainted, but the retrain is owed

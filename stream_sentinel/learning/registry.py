@@ -10,13 +10,13 @@ The pointer is the source of truth for which version serves. ``model_versions`` 
 DuckDB mirrors it; :meth:`ModelRegistry.reconcile` repairs the mirror after a crash
 between the two writes, so there is always exactly one consistent champion.
 
-The challenger's status lives in the database (the A/B test is decided there), and
-``CHALLENGER`` follows it so that a server can tell by a ``stat`` per request which version
-may answer the challenger's share, without the database, which a run may hold for minutes:
-a retired, promoted or tainted (erased-data) challenger must stop answering at once. So the
-pointer is removed *before* the status changes and written *after* a new challenger's
-status is committed: a crash between the two leaves it not serving, never serving when it
-should not; :meth:`reconcile` writes it back.
+``CHALLENGER`` is the same for an A/B test's challenger: the source of truth, switched
+first, with ``model_versions`` following, so that a server tells by a ``stat`` per request,
+without the database (a run may hold it for minutes), which version may answer the
+challenger's share. A retired, promoted or tainted (erased-data) challenger stops answering
+the moment its pointer goes; a crash before the status follows is repaired by
+:meth:`reconcile` from the pointer, as for the champion, and never points at a version that
+is tainted or is the champion.
 """
 
 from __future__ import annotations
@@ -240,26 +240,39 @@ class ModelRegistry:
                            WHERE version = ?""", [reason, _now(), score, champion])
 
     def challenger_version(self) -> str | None:
+        """The challenger: the version ``CHALLENGER`` names (None: no A/B test runs)."""
+        return self.challenger_pointer()
+
+    def _tainted(self, version: str) -> str | None:
         with self.store.connect() as con:
-            rows = con.execute("SELECT version FROM model_versions WHERE status = 'challenger' "
-                               "ORDER BY promoted_at DESC").fetchall()
-        return rows[0][0] if rows else None
+            taint = con.execute("SELECT tainted_by FROM model_versions WHERE version = ?", [version]).fetchall()
+        return taint[0][0] if taint else None
 
     def start_challenger(self, version: str, reason: str) -> None:
         """Serve ``version`` to the challenger share; any earlier challenger is retired."""
-        self.point_challenger(None)  # the earlier one stops serving first
-        with self.store.transaction() as con:
-            con.execute("UPDATE model_versions SET status = 'archived', reason = 'replaced by a newer challenger' "
-                        "WHERE status = 'challenger'")
-            con.execute("UPDATE model_versions SET status = 'challenger', promoted_at = ?, reason = ? "
-                        "WHERE version = ?", [_now(), reason, version])
-        pause_point("challenger_before_pointer")
-        self.point_challenger(version)
+        if not (self.root / version / "model.txt").exists():
+            raise KeyError(f"no model version {version}")
+        if self._tainted(version):
+            raise TaintedVersion(f"{version} was trained on an erased record: it is never served again")
+        self.point_challenger(version)  # serves from now on (the earlier one stops)
+        pause_point("challenger_after_pointer")
+        self._mirror_challenger(version, reason)
         self.event("challenger", version, champion=self.champion_version(), reason=reason)
 
+    def _mirror_challenger(self, version: str | None, reason: str | None) -> None:
+        with self.store.transaction() as con:
+            con.execute("UPDATE model_versions SET status = 'archived', reason = coalesce(?, reason) "
+                        "WHERE status = 'challenger' AND version <> coalesce(?, '')",
+                        ["replaced by a newer challenger" if version else None, version])
+            if version is not None:
+                con.execute("UPDATE model_versions SET status = 'challenger', reason = coalesce(?, reason), "
+                            "promoted_at = CASE WHEN status = 'challenger' THEN promoted_at ELSE ? END "
+                            "WHERE version = ?", [reason, _now(), version])
+
     def retire_challenger(self, version: str, reason: str) -> None:
+        """End ``version``'s A/B test: its pointer goes first (it stops answering), then its status."""
         if self.challenger_pointer() == version:
-            self.point_challenger(None)  # stops serving before the status says so
+            self.point_challenger(None)
         with self.store.transaction() as con:
             con.execute("UPDATE model_versions SET status = 'rejected', reason = ? WHERE version = ? "
                         "AND status = 'challenger'", [reason, version])
@@ -274,11 +287,16 @@ class ModelRegistry:
         elif champion is None and rows:
             with self.store.transaction() as con:
                 con.execute("UPDATE model_versions SET status = 'archived' WHERE status = 'champion'")
-        challenger = self.challenger_version()
-        if challenger == champion or (challenger is not None and (self.get(challenger).tainted_by is not None)):
-            challenger = None  # a tainted one is retired by the erasure's rerun; it never serves meanwhile
-        if self.challenger_pointer() != challenger:  # a crash between a status and its pointer
-            self.point_challenger(challenger)
+        challenger = self.challenger_pointer()
+        if challenger is not None and (challenger == champion or self.get(challenger) is None
+                                       or self._tainted(challenger)):
+            self.point_challenger(None)  # promoted, unknown, or trained on an erased record
+            challenger = None
+        with self.store.connect() as con:
+            rows = [r[0] for r in con.execute("SELECT version FROM model_versions WHERE status = 'challenger'"
+                                              ).fetchall()]
+        if rows != ([challenger] if challenger else []):  # a crash between a pointer and its status
+            self._mirror_challenger(challenger, None)
         return champion
 
     def previous_champion(self, current: str) -> str | None:

@@ -55,7 +55,7 @@ from ..batching import Overloaded
 from ..config import Paths, Settings
 from ..jsonout import dumps
 from ..openmp import faiss_one_thread
-from ..records import JSONProblem, Reject, is_utf8, loads, validate, value_problem
+from ..records import MAX_ID_CHARS, JSONProblem, Reject, is_utf8, loads, validate, value_problem
 from ..store import ChangeWatch, Store, StoreBusy
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ MAX_QUERY_CHARS = 2000
 MAX_K = 100
 REFRESH_S = 0.5  # how often the served index and model are checked for a new version
 SNAPSHOT_S = 5.0  # how often Kafka lag and drift flags are read for /metrics
+FEEDBACK_THREADS = 4  # POST /v1/feedback requests waiting for Kafka at once; more are refused (503 overloaded)
 SETTLE_EVERY_S = 60.0  # the heap is collected and frozen at most this often as what is held grows
 API_RECORDS_DIR = "api"  # raw/api/<day>/...: records posted to the API
 
@@ -113,6 +114,7 @@ class Service:
     feedback: Any = None  # feedback_sources.FeedbackSender: one Kafka producer for the process
     # feedback waits for Kafka in threads of its own, never in the pool the other endpoints share
     feedback_pool: Any = None  # concurrent.futures.ThreadPoolExecutor
+    feedback_sending: int = 0  # requests in the pool now (touched on the event loop only)
     loop: dict = dataclass_field(default_factory=dict)  # lag and drift, as last read from DuckDB
     loop_watch: ChangeWatch = dataclass_field(default_factory=ChangeWatch)  # read only after a write
     refreshed_at: float | None = None  # time.monotonic() of the background thread's last full pass
@@ -440,24 +442,29 @@ async def post_feedback(request: Request) -> Response:
         size = len(json.dumps(msg)) if not isinstance(checked, fb.Rejected) else 0
         if isinstance(checked, fb.Rejected) or size > MAX_MESSAGE_BYTES:
             rid = msg.get("record_id") if isinstance(msg, dict) else None
+            rid = rid[:MAX_ID_CHARS] if isinstance(rid, str) else None  # a 9 MB id is not echoed whole
             rule, error = (checked.rule, checked.error) if isinstance(checked, fb.Rejected) else \
                 ("too_large", f"the message is {size} bytes as JSON; at most {MAX_MESSAGE_BYTES}")
-            broken.append({"index": i, "record_id": rid if isinstance(rid, str) else None,
-                           "rule": rule, "error": error})
+            broken.append({"index": i, "record_id": rid, "rule": rule, "error": error})
         else:
             messages.append(msg)
     if broken:
         raise ApiError(422, "invalid_feedback", f"{len(broken)} of {len(items)} feedback messages break the "
                        "contract; none was sent", field="feedback", feedback=broken[:100])
-    sending = svc.feedback_pool.submit(svc.feedback.send, messages)
+    if svc.feedback_sending >= FEEDBACK_THREADS:  # each send is bounded, so this clears within the deadline
+        raise Overloaded(f"{svc.feedback_sending} feedback requests are waiting for Kafka already")
+    svc.feedback_sending += 1
     try:
         # the sender confirms or fails each message within api_timeout_s (message.timeout.ms)
-        to = await asyncio.wait_for(asyncio.wrap_future(sending), s.api_timeout_s + 10)
-    except NotDelivered as exc:  # a client may send exactly the failed ones again: no duplicates
+        to = await asyncio.wait_for(asyncio.wrap_future(svc.feedback_pool.submit(svc.feedback.send, messages)),
+                                    s.api_timeout_s + 10)
+    except NotDelivered as exc:  # the failed ones may be sent again (a vote counts once per record and source)
         raise ApiError(503, "feedback_not_delivered", str(exc), delivered=exc.delivered, failed=exc.failed,
                        headers={"Retry-After": "5"}) from None
     except asyncio.TimeoutError:
         raise TimedOut(f"Kafka did not answer within {s.api_timeout_s:g} s") from None
+    finally:
+        svc.feedback_sending -= 1
     log.info("feedback: %d message(s) sent to %s", len(messages), to)
     return StrictJSONResponse({"accepted": len(messages), "to": to}, status_code=202)
 
@@ -517,7 +524,7 @@ def _predict_items(body: Any, limit: int) -> list[dict]:
             continue
         key = obj.get("routing_key")
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= 1000):
-            broken.append({"index": i, "id": obj.get("id") if isinstance(obj.get("id"), str) else None,
+            broken.append({"index": i, "id": obj["id"][:MAX_ID_CHARS] if isinstance(obj.get("id"), str) else None,
                            "rule": "bad_routing_key", "error": "routing_key must be a string of 1 to 1000 characters"})
             continue
         # the record contract's own rules (id, text, event_time, features, other keys); a known
@@ -640,8 +647,8 @@ async def on_timed_out(request: Request, exc: Exception) -> Response:
 
 
 async def on_overloaded(request: Request, exc: Exception) -> Response:
-    return error_response(503, "overloaded", f"too much work waits for the embedder ({exc}; "
-                          "STREAM_SENTINEL_API_MAX_QUEUED_TEXTS); try again shortly", headers={"Retry-After": "1"})
+    return error_response(503, "overloaded", f"too much work waits already ({exc}); try again shortly",
+                          headers={"Retry-After": "1"})
 
 
 class Contained:
@@ -793,7 +800,7 @@ def create_app(paths: Paths | None = None, settings: Settings | None = None, tok
     svc.prediction_log = PredictionLog(svc.paths.home)
     svc.predictor = Predictor(svc.paths, settings, svc.batcher, svc.prediction_log)
     svc.feedback = FeedbackSender(settings, svc.paths, settings.api_timeout_s)
-    svc.feedback_pool = ThreadPoolExecutor(4, thread_name_prefix="feedback")
+    svc.feedback_pool = ThreadPoolExecutor(FEEDBACK_THREADS, thread_name_prefix="feedback")
 
     @asynccontextmanager
     async def lifespan(app):

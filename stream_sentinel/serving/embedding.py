@@ -39,7 +39,7 @@ class Embedding:
     model loaded in this process (once: a model whose id is not the one asked for is kept and
     refused, never loaded again per batch). While the in-process model serves, the server is
     looked for again every ``REPROBE_S``: an embedding server that `up` restarted takes over
-    again, and the process's own copy of the weights is let go."""
+    again (the model loaded here stays loaded, for the next time the server is away)."""
 
     def __init__(self, paths, settings):
         self.paths, self.settings = paths, settings
@@ -72,9 +72,11 @@ class Embedding:
             if remote is not None:
                 # a request waits at most this long (then 503), so the model thread does too
                 remote.timeout_s = self.settings.api_timeout_s
-                if self._local is not None:
-                    log.info("embedding: the embedding server is back; this process's model is let go")
-                self._embedder, self._local = remote, None
+                if self._embedder is not None and self._embedder is self._local:
+                    log.info("embedding: the embedding server is back; it embeds again")
+                # the model loaded here (if any) is kept: a server that keeps restarting must not
+                # cost a load and a compile each time
+                self._embedder = remote
                 return remote
             local = self._local
             if local is None:
@@ -169,10 +171,19 @@ class Batcher:
         def send(k: int) -> None:
             if out.cancelled():  # the request gave up: the rest is never embedded
                 return
-            part = self._batcher.submit(key, [texts[i] for i in chunks[k]], len(chunks[k]), admitted=k > 0)
+            try:
+                part = self._batcher.submit(key, [texts[i] for i in chunks[k]], len(chunks[k]), admitted=k > 0)
+            except BaseException as exc:  # noqa: BLE001 -- (Overloaded, for the first) the request hears of it
+                if k == 0:
+                    raise
+                _settle(out, exc=exc)
+                return
+            out.add_done_callback(lambda f: f.cancelled() and part.cancel())  # still queued: never embedded
             part.add_done_callback(lambda f: landed(k, f))
 
         def landed(k: int, part: Future) -> None:
+            if part.cancelled():
+                return  # the request gave up
             try:
                 vectors[chunks[k]] = part.result()
             except BaseException as exc:  # noqa: BLE001 -- the request hears of it

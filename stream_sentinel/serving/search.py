@@ -233,7 +233,11 @@ class SearchService:
             old = self.index
             removed = np.setdiff1d(old.vec_ids, loaded.vec_ids, assume_unique=True) if old is not None else ()
             self.index = loaded
-            if len(removed):
+            if old is not None and old.meta.model_id != loaded.meta.model_id:
+                # another embedding model: its first versions hold only what is embedded so far,
+                # and the rest comes back with lower vec_ids than this side has read: read it all again
+                self.lexical = Lexical()
+            elif len(removed):
                 # records left the index (an erasure): their texts leave the lexical side too,
                 # hidden at once and gone from the new side built from the tokens held
                 lookup = old.lookup()
