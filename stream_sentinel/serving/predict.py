@@ -465,33 +465,54 @@ class Predictor:
         started = time.time()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.api_timeout_s
+        # one timer for the whole request (cheaper than a wait_for per await): when it fires,
+        # what the request waits on is cancelled, and a waiter that gives up cancels its future,
+        # so queued work is never done for nobody
+        waiting: list = [None]
+        expired: list = [False]
+
+        def expire() -> None:
+            expired[0] = True
+            if waiting[0] is not None:
+                waiting[0].cancel()
+
         async def bounded(awaitable):
-            # a waiter that gives up cancels its future: a queued one is never worked on
+            waiting[0] = asyncio.ensure_future(awaitable)
+            if expired[0]:
+                waiting[0].cancel()
             try:
-                return await asyncio.wait_for(awaitable, max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                return await waiting[0]
+            except asyncio.CancelledError:
+                if not expired[0]:
+                    raise  # the request itself was cancelled (the client left, a shutdown)
                 raise TimedOut(f"no answer within {self.settings.api_timeout_s:g} s "
                                "(STREAM_SENTINEL_API_TIMEOUT_SECONDS): the embedder or the models are "
                                "busy, loading or not answering") from None
+            finally:
+                waiting[0] = None
 
-        champion = self._champion_if_current()
-        if champion is None:
-            champion = await bounded(asyncio.to_thread(self.champion))
-        current, challenger = self._challenger_if_current()
-        if not current:
-            challenger = await bounded(asyncio.to_thread(self.current_challenger))
-        steps = self._answer(records, champion, challenger, started)
+        timer = loop.call_at(deadline, expire)
         try:
-            fut = next(steps)
-            while True:
-                try:
-                    got = await bounded(asyncio.wrap_future(fut))
-                except TimedOut:
-                    steps.close()
-                    raise
-                fut = steps.send(got)
-        except StopIteration as done:
-            return done.value
+            champion = self._champion_if_current()
+            if champion is None:
+                champion = await bounded(asyncio.to_thread(self.champion))
+            current, challenger = self._challenger_if_current()
+            if not current:
+                challenger = await bounded(asyncio.to_thread(self.current_challenger))
+            steps = self._answer(records, champion, challenger, started)
+            try:
+                fut = next(steps)
+                while True:
+                    try:
+                        got = await bounded(asyncio.wrap_future(fut))
+                    except TimedOut:
+                        steps.close()
+                        raise
+                    fut = steps.send(got)
+            except StopIteration as done:
+                return done.value
+        finally:
+            timer.cancel()
 
     def _champion_if_current(self) -> ServedModel | None:
         """The loaded champion when the pointer has not moved since (a stat), else None."""
