@@ -94,16 +94,13 @@ class ModelRegistry:
             return None
 
     def point_challenger(self, version: str | None) -> None:
-        """``CHALLENGER`` names ``version`` (None: removed); the status is the caller's to change."""
+        """``CHALLENGER`` names ``version`` (None: an empty file, no challenger; a server's ``stat``
+        of a file that is always there costs no exception per request); the status is the
+        caller's to change."""
         path = self.root / CHALLENGER_POINTER
-        if version is not None:
-            write_bytes_atomic(path, (version + "\n").encode())
+        if version is None and not path.exists():
             return
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        fsync_path(self.root)
+        write_bytes_atomic(path, b"" if version is None else (version + "\n").encode())
 
     def get(self, version: str) -> Version | None:
         found = self._select("WHERE version = ?", [version])

@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import traceback
@@ -68,7 +69,8 @@ MAX_K = 100
 REFRESH_S = 0.5  # how often the served index and model are checked for a new version
 SNAPSHOT_S = 5.0  # how often Kafka lag and drift flags are read for /metrics
 FEEDBACK_THREADS = 4  # POST /v1/feedback requests waiting for Kafka at once; more are refused (503 overloaded)
-SETTLE_EVERY_S = 60.0  # the heap is collected and frozen at most this often as what is held grows
+SETTLE_EVERY_S = 30.0  # after WARM_S, the heap is collected and frozen at most this often as what is held changes
+WARM_S = 120.0  # a server's first minutes: it settles as soon as what it loads stops changing
 API_RECORDS_DIR = "api"  # raw/api/<day>/...: records posted to the API
 
 
@@ -198,11 +200,16 @@ def parse_json(body: bytes) -> Any:
         obj = loads(text)
     except JSONProblem as exc:
         raise ApiError(400, exc.rule, f"the body is not valid JSON: {exc.message}", field="body") from None
-    # nothing that a file, a log line or a Kafka message could not hold goes further
-    problem = value_problem(obj)
-    if problem is not None:
-        raise ApiError(422, problem[0], f"the body: {problem[1]}", field="body")
+    # nothing that a file, a log line or a Kafka message could not hold goes further; only a
+    # text that can hold one (a \uD800-\uDFFF escape, a 3-digit exponent or a 300-digit number) is walked
+    if _SUSPECT.search(text):
+        problem = value_problem(obj)
+        if problem is not None:
+            raise ApiError(422, problem[0], f"the body: {problem[1]}", field="body")
     return obj
+
+
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[eE][+-]?\d{3}|\d{300}")
 
 
 def items_of(obj: Any, key: str, limit: int) -> list[Any]:
@@ -732,14 +739,19 @@ def keep_current(svc: Service, stop: threading.Event) -> None:
             log.warning("refresh failed (%s: %s); trying again", type(exc).__name__, exc)
 
     settled: list = [None, 0.0]  # what was held at the last settle, and when
+    seen: list = [None]  # what was held at the last pass
+    born = time.monotonic()
 
     def settle() -> None:
-        # a full collection walks the whole heap (hundreds of ms at 100k records): at most every
-        # SETTLE_EVERY_S under continuous ingest, where versions change every micro-batch; at
-        # once for the first model, index and compiled graphs
+        # once what is held has stopped changing (one quiet pass: a start loads the index, the
+        # models, the records over several); then, past the first WARM_S, at most every
+        # SETTLE_EVERY_S, since a full collection walks the whole heap and continuous ingest
+        # brings a new index version every micro-batch (a compiled model: at once)
         held, now, last = _held(svc), time.monotonic(), settled[0]
-        first = last is None or (last[0] is None and held[0] is not None) or (last[2] is None and held[2] is not None)
-        if held != last and (first or held[-1] != last[-1] or now >= settled[1] + SETTLE_EVERY_S):
+        quiet, seen[0] = held == seen[0], held
+        if held == last or not quiet:
+            return
+        if last is None or now - born < WARM_S or held[-1] != last[-1] or now >= settled[1] + SETTLE_EVERY_S:
             settle_heap()
             settled[:] = [held, now]
 

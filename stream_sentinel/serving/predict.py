@@ -139,6 +139,9 @@ class Predictor:
         # None): one reference, replaced whole, so a request never pairs one key with another model
         self._challenger: tuple = (None, None)
         self._challenger_retry = 0.0  # a challenger that failed to load is tried again after this
+        from ..learning.registry import CHALLENGER_POINTER
+
+        self._challenger_path = str(paths.models / CHALLENGER_POINTER)
         self.arms: dict = {}
         # (embedding model id, positive label, learning.models.Reference over every resolved label):
         # one reference, swapped whole, so a request never pairs a reference with another's key
@@ -218,10 +221,11 @@ class Predictor:
         return self.model(self._champion) if self._champion else None
 
     def _challenger_stat(self) -> tuple:
-        from ..learning.registry import CHALLENGER_POINTER
-
+        path = self._challenger_path
+        if not os.access(path, os.F_OK):  # no A/B test ever: no exception per request
+            return ()
         try:
-            st = os.stat(self.paths.models / CHALLENGER_POINTER)
+            st = os.stat(path)
         except FileNotFoundError:
             return ()
         return (st.st_ino, st.st_mtime_ns, st.st_size)
