@@ -7,9 +7,9 @@ What a prediction needs, and where it comes from without the database on the req
   trees, feature spec, threshold and label names from ``meta.json``) before the request is
   answered. So an answer always names the version the pointer named while the request was
   being served, whatever a promotion or rollback did a millisecond before. The challenger
-  the same way, by its ``CHALLENGER`` pointer (which the registry removes before a retired,
-  promoted or tainted challenger's status changes); the arms of Thompson routing are read
-  by the background thread.
+  the same way, by its ``CHALLENGER`` pointer (like ``CHAMPION``, the source of truth: emptied
+  the moment a challenger is retired, promoted or tainted); the arms of Thompson routing are
+  read by the background thread.
 * the **labelled neighbours** (kNN and linear columns): every resolved label's vector, read
   again by the background thread when the labels changed, with the kNN index and the linear
   state built once per read (``Reference`` memoizes them), not once per request.
