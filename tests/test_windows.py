@@ -193,7 +193,7 @@ def streams(draw):
     cuts = sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=4)))
     batches = [list(order[a:b]) for a, b in zip([0, *cuts], [*cuts, n]) if b > a]
     lateness = draw(st.sampled_from(["10m", "1m", "1000d"]))
-    # a few windows per stream (every kind and aggregate is drawn across the 1,000 streams);
+    # a few windows per stream (every kind and aggregate is drawn across the 700 streams);
     # all of them in one update would make each example slower, not the test stronger
     picks = draw(st.lists(st.sampled_from(range(len(KINDS) * len(AGGS))), min_size=1, max_size=4, unique=True))
     return stream, batches, lateness, sorted(picks)
@@ -214,11 +214,13 @@ def mem_store(tmp_path_factory):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+# 700 streams: about 95 ms each on a slow hour of the 2-CPU CI machine (most of it DuckDB's
+# per-statement cost in windows.state.update); 1,000 took the suite to 14:39 of its 15 minutes
+@settings(max_examples=700, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(streams())
 def test_incremental_windows_equal_brute_force_on_random_streams(mem_store, case):
-    """1,000 random streams (ties, keys missing, mixed field types) arriving in random batches
+    """700 random streams (ties, keys missing, mixed field types) arriving in random batches
     out of event-time order, with and without late records: every kind x every aggregate."""
     stream, batches, lateness, picks = case
     every = all_windows(lateness)
