@@ -525,9 +525,10 @@ def cmd_up(args) -> int:
     # the warm model every run shares (saves each run the ~5 s of importing torch and loading it)
     embed_cmd = [sys.executable, "-m", "stream_sentinel.cli", "embed-server"]
     api_cmd = [sys.executable, "-m", "stream_sentinel.cli", "serve"]
+    api_settings = Settings.from_env()
     _err(f"data root   {paths.home}\nDAGSTER_HOME {dagster_home}\n"
          f"drop JSON/JSONL files into {paths.raw}\nDagster UI  http://{args.host}:{args.port}\n"
-         f"API         {Settings.from_env().api_base_url} (OpenAPI: /openapi.json)")
+         f"API         {api_settings.api_base_url} (OpenAPI: /openapi.json)")
     # this interpreter's Dagster (not the first `dagster` on PATH): the environment `up` is installed in
     dagster_cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(dagster_home / dh.WORKSPACE_FILE),
                    "-h", args.host, "-p", str(args.port)]
@@ -535,15 +536,13 @@ def cmd_up(args) -> int:
     # and the embedding server can be killed on its own; each is started again (with
     # backoff), so a killed process heals without a human. Runs killed with them are failed
     # by run_liveness_sensor and retried.
-    api_settings = Settings.from_env()
     children = {
         # started in DAGSTER_HOME: the code location is imported by module name from the
         # installed package, whatever folder `up` was started in
         "dagster dev": Supervised(dagster_cmd, {**env, "PYTHONUNBUFFERED": "1"}, cwd=dagster_home, drop=is_noise),
         "embedding server": Supervised(embed_cmd, env),
         # alive is not enough for the API: one that stops answering /healthz is started again
-        "API": Supervised(api_cmd, env, probe=_answers(_local_url(api_settings.api_host, api_settings.api_port)
-                                                         + "/healthz")),
+        "API": Supervised(api_cmd, env, probe=_answers(api_settings.api_local_url + "/healthz")),
     }
 
     def forward(signum, frame):
@@ -609,13 +608,6 @@ def _answers(url: str, timeout_s: float = 3.0):
     return probe
 
 
-def _local_url(host: str, port: int) -> str:
-    """Where this machine reaches a server that listens on ``host:port`` (the API's own
-    address, not the one users reach it at through a proxy: STREAM_SENTINEL_API_URL)."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-
-
 class Supervised:
     """A child process of `up` that is started again when it exits, with backoff (1 s,
     doubling to 30 s; back to 1 s after a minute of health). With ``drop``, its output
@@ -658,20 +650,20 @@ class Supervised:
                 self.next_probe = now + self.PROBE_EVERY_S
                 self.failures = 0 if self.probe() else self.failures + 1
                 if self.failures >= self.PROBE_FAILURES:
-                    _stop_group(self.proc, grace_s=10)
-                    self.proc = None
-                    self.due = now + self.delay
-                    self.delay = min(30.0, self.delay * 2)
                     return (f"alive but not answering ({self.failures} probes in a row); stopped, starting it "
-                            f"again in {self.due - now:.0f} s")
+                            f"again in {self._again_later(now):.0f} s")
             if now - self.started > 60 and not self.failures:
                 self.delay = 1.0
             return ""
-        _stop_group(self.proc, grace_s=10)  # what it left running in its process group
+        return f"exited with code {code}; starting it again in {self._again_later(now):.0f} s"
+
+    def _again_later(self, now: float) -> float:
+        """Stop it (and what it left running in its process group); seconds until it starts again."""
+        _stop_group(self.proc, grace_s=10)
         self.proc = None
         self.due = now + self.delay
         self.delay = min(30.0, self.delay * 2)
-        return f"exited with code {code}; starting it again in {self.due - now:.0f} s"
+        return self.due - now
 
 
 def cmd_embed_export(args) -> int:

@@ -464,8 +464,12 @@ class Settings:
     @property
     def api_base_url(self) -> str:
         """Where a browser reaches the API (``api_url``, else this machine at ``api_host:api_port``)."""
-        if self.api_url.strip():
-            return self.api_url.strip().rstrip("/")
+        return self.api_url.strip().rstrip("/") if self.api_url.strip() else self.api_local_url
+
+    @property
+    def api_local_url(self) -> str:
+        """Where this machine reaches the API it serves (``api_host:api_port``; not ``api_url``,
+        the address users reach it at, maybe through a proxy): what `up` probes."""
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.api_port}"
 

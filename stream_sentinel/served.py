@@ -224,10 +224,10 @@ def ingest(root: Path, store: Store) -> dict:
                 continue  # another run loaded this part meanwhile
             erased = _erased(con)  # read in this transaction: an erasure since the read above counts
             if erased is not None:  # answers about an erased record: a blank reject at their offset
-                gone = [r for r in rows if erased(r["record_id"])]
-                rows = [r for r in rows if not erased(r["record_id"])]
+                hit = [erased(r["record_id"]) is not None for r in rows]  # one keyed hash per row
                 rejects += [{"file": rel, "file_offset": r["file_offset"], "rule": "erased", "raw": b""}
-                            for r in gone]
+                            for r, h in zip(rows, hit) if h]
+                rows = [r for r, h in zip(rows, hit) if not h]
             if rows:
                 frame = pd.DataFrame(rows)
                 frame["served_at"] = pd.to_datetime(frame["served_at"], utc=True, format="ISO8601")
